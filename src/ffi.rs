@@ -1,0 +1,651 @@
+//! The C ABI: a thin translation of the Rust API in `handle`. Nothing here
+//! decides anything; it converts types, checks pointers, maps errors to
+//! negative errno, and keeps panics from crossing into C.
+
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::aevent::{AeUpdate, Aevent, EsnReplay, LegacyReplay, Lifetime, Replay, MAX_BITMAP_WORDS};
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::sa::{Mark, SaId};
+use crate::timer;
+
+/// Event cause: a replay counter moved by the replay threshold (`XFRM_AE_CR`).
+pub const XFRMSYNC_CAUSE_REPLAY: u32 = 16;
+/// Event cause: the timer threshold elapsed, or the first packet after idle (`XFRM_AE_CE`).
+pub const XFRMSYNC_CAUSE_TIMER: u32 = 32;
+/// Event cause: values or thresholds were set (`XFRM_AE_CU`).
+pub const XFRMSYNC_CAUSE_UPDATE: u32 = 64;
+
+/// `xfrmsync_query` flag: also fetch both thresholds.
+pub const XFRMSYNC_QUERY_THRESHOLDS: u32 = 1;
+
+/// `xfrmsync_aevent.present`: `replay_threshold` is valid.
+pub const XFRMSYNC_HAS_REPLAY_THRESHOLD: u32 = 1;
+/// `xfrmsync_aevent.present`: `timer_threshold_ms` is valid.
+pub const XFRMSYNC_HAS_TIMER_THRESHOLD: u32 = 2;
+
+/// `xfrmsync_update.set`: apply `replay_threshold`.
+pub const XFRMSYNC_SET_REPLAY_THRESHOLD: u32 = 1;
+/// `xfrmsync_update.set`: apply `timer_threshold_ms`.
+pub const XFRMSYNC_SET_TIMER_THRESHOLD: u32 = 2;
+/// `xfrmsync_update.set`: apply `replay`.
+pub const XFRMSYNC_SET_REPLAY: u32 = 4;
+/// `xfrmsync_update.set`: apply `lifetime`.
+pub const XFRMSYNC_SET_LIFETIME: u32 = 8;
+
+/// Longest ESN bitmap, in 32-bit words (the kernel's 4096-bit limit).
+pub const XFRMSYNC_MAX_BITMAP_WORDS: usize = 128;
+
+/// A connection to XFRM netlink in one network namespace. Opaque.
+pub struct xfrmsync_handle {
+    _private: [u8; 0],
+}
+
+/// Names one SA, as the kernel looks it up.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_sa_id {
+    /// Destination address, network byte order; IPv4 uses the first 4 bytes.
+    pub daddr: [u8; 16],
+    /// SPI in host byte order, as `ip xfrm state` prints it.
+    pub spi: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// `IPPROTO_ESP` (50), `IPPROTO_AH` (51) or `IPPROTO_COMP` (108).
+    pub proto: u8,
+    /// The SA's mark; value and mask 0 mean "no mark".
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    /// XFRM interface id, 0 for none. Used to route events; the kernel's
+    /// aevent lookup ignores it.
+    pub if_id: u32,
+}
+
+/// `struct xfrm_lifetime_cur`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_lifetime {
+    pub bytes: u64,
+    pub packets: u64,
+    /// Seconds since the epoch.
+    pub add_time: u64,
+    /// Seconds since the epoch, 0 before the first packet.
+    pub use_time: u64,
+}
+
+/// Replay state. With `esn` 0 it is the legacy `xfrm_replay_state`: `oseq`,
+/// `seq`, and its 32-bit bitmap in `bmp[0]` (`bmp_len` 1; `*_hi` and
+/// `replay_window` 0). With `esn` 1 it is `xfrm_replay_state_esn`, whose
+/// `bmp_len` must equal the SA's when set.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_replay {
+    pub esn: u32,
+    pub oseq: u32,
+    pub seq: u32,
+    pub oseq_hi: u32,
+    pub seq_hi: u32,
+    pub replay_window: u32,
+    pub bmp_len: u32,
+    pub bmp: [u32; XFRMSYNC_MAX_BITMAP_WORDS],
+}
+
+/// An event from the kernel, or the answer to `xfrmsync_query`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_aevent {
+    pub sa: xfrmsync_sa_id,
+    /// Source address of the SA, laid out like `sa.daddr`.
+    pub saddr: [u8; 16],
+    pub reqid: u32,
+    /// Raw `XFRM_AE_*` flags.
+    pub flags: u32,
+    /// One `XFRMSYNC_CAUSE_*`, or 0 for the answer to a query.
+    pub cause: u32,
+    pub replay: xfrmsync_replay,
+    pub lifetime: xfrmsync_lifetime,
+    /// `XFRMSYNC_HAS_*` bits saying which thresholds are filled in.
+    pub present: u32,
+    /// Packets.
+    pub replay_threshold: u32,
+    /// Milliseconds, in the kernel's 100 ms steps (rounded down).
+    pub timer_threshold_ms: u32,
+}
+
+/// What `xfrmsync_update` sets: the fields named by the `XFRMSYNC_SET_*`
+/// bits in `set`, all in one kernel message.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_update {
+    pub set: u32,
+    /// Packets.
+    pub replay_threshold: u32,
+    /// Milliseconds; meant as milliseconds on any kernel HZ.
+    pub timer_threshold_ms: u32,
+    pub replay: xfrmsync_replay,
+    pub lifetime: xfrmsync_lifetime,
+}
+
+/// Receives one event. `event` is valid only during the call.
+pub type xfrmsync_event_cb = Option<unsafe extern "C" fn(user_data: *mut c_void, event: *const xfrmsync_aevent)>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn remember(message: &str) {
+    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+}
+
+/// Runs one exported call: its error becomes `-errno` and the thread's last
+/// error message, a panic becomes `-EIO`.
+fn boundary(call: impl FnOnce() -> Result<c_int>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => value,
+        Ok(Err(err)) => {
+            remember(&err.to_string());
+            -err.errno()
+        }
+        Err(_) => {
+            remember("internal error: xfrmsync panicked; the handle may be unusable");
+            -libc::EIO
+        }
+    }
+}
+
+fn required<'a, T>(ptr: *const T, what: &'static str) -> Result<&'a T> {
+    // SAFETY: the C caller passes either NULL or a pointer to a live, aligned
+    // T for the duration of the call (the header's contract).
+    unsafe { ptr.as_ref() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
+}
+
+fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
+    required(ptr.cast::<Handle>(), "handle")
+}
+
+fn write_out<T>(out: *mut T, value: T) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::invalid("output pointer is NULL"));
+    }
+    // SAFETY: non-NULL and, by the header's contract, valid for writes of T.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+fn ip_from_c(family: u16, raw: &[u8; 16]) -> Result<IpAddr> {
+    match i32::from(family) {
+        libc::AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        libc::AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw))),
+        _ => Err(Error::invalid(format!("address family {family} is neither AF_INET nor AF_INET6"))),
+    }
+}
+
+fn ip_to_c(addr: &IpAddr) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => raw[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => raw = a.octets(),
+    }
+    raw
+}
+
+impl xfrmsync_sa_id {
+    fn to_rust(&self) -> Result<SaId> {
+        Ok(SaId {
+            daddr: ip_from_c(self.family, &self.daddr)?,
+            spi: self.spi,
+            proto: self.proto,
+            mark: Mark {
+                value: self.mark_value,
+                mask: self.mark_mask,
+            },
+            if_id: self.if_id,
+        })
+    }
+
+    fn from_rust(sa: &SaId) -> xfrmsync_sa_id {
+        xfrmsync_sa_id {
+            daddr: ip_to_c(&sa.daddr),
+            spi: sa.spi,
+            family: sa.family(),
+            proto: sa.proto,
+            mark_value: sa.mark.value,
+            mark_mask: sa.mark.mask,
+            if_id: sa.if_id,
+        }
+    }
+}
+
+impl xfrmsync_lifetime {
+    fn to_rust(&self) -> Lifetime {
+        Lifetime {
+            bytes: self.bytes,
+            packets: self.packets,
+            add_time: self.add_time,
+            use_time: self.use_time,
+        }
+    }
+
+    fn from_rust(l: &Lifetime) -> xfrmsync_lifetime {
+        xfrmsync_lifetime {
+            bytes: l.bytes,
+            packets: l.packets,
+            add_time: l.add_time,
+            use_time: l.use_time,
+        }
+    }
+}
+
+impl xfrmsync_replay {
+    fn to_rust(&self) -> Result<Replay> {
+        if self.esn == 0 {
+            return Ok(Replay::Legacy(LegacyReplay {
+                oseq: self.oseq,
+                seq: self.seq,
+                bitmap: self.bmp[0],
+            }));
+        }
+        let words = self
+            .bmp
+            .get(..self.bmp_len as usize)
+            .ok_or_else(|| Error::invalid(format!("bmp_len {} above 128", self.bmp_len)))?;
+        EsnReplay::new(self.oseq, self.seq, self.oseq_hi, self.seq_hi, self.replay_window, words)
+            .map(Replay::Esn)
+            .map_err(Error::invalid)
+    }
+
+    fn from_rust(replay: &Replay) -> xfrmsync_replay {
+        let mut out = xfrmsync_replay {
+            esn: 0,
+            oseq: 0,
+            seq: 0,
+            oseq_hi: 0,
+            seq_hi: 0,
+            replay_window: 0,
+            bmp_len: 1,
+            bmp: [0; XFRMSYNC_MAX_BITMAP_WORDS],
+        };
+        match replay {
+            Replay::Legacy(r) => {
+                out.oseq = r.oseq;
+                out.seq = r.seq;
+                out.bmp[0] = r.bitmap;
+            }
+            Replay::Esn(r) => {
+                let bitmap = r.bitmap();
+                out.esn = 1;
+                out.oseq = r.oseq;
+                out.seq = r.seq;
+                out.oseq_hi = r.oseq_hi;
+                out.seq_hi = r.seq_hi;
+                out.replay_window = r.replay_window;
+                out.bmp_len = bitmap.len() as u32;
+                out.bmp[..bitmap.len()].copy_from_slice(bitmap);
+            }
+        }
+        out
+    }
+}
+
+impl xfrmsync_aevent {
+    fn from_rust(ev: &Aevent) -> xfrmsync_aevent {
+        let mut present = 0;
+        if ev.replay_threshold.is_some() {
+            present |= XFRMSYNC_HAS_REPLAY_THRESHOLD;
+        }
+        if ev.timer_threshold_ms.is_some() {
+            present |= XFRMSYNC_HAS_TIMER_THRESHOLD;
+        }
+        xfrmsync_aevent {
+            sa: xfrmsync_sa_id::from_rust(&ev.sa),
+            saddr: ip_to_c(&ev.saddr),
+            reqid: ev.reqid,
+            flags: ev.flags,
+            cause: ev.flags & (XFRMSYNC_CAUSE_REPLAY | XFRMSYNC_CAUSE_TIMER | XFRMSYNC_CAUSE_UPDATE),
+            replay: xfrmsync_replay::from_rust(&ev.replay),
+            lifetime: xfrmsync_lifetime::from_rust(&ev.lifetime),
+            present,
+            replay_threshold: ev.replay_threshold.unwrap_or(0),
+            timer_threshold_ms: ev.timer_threshold_ms.unwrap_or(0),
+        }
+    }
+
+    fn to_rust(&self) -> Result<Aevent> {
+        let has = |bit| self.present & bit != 0;
+        Ok(Aevent {
+            sa: self.sa.to_rust()?,
+            saddr: ip_from_c(self.sa.family, &self.saddr)?,
+            reqid: self.reqid,
+            flags: self.flags,
+            replay: self.replay.to_rust()?,
+            lifetime: self.lifetime.to_rust(),
+            replay_threshold: has(XFRMSYNC_HAS_REPLAY_THRESHOLD).then_some(self.replay_threshold),
+            timer_threshold_ms: has(XFRMSYNC_HAS_TIMER_THRESHOLD).then_some(self.timer_threshold_ms),
+        })
+    }
+}
+
+impl xfrmsync_update {
+    fn to_rust(&self) -> Result<AeUpdate> {
+        let known = XFRMSYNC_SET_REPLAY_THRESHOLD | XFRMSYNC_SET_TIMER_THRESHOLD | XFRMSYNC_SET_REPLAY | XFRMSYNC_SET_LIFETIME;
+        if self.set & !known != 0 {
+            return Err(Error::invalid(format!("unknown bits 0x{:x} in update.set", self.set & !known)));
+        }
+        let has = |bit| self.set & bit != 0;
+        Ok(AeUpdate {
+            replay_threshold: has(XFRMSYNC_SET_REPLAY_THRESHOLD).then_some(self.replay_threshold),
+            timer_threshold_ms: has(XFRMSYNC_SET_TIMER_THRESHOLD).then_some(self.timer_threshold_ms),
+            replay: if has(XFRMSYNC_SET_REPLAY) { Some(self.replay.to_rust()?) } else { None },
+            lifetime: has(XFRMSYNC_SET_LIFETIME).then(|| self.lifetime.to_rust()),
+        })
+    }
+}
+
+/// The library version, e.g. "0.1.0"; matches the `XFRMSYNC_VERSION_*` macros
+/// of the header it was built with.
+#[no_mangle]
+pub extern "C" fn xfrmsync_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The message of the most recent failed call on this thread ("" if none).
+/// Valid until the next failed call on this thread.
+#[no_mangle]
+pub extern "C" fn xfrmsync_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+fn publish(built: Result<Handle>, out: *mut *mut xfrmsync_handle) -> Result<c_int> {
+    if out.is_null() {
+        return Err(Error::invalid("output pointer is NULL"));
+    }
+    let raw = Box::into_raw(Box::new(built?)).cast::<xfrmsync_handle>();
+    write_out(out, raw)?;
+    Ok(0)
+}
+
+/// Opens a handle in the current network namespace, joined to the aevents
+/// group. Writes `*out` only on success. Free with `xfrmsync_handle_free`.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_new(out: *mut *mut xfrmsync_handle) -> c_int {
+    boundary(|| publish(Handle::open(), out))
+}
+
+/// Like `xfrmsync_handle_new`, inside the network namespace at `netns_path`
+/// (e.g. "/run/netns/NAME"). Needs CAP_SYS_ADMIN.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_new_netns_path(netns_path: *const c_char, out: *mut *mut xfrmsync_handle) -> c_int {
+    boundary(|| {
+        if netns_path.is_null() {
+            return Err(Error::invalid("netns path is NULL"));
+        }
+        // SAFETY: non-NULL, and by contract a NUL-terminated string.
+        let path = unsafe { CStr::from_ptr(netns_path) };
+        let path = std::str::from_utf8(path.to_bytes()).map_err(|_| Error::invalid("netns path is not UTF-8"))?;
+        publish(Handle::builder().netns_path(path).open(), out)
+    })
+}
+
+/// Like `xfrmsync_handle_new`, inside the network namespace `netns_fd`
+/// refers to. The fd stays the caller's.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_new_netns_fd(netns_fd: c_int, out: *mut *mut xfrmsync_handle) -> c_int {
+    boundary(|| publish(Handle::builder().netns_fd(netns_fd).open(), out))
+}
+
+/// Closes the handle's sockets and frees it. NULL is a no-op. Never call it
+/// from inside a callback of the same handle.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_free(handle: *mut xfrmsync_handle) {
+    if handle.is_null() {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: a non-NULL handle came from Box::into_raw in `publish`, and
+        // the caller gives up its pointer here.
+        drop(unsafe { Box::from_raw(handle.cast::<Handle>()) });
+    }));
+}
+
+/// The event fd to poll for readability (non-blocking, close-on-exec), or a
+/// negative errno.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_fd(handle: *const xfrmsync_handle) -> c_int {
+    boundary(|| Ok(self::handle(handle)?.event_fd()))
+}
+
+/// Joins (`join` true) or leaves the aevents group. The kernel generates
+/// events only while some socket has joined.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_subscribe(handle: *mut xfrmsync_handle, join: bool) -> c_int {
+    boundary(|| self::handle(handle)?.subscribe(join).map(|_| 0))
+}
+
+/// Sets the event socket's receive buffer in bytes (as root, beyond
+/// net.core.rmem_max).
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_set_rcvbuf(handle: *mut xfrmsync_handle, bytes: usize) -> c_int {
+    boundary(|| self::handle(handle)?.set_receive_buffer(bytes).map(|_| 0))
+}
+
+/// Reads the SA's replay state and lifetime counters into `*out`; with
+/// `XFRMSYNC_QUERY_THRESHOLDS` in `flags`, both thresholds too.
+/// -ESRCH: no such SA (a marked SA needs its mark).
+#[no_mangle]
+pub extern "C" fn xfrmsync_query(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    flags: u32,
+    out: *mut xfrmsync_aevent,
+) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        if flags & !XFRMSYNC_QUERY_THRESHOLDS != 0 {
+            return Err(Error::invalid(format!("unknown query flags 0x{flags:x}")));
+        }
+        let event = if flags & XFRMSYNC_QUERY_THRESHOLDS != 0 {
+            handle.query_with_thresholds(&sa)?
+        } else {
+            handle.query(&sa)?
+        };
+        write_out(out, xfrmsync_aevent::from_rust(&event))?;
+        Ok(0)
+    })
+}
+
+/// Sets what `update->set` names in one acknowledged XFRM_MSG_NEWAE. A replay
+/// value of the wrong form for the SA (legacy vs ESN, or another bitmap
+/// length) is refused with -EINVAL, since the kernel would silently ignore
+/// it. The first timer threshold set in a process measures the kernel's HZ
+/// on this SA (see `xfrmsync_calibrate_hz`).
+#[no_mangle]
+pub extern "C" fn xfrmsync_update(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    update: *const xfrmsync_update,
+) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        let update = required(update, "update")?.to_rust()?;
+        handle.update(&sa, &update).map(|_| 0)
+    })
+}
+
+/// Sets the replay threshold (packets) and the timer threshold
+/// (milliseconds, rounded to the nearest kernel tick) of one SA.
+#[no_mangle]
+pub extern "C" fn xfrmsync_set_thresholds(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    replay_packets: u32,
+    timer_ms: u32,
+) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        handle.set_thresholds(&sa, replay_packets, timer_ms).map(|_| 0)
+    })
+}
+
+/// Measures the kernel's HZ on `sa` by setting and reading back its timer
+/// threshold, then restores it; listeners see two update events. The result
+/// is kept for the whole process. `hz_out` may be NULL.
+#[no_mangle]
+pub extern "C" fn xfrmsync_calibrate_hz(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    hz_out: *mut u32,
+) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        let hz = handle.calibrate_hz(&sa)?;
+        if !hz_out.is_null() {
+            write_out(hz_out, hz)?;
+        }
+        Ok(0)
+    })
+}
+
+/// Declares the kernel's HZ instead of measuring it.
+#[no_mangle]
+pub extern "C" fn xfrmsync_set_kernel_hz(hz: u32) -> c_int {
+    boundary(|| timer::set_kernel_hz(hz).map(|_| 0))
+}
+
+/// The kernel HZ in use for timer thresholds, 0 if not known yet.
+#[no_mangle]
+pub extern "C" fn xfrmsync_kernel_hz() -> u32 {
+    timer::kernel_hz().unwrap_or(0)
+}
+
+/// A C function and its user pointer, called from `dispatch`.
+struct CCallback {
+    function: unsafe extern "C" fn(*mut c_void, *const xfrmsync_aevent),
+    user_data: *mut c_void,
+}
+
+// SAFETY: the header makes the caller responsible for `user_data` being
+// usable from whichever thread calls xfrmsync_dispatch; we only pass it back.
+unsafe impl Send for CCallback {}
+
+impl CCallback {
+    fn boxed(function: xfrmsync_event_cb, user_data: *mut c_void) -> Option<crate::Callback> {
+        let cb = CCallback {
+            function: function?,
+            user_data,
+        };
+        Some(Box::new(move |event: &Aevent| cb.call(event)))
+    }
+
+    fn call(&self, event: &Aevent) {
+        let c_event = xfrmsync_aevent::from_rust(event);
+        // SAFETY: the caller registered a function taking these arguments;
+        // `c_event` lives until it returns.
+        unsafe { (self.function)(self.user_data, &c_event) }
+    }
+}
+
+/// Sets the callback for events of SAs that have none of their own; NULL
+/// removes it. -EBUSY from inside a callback.
+#[no_mangle]
+pub extern "C" fn xfrmsync_on_event(handle: *mut xfrmsync_handle, callback: xfrmsync_event_cb, user_data: *mut c_void) -> c_int {
+    boundary(|| {
+        self::handle(handle)?
+            .on_event(CCallback::boxed(callback, user_data))
+            .map(|_| 0)
+    })
+}
+
+/// Sets the callback for events of one SA (matched on daddr, SPI, proto,
+/// mark and if_id); NULL removes it. -EBUSY from inside a callback.
+#[no_mangle]
+pub extern "C" fn xfrmsync_on_sa_event(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    callback: xfrmsync_event_cb,
+    user_data: *mut c_void,
+) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        handle.on_sa_event(sa, CCallback::boxed(callback, user_data)).map(|_| 0)
+    })
+}
+
+/// Reads every pending event without blocking and runs its callback on this
+/// thread. Returns the number of events read, or a negative errno:
+/// -ENOBUFS means the kernel dropped events (query your SAs again); events
+/// behind an error stay pending, so call again.
+#[no_mangle]
+pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
+    boundary(|| {
+        let count = self::handle(handle)?.dispatch()?;
+        Ok(c_int::try_from(count).unwrap_or(c_int::MAX))
+    })
+}
+
+/// Writes into a caller's buffer like snprintf: always NUL-terminated when
+/// it has room for one byte, counting the full length.
+struct Truncating<'a> {
+    buf: &'a mut [u8],
+    written: usize,
+    needed: usize,
+}
+
+impl fmt::Write for Truncating<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.buf.len().saturating_sub(1).saturating_sub(self.written);
+        let take = room.min(s.len());
+        self.buf[self.written..self.written + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.written += take;
+        self.needed += s.len();
+        Ok(())
+    }
+}
+
+/// Formats an event on one line, human-readable or (`json` true) as one JSON
+/// object, into `buf` of `len` bytes, like snprintf: returns the length of
+/// the whole line (without NUL), so a result >= `len` means it was cut.
+#[no_mangle]
+pub extern "C" fn xfrmsync_aevent_format(event: *const xfrmsync_aevent, json: bool, buf: *mut c_char, len: usize) -> c_int {
+    boundary(|| {
+        let event = required(event, "event")?.to_rust()?;
+        if buf.is_null() && len > 0 {
+            return Err(Error::invalid("buffer is NULL"));
+        }
+        let slice: &mut [u8] = if len == 0 {
+            &mut []
+        } else {
+            // SAFETY: non-NULL, and by contract `len` writable bytes.
+            unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
+        };
+        let mut out = Truncating {
+            buf: slice,
+            written: 0,
+            needed: 0,
+        };
+        let _ = if json {
+            write!(out, "{}", event.json())
+        } else {
+            write!(out, "{event}")
+        };
+        if !out.buf.is_empty() {
+            out.buf[out.written] = 0;
+        }
+        Ok(c_int::try_from(out.needed).unwrap_or(c_int::MAX))
+    })
+}
+
+// The C constant is a literal so cbindgen can print it; keep it the Rust one.
+const _: () = assert!(XFRMSYNC_MAX_BITMAP_WORDS == MAX_BITMAP_WORDS);

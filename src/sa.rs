@@ -1,0 +1,103 @@
+//! SA identity: what names one SA to the kernel's state lookup, and what an
+//! event is routed by.
+
+use std::fmt;
+use std::net::IpAddr;
+
+/// IPsec protocol numbers the kernel keys SAs by.
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_COMP: u8 = 108;
+
+/// An XFRM mark. `{0, 0}` is "no mark": the kernel neither sends nor expects
+/// `XFRMA_MARK` then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mark {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl Mark {
+    pub const NONE: Mark = Mark { value: 0, mask: 0 };
+
+    pub fn is_set(&self) -> bool {
+        self.value != 0 || self.mask != 0
+    }
+}
+
+/// One SA as the kernel finds it: destination address, SPI, protocol, and
+/// the mark it was installed with. `if_id` is carried for routing events of
+/// SAs bound to an XFRM interface; the kernel's aevent lookup ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SaId {
+    pub daddr: IpAddr,
+    /// In host byte order, as `ip xfrm` prints it.
+    pub spi: u32,
+    pub proto: u8,
+    pub mark: Mark,
+    pub if_id: u32,
+}
+
+impl SaId {
+    /// An ESP SA without mark or interface id.
+    pub fn esp(daddr: IpAddr, spi: u32) -> SaId {
+        SaId {
+            daddr,
+            spi,
+            proto: IPPROTO_ESP,
+            mark: Mark::NONE,
+            if_id: 0,
+        }
+    }
+
+    pub fn with_mark(self, value: u32, mask: u32) -> SaId {
+        SaId {
+            mark: Mark { value, mask },
+            ..self
+        }
+    }
+
+    pub fn with_if_id(self, if_id: u32) -> SaId {
+        SaId { if_id, ..self }
+    }
+
+    /// `AF_INET` or `AF_INET6`, derived from the address.
+    pub fn family(&self) -> u16 {
+        family_of(&self.daddr)
+    }
+}
+
+pub(crate) fn family_of(addr: &IpAddr) -> u16 {
+    match addr {
+        IpAddr::V4(_) => libc::AF_INET as u16,
+        IpAddr::V6(_) => libc::AF_INET6 as u16,
+    }
+}
+
+pub(crate) fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_ESP => "esp",
+        IPPROTO_AH => "ah",
+        IPPROTO_COMP => "comp",
+        _ => "proto",
+    }
+}
+
+impl fmt::Display for SaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = proto_name(self.proto);
+        if name == "proto" {
+            write!(f, "proto {} ", self.proto)?;
+        } else {
+            write!(f, "{name} ")?;
+        }
+        write!(f, "dst {} spi 0x{:08x}", self.daddr, self.spi)?;
+        if self.mark.is_set() {
+            write!(f, " mark 0x{:x}/0x{:x}", self.mark.value, self.mark.mask)?;
+        }
+        if self.if_id != 0 {
+            write!(f, " if_id 0x{:x}", self.if_id)?;
+        }
+        Ok(())
+    }
+}

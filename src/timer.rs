@@ -1,0 +1,125 @@
+//! Milliseconds for `XFRMA_ETIMER_THRESH` on any kernel.
+//!
+//! The kernel stores the value it is *set* to as jiffies (`replay_maxage`)
+//! but reports it as `replay_maxage * 10 / HZ`, in 100 ms units. So a set
+//! needs HZ, which userspace cannot read directly (`sysconf(_SC_CLK_TCK)` is
+//! USER_HZ, always 100). We measure it: set a large, known number of jiffies
+//! on an SA, read back the 100 ms count, and invert the kernel's formula.
+//! What is measured is "set units per second": should a kernel one day store
+//! milliseconds, the same measurement yields 1000 and everything still holds.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::error::{Error, Result};
+
+/// The probe value: large enough that the kernel's truncating division
+/// leaves one whole HZ value, small enough that `* 10` fits in 32 bits.
+pub(crate) const CALIBRATION_JIFFIES: u32 = 1_000_000;
+
+/// The kernel computes `replay_maxage * 10` in 32 bits; a larger value would
+/// read back wrapped, so we refuse to set it.
+const MAX_JIFFIES: u32 = u32::MAX / 10;
+
+/// HZ is a property of the running kernel, not of a handle or namespace, so
+/// one measurement serves the whole process. 0 = not measured yet.
+static KERNEL_HZ: AtomicU32 = AtomicU32::new(0);
+
+/// The kernel's HZ, if measured or set.
+pub fn kernel_hz() -> Option<u32> {
+    match KERNEL_HZ.load(Ordering::Relaxed) {
+        0 => None,
+        hz => Some(hz),
+    }
+}
+
+/// Use `hz` instead of measuring it (for a caller that knows `CONFIG_HZ`).
+pub fn set_kernel_hz(hz: u32) -> Result<()> {
+    if !(1..=100_000).contains(&hz) {
+        return Err(Error::invalid(format!("kernel HZ {hz} out of range")));
+    }
+    KERNEL_HZ.store(hz, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Inverts `read = set * 10 / HZ` (integer division): HZ lies in
+/// `(set*10/(read+1), set*10/read]`; with the probe value that interval holds
+/// exactly one integer for any HZ up to about 3000.
+pub fn hz_from_readback(set_jiffies: u32, read_100ms: u32) -> Option<u32> {
+    if read_100ms == 0 {
+        return None;
+    }
+    let scaled = u64::from(set_jiffies) * 10;
+    let hz = scaled / u64::from(read_100ms);
+    let lower_exclusive = scaled / (u64::from(read_100ms) + 1);
+    (hz > lower_exclusive && hz > 0)
+        .then(|| u32::try_from(hz).ok())
+        .flatten()
+}
+
+/// Milliseconds to jiffies, rounded to the nearest jiffy; a non-zero time
+/// never becomes 0, which would switch the timer off.
+pub fn ms_to_jiffies(ms: u32, hz: u32) -> Result<u32> {
+    let jiffies = (u64::from(ms) * u64::from(hz) + 500) / 1000;
+    let jiffies = if ms > 0 { jiffies.max(1) } else { 0 };
+    u32::try_from(jiffies)
+        .ok()
+        .filter(|j| *j <= MAX_JIFFIES)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "timer threshold {ms} ms is too large for the kernel to report back at HZ {hz}"
+            ))
+        })
+}
+
+pub(crate) fn remember_hz(hz: u32) {
+    KERNEL_HZ.store(hz, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readback_inverts_for_common_hz() {
+        for hz in [100u32, 250, 300, 1000, 1024, 1200] {
+            let read = (u64::from(CALIBRATION_JIFFIES) * 10 / u64::from(hz)) as u32;
+            assert_eq!(hz_from_readback(CALIBRATION_JIFFIES, read), Some(hz), "HZ {hz}");
+        }
+    }
+
+    #[test]
+    fn readback_of_zero_is_no_answer() {
+        assert_eq!(hz_from_readback(CALIBRATION_JIFFIES, 0), None);
+    }
+
+    #[test]
+    fn corpus_fact_250_jiffies_reads_10() {
+        // Debian 6.1, HZ=250: setting 250 reads back 10 (DEVELOPERS.md).
+        assert_eq!(ms_to_jiffies(1000, 250).unwrap(), 250);
+        assert_eq!(hz_from_readback(250, 10), Some(250));
+    }
+
+    #[test]
+    fn ms_round_to_nearest_jiffy_and_never_to_zero() {
+        assert_eq!(ms_to_jiffies(250, 250).unwrap(), 63); // 62.5
+        assert_eq!(ms_to_jiffies(1, 100).unwrap(), 1);
+        assert_eq!(ms_to_jiffies(0, 250).unwrap(), 0);
+        assert_eq!(ms_to_jiffies(1500, 300).unwrap(), 450);
+    }
+
+    #[test]
+    fn whole_100ms_multiples_read_back_exactly() {
+        for hz in [100u32, 250, 300, 1000] {
+            for ms in (100..=10_000).step_by(100) {
+                let j = ms_to_jiffies(ms, hz).unwrap();
+                let read = (u64::from(j) * 10 / u64::from(hz)) as u32;
+                assert_eq!(read * 100, ms, "HZ {hz} ms {ms}");
+            }
+        }
+    }
+
+    #[test]
+    fn too_large_is_refused() {
+        assert!(ms_to_jiffies(u32::MAX, 1000).is_err());
+    }
+}
