@@ -26,7 +26,8 @@ static GLOBAL: Counting = Counting;
 fn decoding_events_does_not_allocate() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/linux-6.1/events-esn.bin");
     let data = std::fs::read(path).unwrap();
-    let datagram = &data[4..];
+    let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+    let datagram = &data[4..4 + len];
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let mut seq_sum = 0u64;
     for _ in 0..1000 {
