@@ -208,7 +208,7 @@ typedef struct xfrmsync_aevent {
  What `xfrmsync_update` sets: the fields named by the `XFRMSYNC_SET_*`
  bits in `set`, all in one kernel message.
  */
-typedef struct xfrmsync_update {
+typedef struct xfrmsync_ae_update {
   uint32_t set;
   /*
    Packets.
@@ -220,7 +220,7 @@ typedef struct xfrmsync_update {
   uint32_t timer_threshold_ms;
   struct xfrmsync_replay replay;
   struct xfrmsync_lifetime lifetime;
-} xfrmsync_update;
+} xfrmsync_ae_update;
 
 /*
  Receives one event. `event` is valid only during the call.
@@ -299,7 +299,7 @@ int xfrmsync_query(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *
  it. The first timer threshold set in a process measures the kernel's HZ
  on this SA (see `xfrmsync_calibrate_hz`).
  */
-int xfrmsync_update(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, const struct xfrmsync_update *update);
+int xfrmsync_update(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, const struct xfrmsync_ae_update *update);
 
 /*
  Sets the replay threshold (packets) and the timer threshold

@@ -31,13 +31,13 @@ pub const XFRMSYNC_HAS_REPLAY_THRESHOLD: u32 = 1;
 /// `xfrmsync_aevent.present`: `timer_threshold_ms` is valid.
 pub const XFRMSYNC_HAS_TIMER_THRESHOLD: u32 = 2;
 
-/// `xfrmsync_update.set`: apply `replay_threshold`.
+/// `xfrmsync_ae_update.set`: apply `replay_threshold`.
 pub const XFRMSYNC_SET_REPLAY_THRESHOLD: u32 = 1;
-/// `xfrmsync_update.set`: apply `timer_threshold_ms`.
+/// `xfrmsync_ae_update.set`: apply `timer_threshold_ms`.
 pub const XFRMSYNC_SET_TIMER_THRESHOLD: u32 = 2;
-/// `xfrmsync_update.set`: apply `replay`.
+/// `xfrmsync_ae_update.set`: apply `replay`.
 pub const XFRMSYNC_SET_REPLAY: u32 = 4;
-/// `xfrmsync_update.set`: apply `lifetime`.
+/// `xfrmsync_ae_update.set`: apply `lifetime`.
 pub const XFRMSYNC_SET_LIFETIME: u32 = 8;
 
 /// Longest ESN bitmap, in 32-bit words (the kernel's 4096-bit limit).
@@ -123,7 +123,7 @@ pub struct xfrmsync_aevent {
 /// bits in `set`, all in one kernel message.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct xfrmsync_update {
+pub struct xfrmsync_ae_update {
     pub set: u32,
     /// Packets.
     pub replay_threshold: u32,
@@ -333,7 +333,7 @@ impl xfrmsync_aevent {
     }
 }
 
-impl xfrmsync_update {
+impl xfrmsync_ae_update {
     fn to_rust(&self) -> Result<AeUpdate> {
         let known = XFRMSYNC_SET_REPLAY_THRESHOLD | XFRMSYNC_SET_TIMER_THRESHOLD | XFRMSYNC_SET_REPLAY | XFRMSYNC_SET_LIFETIME;
         if self.set & !known != 0 {
@@ -471,7 +471,7 @@ pub extern "C" fn xfrmsync_query(
 pub extern "C" fn xfrmsync_update(
     handle: *mut xfrmsync_handle,
     sa: *const xfrmsync_sa_id,
-    update: *const xfrmsync_update,
+    update: *const xfrmsync_ae_update,
 ) -> c_int {
     boundary(|| {
         let handle = self::handle(handle)?;
