@@ -198,7 +198,7 @@ fn ip_to_c(addr: &IpAddr) -> [u8; 16] {
 }
 
 impl xfrmsync_sa_id {
-    fn to_rust(&self) -> Result<SaId> {
+    fn to_rust(self) -> Result<SaId> {
         Ok(SaId {
             daddr: ip_from_c(self.family, &self.daddr)?,
             spi: self.spi,
@@ -225,7 +225,7 @@ impl xfrmsync_sa_id {
 }
 
 impl xfrmsync_lifetime {
-    fn to_rust(&self) -> Lifetime {
+    fn to_rust(self) -> Lifetime {
         Lifetime {
             bytes: self.bytes,
             packets: self.packets,
@@ -245,7 +245,7 @@ impl xfrmsync_lifetime {
 }
 
 impl xfrmsync_replay {
-    fn to_rust(&self) -> Result<Replay> {
+    fn to_rust(self) -> Result<Replay> {
         if self.esn == 0 {
             return Ok(Replay::Legacy(LegacyReplay {
                 oseq: self.oseq,
@@ -318,7 +318,7 @@ impl xfrmsync_aevent {
         }
     }
 
-    fn to_rust(&self) -> Result<Aevent> {
+    fn to_rust(self) -> Result<Aevent> {
         let has = |bit| self.present & bit != 0;
         Ok(Aevent {
             sa: self.sa.to_rust()?,
@@ -334,7 +334,7 @@ impl xfrmsync_aevent {
 }
 
 impl xfrmsync_ae_update {
-    fn to_rust(&self) -> Result<AeUpdate> {
+    fn to_rust(self) -> Result<AeUpdate> {
         let known = XFRMSYNC_SET_REPLAY_THRESHOLD | XFRMSYNC_SET_TIMER_THRESHOLD | XFRMSYNC_SET_REPLAY | XFRMSYNC_SET_LIFETIME;
         if self.set & !known != 0 {
             return Err(Error::invalid(format!("unknown bits 0x{:x} in update.set", self.set & !known)));

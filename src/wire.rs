@@ -515,7 +515,7 @@ fn put_identity_attrs(out: &mut Vec<u8>, sa: &SaId) {
     }
 }
 
-fn finish(out: &mut Vec<u8>) {
+fn finish(out: &mut [u8]) {
     let len = out.len() as u32;
     out[..4].copy_from_slice(&len.to_ne_bytes());
 }
