@@ -76,22 +76,22 @@
 #define XFRMSYNC_HAS_TIMER_THRESHOLD 2
 
 /*
- `xfrmsync_update.set`: apply `replay_threshold`.
+ `xfrmsync_ae_update.set`: apply `replay_threshold`.
  */
 #define XFRMSYNC_SET_REPLAY_THRESHOLD 1
 
 /*
- `xfrmsync_update.set`: apply `timer_threshold_ms`.
+ `xfrmsync_ae_update.set`: apply `timer_threshold_ms`.
  */
 #define XFRMSYNC_SET_TIMER_THRESHOLD 2
 
 /*
- `xfrmsync_update.set`: apply `replay`.
+ `xfrmsync_ae_update.set`: apply `replay`.
  */
 #define XFRMSYNC_SET_REPLAY 4
 
 /*
- `xfrmsync_update.set`: apply `lifetime`.
+ `xfrmsync_ae_update.set`: apply `lifetime`.
  */
 #define XFRMSYNC_SET_LIFETIME 8
 
@@ -239,7 +239,8 @@ const char *xfrmsync_version(void);
 
 /*
  The message of the most recent failed call on this thread ("" if none).
- Valid until the next failed call on this thread.
+ The pointer stays valid for the thread's life; the text changes with the
+ next failed call on this thread.
  */
 const char *xfrmsync_last_error(void);
 

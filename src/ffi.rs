@@ -5,7 +5,7 @@
 #![allow(non_camel_case_types)]
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -136,13 +136,28 @@ pub struct xfrmsync_ae_update {
 /// Receives one event. `event` is valid only during the call.
 pub type xfrmsync_event_cb = Option<unsafe extern "C" fn(user_data: *mut c_void, event: *const xfrmsync_aevent)>;
 
+/// Room for the last error message. A fixed buffer per thread, so the
+/// pointer `xfrmsync_last_error` hands out never dangles: a later failure
+/// changes the text, never the storage.
+const LAST_ERROR_SIZE: usize = 512;
+
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LAST_ERROR: RefCell<[u8; LAST_ERROR_SIZE]> = const { RefCell::new([0; LAST_ERROR_SIZE]) };
 }
 
 fn remember(message: &str) {
-    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+    LAST_ERROR.with(|e| {
+        let mut buf = e.borrow_mut();
+        // Cut at a character boundary, leaving room for the NUL.
+        let mut len = message.len().min(LAST_ERROR_SIZE - 1);
+        while !message.is_char_boundary(len) {
+            len -= 1;
+        }
+        for (dst, src) in buf.iter_mut().zip(message[..len].bytes()) {
+            *dst = if src == 0 { b' ' } else { src };
+        }
+        buf[len] = 0;
+    });
 }
 
 /// Runs one exported call: its error becomes `-errno` and the thread's last
@@ -357,10 +372,11 @@ pub extern "C" fn xfrmsync_version() -> *const c_char {
 }
 
 /// The message of the most recent failed call on this thread ("" if none).
-/// Valid until the next failed call on this thread.
+/// The pointer stays valid for the thread's life; the text changes with the
+/// next failed call on this thread.
 #[no_mangle]
 pub extern "C" fn xfrmsync_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR.with(|e| e.as_ptr().cast::<c_char>().cast_const())
 }
 
 fn publish(built: Result<Handle>, out: *mut *mut xfrmsync_handle) -> Result<c_int> {

@@ -24,7 +24,8 @@ fn checked_in_header_is_current() {
 
 #[test]
 fn version_macros_match_cargo_toml() {
-    let header = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/xfrmsync.h")).unwrap();
+    // The generated text; the other test holds the checked-in copy equal to it.
+    let header = GENERATED;
     let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
     let version = manifest
         .lines()
