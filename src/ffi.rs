@@ -186,6 +186,10 @@ fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
     required(ptr.cast::<Handle>(), "handle")
 }
 
+fn handle_and_sa<'a>(handle: *const xfrmsync_handle, sa: *const xfrmsync_sa_id) -> Result<(&'a Handle, SaId)> {
+    Ok((self::handle(handle)?, required(sa, "sa")?.to_rust()?))
+}
+
 fn write_out<T>(out: *mut T, value: T) -> Result<()> {
     if out.is_null() {
         return Err(Error::invalid("output pointer is NULL"));
@@ -463,8 +467,7 @@ pub extern "C" fn xfrmsync_query(
     out: *mut xfrmsync_aevent,
 ) -> c_int {
     boundary(|| {
-        let handle = self::handle(handle)?;
-        let sa = required(sa, "sa")?.to_rust()?;
+        let (handle, sa) = handle_and_sa(handle, sa)?;
         if flags & !XFRMSYNC_QUERY_THRESHOLDS != 0 {
             return Err(Error::invalid(format!("unknown query flags 0x{flags:x}")));
         }
@@ -490,8 +493,7 @@ pub extern "C" fn xfrmsync_update(
     update: *const xfrmsync_ae_update,
 ) -> c_int {
     boundary(|| {
-        let handle = self::handle(handle)?;
-        let sa = required(sa, "sa")?.to_rust()?;
+        let (handle, sa) = handle_and_sa(handle, sa)?;
         let update = required(update, "update")?.to_rust()?;
         handle.update(&sa, &update).map(|_| 0)
     })
@@ -507,8 +509,7 @@ pub extern "C" fn xfrmsync_set_thresholds(
     timer_ms: u32,
 ) -> c_int {
     boundary(|| {
-        let handle = self::handle(handle)?;
-        let sa = required(sa, "sa")?.to_rust()?;
+        let (handle, sa) = handle_and_sa(handle, sa)?;
         handle.set_thresholds(&sa, replay_packets, timer_ms).map(|_| 0)
     })
 }
@@ -523,8 +524,7 @@ pub extern "C" fn xfrmsync_calibrate_hz(
     hz_out: *mut u32,
 ) -> c_int {
     boundary(|| {
-        let handle = self::handle(handle)?;
-        let sa = required(sa, "sa")?.to_rust()?;
+        let (handle, sa) = handle_and_sa(handle, sa)?;
         let hz = handle.calibrate_hz(&sa)?;
         if !hz_out.is_null() {
             write_out(hz_out, hz)?;
@@ -593,8 +593,7 @@ pub extern "C" fn xfrmsync_on_sa_event(
     user_data: *mut c_void,
 ) -> c_int {
     boundary(|| {
-        let handle = self::handle(handle)?;
-        let sa = required(sa, "sa")?.to_rust()?;
+        let (handle, sa) = handle_and_sa(handle, sa)?;
         handle.on_sa_event(sa, CCallback::boxed(callback, user_data)).map(|_| 0)
     })
 }

@@ -48,3 +48,12 @@ fn netns_by_path_and_fd() {
     let missing = Handle::builder().netns_path("/nonexistent").open().err().unwrap();
     assert_eq!(missing.errno(), libc::ENOENT);
 }
+
+#[test]
+fn handle_moves_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Handle>();
+    let handle = Handle::open().unwrap();
+    let moved = std::thread::spawn(move || handle.dispatch().map(|_| handle)).join().unwrap();
+    assert!(moved.is_ok());
+}
