@@ -232,8 +232,14 @@ static void update_event_follows_each_set(void)
 	check(count_cause(&mine, XFRMSYNC_CAUSE_UPDATE) == 3 && mine.count == 3,
 	      "3 sets on 0x1001 gave %d update events to its callback", count_cause(&mine, XFRMSYNC_CAUSE_UPDATE));
 	check(mine.count > 0 && mine.ev[0].present == 0, "update events carry no thresholds");
-	check(rest.count == 1 && rest.ev[0].spi == 0x1002 && rest.ev[0].cause == XFRMSYNC_CAUSE_UPDATE,
-	      "the catch-all got the other SA's update only (%d events)", rest.count);
+	/* Other SAs may still send their closing timer events meanwhile. */
+	int other_updates = 0, leaked = 0;
+	for (int i = 0; i < rest.count; i++) {
+		other_updates += rest.ev[i].spi == 0x1002 && rest.ev[i].cause == XFRMSYNC_CAUSE_UPDATE;
+		leaked += rest.ev[i].spi == 0x1001;
+	}
+	check(other_updates == 1 && leaked == 0,
+	      "the catch-all got the other SA's update (%d) and none of 0x1001's (%d)", other_updates, leaked);
 
 	xfrmsync_on_sa_event(hb, &sa, reenter, &r);
 	xfrmsync_set_thresholds(hb, &sa, 2, 1000);
