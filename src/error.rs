@@ -69,7 +69,12 @@ impl Error {
 }
 
 fn strerror(errno: i32) -> String {
-    std::io::Error::from_raw_os_error(errno).to_string()
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    // std appends " (os error N)"; the errno is the return value already.
+    match text.find(" (os error") {
+        Some(end) => text[..end].to_string(),
+        None => text,
+    }
 }
 
 impl fmt::Display for Error {

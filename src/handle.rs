@@ -488,8 +488,9 @@ impl Handle {
         self.newae(sa, &probe)?;
         let read_ms = self.query_with_thresholds(sa)?.timer_threshold_ms;
         let hz = read_ms.and_then(|ms| timer::hz_from_readback(timer::CALIBRATION_JIFFIES, ms / 100));
-        // Restore before judging the measurement, so a failed one leaves the
-        // SA as it was.
+        // Restore before judging the measurement. Should it have failed, HZ is
+        // unknown and 1000 (jiffies = ms) is the guess that can only make the
+        // restored timer longer, never shorter, on kernels with a lower HZ.
         let restore_hz = hz.unwrap_or(1000);
         let restore = NewAe {
             etimer_jiffies: Some(timer::ms_to_jiffies(before_ms, restore_hz)?),
