@@ -56,7 +56,9 @@ impl Cause {
     }
 }
 
-/// `struct xfrm_lifetime_cur`: running counters of an SA.
+/// `struct xfrm_lifetime_cur`: running counters of an SA. In a traffic
+/// event of an inbound SA they do not yet count the packet that triggered
+/// the event (the kernel advances the replay state first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Lifetime {
     pub bytes: u64,
