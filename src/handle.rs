@@ -549,9 +549,16 @@ impl Handle {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
-        let result = self.dispatch_pending();
-        self.dispatching.set(false);
-        result
+        // Cleared on unwind too, so a panicking callback does not leave the
+        // handle busy forever.
+        struct Done<'a>(&'a Cell<bool>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _done = Done(&self.dispatching);
+        self.dispatch_pending()
     }
 
     fn dispatch_pending(&self) -> Result<usize> {
