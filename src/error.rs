@@ -35,9 +35,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// The positive errno this error stands for.
+    /// The positive errno this error stands for. `ENOBUFS` is reserved for
+    /// [`Error::EventsLost`]: a request that fails for lack of kernel buffer
+    /// space reports `ENOMEM`, so a C caller never mistakes it for lost events.
     pub fn errno(&self) -> i32 {
         match self {
+            Error::Kernel { errno, .. } | Error::Os { errno, .. } if *errno == libc::ENOBUFS => libc::ENOMEM,
             Error::Kernel { errno, .. } | Error::Os { errno, .. } => *errno,
             Error::EventsLost => libc::ENOBUFS,
             Error::InvalidArgument(_) => libc::EINVAL,
@@ -54,7 +57,6 @@ impl Error {
 
     pub(crate) fn from_io(operation: &'static str, err: &std::io::Error) -> Error {
         match err.raw_os_error() {
-            Some(libc::ENOBUFS) => Error::EventsLost,
             Some(errno) => Error::Os { operation, errno },
             None => Error::Os {
                 operation,
@@ -105,3 +107,27 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enobufs_means_only_lost_events() {
+        assert_eq!(Error::EventsLost.errno(), libc::ENOBUFS);
+        let send = Error::from_io("send", &std::io::Error::from_raw_os_error(libc::ENOBUFS));
+        assert_eq!(send.errno(), libc::ENOMEM);
+        let kernel = Error::Kernel { operation: "XFRM_MSG_NEWAE", errno: libc::ENOBUFS, ext_ack: None };
+        assert_eq!(kernel.errno(), libc::ENOMEM);
+    }
+
+    #[test]
+    fn kernel_errors_show_the_ext_ack_text() {
+        let e = Error::Kernel {
+            operation: "XFRM_MSG_NEWAE",
+            errno: libc::EINVAL,
+            ext_ack: Some("NLM_F_REPLACE flag is required".into()),
+        };
+        assert_eq!(e.to_string(), "XFRM_MSG_NEWAE: kernel: Invalid argument (NLM_F_REPLACE flag is required)");
+    }
+}

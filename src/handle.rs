@@ -281,6 +281,9 @@ impl EventReader {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                // Only here does ENOBUFS mean what it means: the kernel could
+                // not queue events for this socket and dropped them.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Error::EventsLost),
                 Err(e) => return Err(Error::from_io("receive events", &e)),
             };
             self.len = 0;

@@ -4,6 +4,20 @@
 //! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
 //! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
 //! (routing) ← [`handle`] (sockets, requests, dispatch) ← `ffi` (the C ABI).
+//!
+//! SAs are named as `ip xfrm state` names them, SPI in host byte order:
+//!
+//! ```
+//! use xfrmsync::SaId;
+//! let sa = SaId::esp("10.9.0.2".parse().unwrap(), 0x1001).with_mark(7, 0xff);
+//! assert_eq!(sa.to_string(), "esp dst 10.9.0.2 spi 0x00001001 mark 0x7/0xff");
+//! ```
+//!
+//! Timer thresholds are milliseconds; the kernel wants jiffies (see [`timer`]):
+//!
+//! ```
+//! assert_eq!(xfrmsync::timer::ms_to_jiffies(1000, 250).unwrap(), 250);
+//! ```
 
 /// cbindgen:ignore
 pub mod aevent;
