@@ -229,9 +229,14 @@ static void update_event_follows_each_set(void)
 		xfrmsync_set_thresholds(hb, &sa, 3 + i, 1000);
 	xfrmsync_set_thresholds(hb, &other, 4, 1000);
 	pump(hb, 300);
-	check(count_cause(&mine, XFRMSYNC_CAUSE_UPDATE) == 3 && mine.count == 3,
+	/* The closing timer event of earlier traffic may arrive in between. */
+	check(count_cause(&mine, XFRMSYNC_CAUSE_UPDATE) == 3 &&
+		      count_cause(&mine, XFRMSYNC_CAUSE_UPDATE) + count_cause(&mine, XFRMSYNC_CAUSE_TIMER) == mine.count,
 	      "3 sets on 0x1001 gave %d update events to its callback", count_cause(&mine, XFRMSYNC_CAUSE_UPDATE));
-	check(mine.count > 0 && mine.ev[0].present == 0, "update events carry no thresholds");
+	int with_thresholds = 0;
+	for (int i = 0; i < mine.count; i++)
+		with_thresholds += mine.ev[i].present != 0;
+	check(mine.count > 0 && with_thresholds == 0, "update events carry no thresholds");
 	/* Other SAs may still send their closing timer events meanwhile. */
 	int other_updates = 0, leaked = 0;
 	for (int i = 0; i < rest.count; i++) {
