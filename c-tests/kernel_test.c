@@ -172,32 +172,38 @@ static void timer_threshold_in_ms(int expected_hz)
 	xfrmsync_aevent before, ev;
 	uint32_t hz = 0;
 
-	check(xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &before) == 0 &&
-		      before.present == (XFRMSYNC_HAS_REPLAY_THRESHOLD | XFRMSYNC_HAS_TIMER_THRESHOLD),
+	/* Each call runs before its check: C leaves the order of a call and the
+	 * printf arguments beside it unspecified. */
+	int rc = xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &before);
+	check(rc == 0 && before.present == (XFRMSYNC_HAS_REPLAY_THRESHOLD | XFRMSYNC_HAS_TIMER_THRESHOLD),
 	      "default thresholds: %u packets, %u ms", before.replay_threshold, before.timer_threshold_ms);
 	check(before.timer_threshold_ms == 1000 && before.replay_threshold == 2,
 	      "defaults are the sysctls' (1000 ms, 2 packets)");
-	check(xfrmsync_calibrate_hz(hb, &sa, &hz) == 0, "HZ measured: %u", hz);
+	rc = xfrmsync_calibrate_hz(hb, &sa, &hz);
+	check(rc == 0, "HZ measured: %u", hz);
 	if (expected_hz > 0)
 		check(hz == (uint32_t)expected_hz, "measured HZ %u equals CONFIG_HZ %d", hz, expected_hz);
-	check(xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &ev) == 0 &&
-		      ev.timer_threshold_ms == before.timer_threshold_ms,
+	rc = xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &ev);
+	check(rc == 0 && ev.timer_threshold_ms == before.timer_threshold_ms,
 	      "calibration restored the timer threshold (%u ms)", ev.timer_threshold_ms);
 
-	static const uint32_t set_ms[] = { 1500, 100, 3000, 60000 };
-	for (size_t i = 0; i < sizeof(set_ms) / sizeof(set_ms[0]); i++) {
-		check(xfrmsync_set_thresholds(hb, &sa, 7, set_ms[i]) == 0 &&
-			      xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &ev) == 0 &&
-			      ev.timer_threshold_ms == set_ms[i] && ev.replay_threshold == 7,
-		      "timer set to %u ms reads back %u ms, replay threshold %u", set_ms[i], ev.timer_threshold_ms,
-		      ev.replay_threshold);
+	const struct {
+		xfrmsync_sa_id *sa;
+		uint32_t replay, set_ms, read_ms;
+	} cases[] = {
+		{ &sa, 7, 1500, 1500 }, { &sa, 7, 100, 100 },	{ &sa, 7, 3000, 3000 }, { &sa, 7, 60000, 60000 },
+		/* Read back in the kernel's 100 ms steps, rounded down. */
+		{ &sa, 7, 250, 200 },	{ &v6, 9, 2000, 2000 },
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		memset(&ev, 0, sizeof(ev));
+		rc = xfrmsync_set_thresholds(hb, cases[i].sa, cases[i].replay, cases[i].set_ms);
+		if (rc == 0)
+			rc = xfrmsync_query(hb, cases[i].sa, XFRMSYNC_QUERY_THRESHOLDS, &ev);
+		check(rc == 0 && ev.timer_threshold_ms == cases[i].read_ms && ev.replay_threshold == cases[i].replay,
+		      "SPI 0x%x: timer set to %u ms reads back %u ms (want %u), replay threshold %u",
+		      cases[i].sa->spi, cases[i].set_ms, ev.timer_threshold_ms, cases[i].read_ms, ev.replay_threshold);
 	}
-	check(xfrmsync_set_thresholds(hb, &sa, 7, 250) == 0 && xfrmsync_query(hb, &sa, XFRMSYNC_QUERY_THRESHOLDS, &ev) == 0 &&
-		      ev.timer_threshold_ms == 200,
-	      "250 ms reads back in the kernel's 100 ms steps: %u", ev.timer_threshold_ms);
-	check(xfrmsync_set_thresholds(hb, &v6, 9, 2000) == 0 && xfrmsync_query(hb, &v6, XFRMSYNC_QUERY_THRESHOLDS, &ev) == 0 &&
-		      ev.timer_threshold_ms == 2000 && ev.replay_threshold == 9,
-	      "IPv6 SA thresholds round-trip");
 	xfrmsync_set_thresholds(hb, &sa, 2, 1000);
 }
 
