@@ -4,30 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+
+mod common;
+use common::{corpus_dir, datagrams};
 
 use xfrmsync::aevent::flags;
 use xfrmsync::wire::{self, Messages, NlMsg};
 use xfrmsync::{Aevent, Replay, SaId};
-
-fn corpus_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/linux-6.1")
-}
-
-/// The file's datagrams: each a 4-byte little-endian length, then the bytes.
-fn datagrams(name: &str) -> Vec<Vec<u8>> {
-    let data = std::fs::read(corpus_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        at += 4;
-        out.push(data[at..at + len].to_vec());
-        at += len;
-    }
-    assert_eq!(at, data.len(), "{name}: framing");
-    out
-}
 
 fn messages(datagram: &[u8]) -> Vec<NlMsg<'_>> {
     Messages::new(datagram).map(|m| m.expect("well-formed message")).collect()

@@ -1,21 +1,11 @@
 //! Decoding never trusts a length: cut, corrupted and crafted messages give
 //! errors (or skip what is unknown), never a panic or an out-of-bounds read.
 
+mod common;
+use common::datagrams;
+
 use xfrmsync::wire::{self, Messages};
 use xfrmsync::Replay;
-
-fn corpus(name: &str) -> Vec<Vec<u8>> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus/linux-6.1").join(name);
-    let data = std::fs::read(path).unwrap();
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        out.push(data[at + 4..at + 4 + len].to_vec());
-        at += 4 + len;
-    }
-    out
-}
 
 const ALL: [&str; 9] = [
     "events-esn.bin",
@@ -45,7 +35,7 @@ fn decode_everything(datagram: &[u8]) -> usize {
 fn every_truncation_of_every_captured_datagram() {
     for name in ALL {
         let mut whole = 0;
-        for d in corpus(name) {
+        for d in datagrams(name) {
             for cut in 0..d.len() {
                 decode_everything(&d[..cut]);
             }
@@ -58,7 +48,7 @@ fn every_truncation_of_every_captured_datagram() {
 #[test]
 fn every_byte_set_to_extremes() {
     for name in ALL {
-        for d in corpus(name) {
+        for d in datagrams(name) {
             for at in 0..d.len() {
                 for value in [0x00, 0xff, 0x7f, 0x80] {
                     let mut bad = d.clone();
@@ -73,11 +63,11 @@ fn every_byte_set_to_extremes() {
 /// The first legacy NEWAE of the corpus: header(16) aevent_id(48) then
 /// REPLAY_VAL (16) and LTIME_VAL (36).
 fn legacy_event() -> Vec<u8> {
-    corpus("events-legacy-default.bin").remove(0)
+    datagrams("events-legacy-default.bin").remove(0)
 }
 
 fn esn_event() -> Vec<u8> {
-    corpus("events-esn.bin").remove(0)
+    datagrams("events-esn.bin").remove(0)
 }
 
 fn set_len(msg: &mut [u8]) {
