@@ -59,6 +59,8 @@ static void null_arguments(void)
 	check(xfrmsync_handle_new_netns_path("/nonexistent/netns", &h) == -ENOENT && h == (xfrmsync_handle *)0x1,
 	      "missing netns path gives -ENOENT");
 	check(xfrmsync_handle_new_netns_fd(-1, &h) == -EINVAL, "netns fd -1 gives -EINVAL");
+	check(xfrmsync_handle_set_dispatch_limit(NULL, 1) == -EINVAL, "dispatch limit on NULL gives -EINVAL");
+	check(xfrmsync_caused(NULL, NULL) == -EINVAL, "caused(NULL) gives -EINVAL");
 }
 
 static void with_handle(void)
@@ -107,6 +109,16 @@ static void with_handle(void)
 	check(xfrmsync_on_sa_event(h, &sa, NULL, NULL) == 0, "removing an absent callback is fine");
 	check(xfrmsync_handle_subscribe(h, false) == 0 && xfrmsync_handle_subscribe(h, true) == 0,
 	      "leave and join the aevents group");
+	check(xfrmsync_handle_set_dispatch_limit(h, 0) == -EINVAL, "a dispatch limit of 0 is refused");
+	check(xfrmsync_handle_set_dispatch_limit(h, 16) == 0, "a dispatch limit of 16 is taken");
+
+	/* An update event whose port id is not this handle's: someone else's. */
+	memset(&ev, 0, sizeof(ev));
+	ev.sa = sa4("10.9.0.2", 0x1001);
+	ev.flags = ev.cause = XFRMSYNC_CAUSE_UPDATE;
+	ev.replay.bmp_len = 1;
+	ev.nlmsg_pid = 0;
+	check(xfrmsync_caused(h, &ev) == 0, "an update from port 0 is not this handle's");
 	xfrmsync_handle_free(h);
 }
 

@@ -17,12 +17,19 @@
  * call xfrmsync_query, xfrmsync_update, xfrmsync_set_thresholds and
  * xfrmsync_calibrate_hz on the same handle; xfrmsync_dispatch,
  * xfrmsync_on_event and xfrmsync_on_sa_event on it return -EBUSY there, and
- * xfrmsync_handle_free must not be called there. Distinct handles are
- * independent. The last-error message is per thread.
+ * xfrmsync_handle_free must not be called there. Callbacks must return
+ * normally: a C++ exception or a longjmp out of one is undefined behaviour.
+ * Distinct handles are independent. The last-error message is per thread.
  *
  * Event loop: poll xfrmsync_handle_fd() for readability, then call
- * xfrmsync_dispatch(); it never blocks. Requests (query, update) wait for
- * the kernel's answer on a second socket, at most 5 seconds.
+ * xfrmsync_dispatch(); it never blocks and reads at most 128 datagrams
+ * (one event each) per call, so it returns promptly under a steady stream;
+ * poll again for the rest. Requests wait for the kernel's answer on a
+ * second socket: each call (query, update, set_thresholds, calibrate_hz)
+ * waits at most 5 seconds in all, however many requests it makes, and
+ * -ETIMEDOUT then. Only a call that must undo its HZ probe after a failure
+ * takes up to 5 seconds more for the undo; if the undo fails it returns
+ * -ENOTRECOVERABLE and says what the SA is left with.
  *
  * Units: SPIs in host byte order, addresses in network byte order, timer
  * thresholds in milliseconds on any kernel HZ (the kernel reads them back in
@@ -202,6 +209,17 @@ typedef struct xfrmsync_aevent {
    Milliseconds, in the kernel's 100 ms steps (rounded down).
    */
   uint32_t timer_threshold_ms;
+  /*
+   The netlink header's sequence number: in an update event, the one of
+   the request that caused it; 0 in traffic events.
+   */
+  uint32_t nlmsg_seq;
+  /*
+   The netlink header's port id: in an update event, the port of the
+   socket whose request caused it (see `xfrmsync_caused`); meaningless
+   in traffic events.
+   */
+  uint32_t nlmsg_pid;
 } xfrmsync_aevent;
 
 /*
@@ -223,7 +241,9 @@ typedef struct xfrmsync_ae_update {
 } xfrmsync_ae_update;
 
 /*
- Receives one event. `event` is valid only during the call.
+ Receives one event. `event` is valid only during the call. It must
+ return normally: a C++ exception or a longjmp out of it is undefined
+ behaviour.
  */
 typedef void (*xfrmsync_event_cb)(void *user_data, const struct xfrmsync_aevent *event);
 
@@ -287,6 +307,19 @@ int xfrmsync_handle_subscribe(struct xfrmsync_handle *handle, bool join);
 int xfrmsync_handle_set_rcvbuf(struct xfrmsync_handle *handle, size_t bytes);
 
 /*
+ Limits how many datagrams one `xfrmsync_dispatch` reads (default 128;
+ the kernel sends each event in a datagram of its own). 0 gives -EINVAL.
+ */
+int xfrmsync_handle_set_dispatch_limit(struct xfrmsync_handle *handle, size_t datagrams);
+
+/*
+ 1 if `event` is an update event that a request of this handle caused
+ (its nlmsg_pid is the handle's port id), 0 if not, -EINVAL for NULL.
+ An HA daemon that mirrors updates skips its own with it.
+ */
+int xfrmsync_caused(const struct xfrmsync_handle *handle, const struct xfrmsync_aevent *event);
+
+/*
  Reads the SA's replay state and lifetime counters into `*out`; with
  `XFRMSYNC_QUERY_THRESHOLDS` in `flags`, both thresholds too.
  -ESRCH: no such SA (a marked SA needs its mark).
@@ -338,10 +371,13 @@ int xfrmsync_on_event(struct xfrmsync_handle *handle, xfrmsync_event_cb callback
 int xfrmsync_on_sa_event(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, xfrmsync_event_cb callback, void *user_data);
 
 /*
- Reads every pending event without blocking and runs its callback on this
- thread. Returns the number of events read, or a negative errno:
- -ENOBUFS means the kernel dropped events (query your SAs again); events
- behind an error stay pending, so call again.
+ Reads pending events without blocking and runs their callbacks on this
+ thread: at most the dispatch limit of datagrams per call (see
+ `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
+ cannot hold the caller here; what is left keeps the fd readable. Returns
+ the number of events read, or a negative errno: -ENOBUFS means the
+ kernel dropped events (query your SAs again); events behind an error
+ stay pending, so call again.
  */
 int xfrmsync_dispatch(struct xfrmsync_handle *handle);
 

@@ -197,6 +197,13 @@ pub struct Aevent {
     /// Milliseconds; present when asked for with a query. The kernel reports
     /// it in 100 ms steps, rounded down.
     pub timer_threshold_ms: Option<u32>,
+    /// The netlink header's sequence number. In an update event, the one of
+    /// the request that caused it; in traffic events 0 (meaningless).
+    pub nlmsg_seq: u32,
+    /// The netlink header's port id. In an update event, the port id of the
+    /// socket whose request caused it (see `Handle::caused`); in traffic
+    /// events meaningless.
+    pub nlmsg_pid: u32,
 }
 
 impl Aevent {
@@ -260,6 +267,9 @@ impl fmt::Display for Aevent {
         if let Some(t) = self.timer_threshold_ms {
             write!(f, " timer-threshold {t}ms")?;
         }
+        if self.cause() == Some(Cause::Update) {
+            write!(f, " by port {} seq {}", self.nlmsg_pid, self.nlmsg_seq)?;
+        }
         Ok(())
     }
 }
@@ -312,6 +322,7 @@ impl fmt::Display for JsonLine<'_> {
             ",\"lifetime\":{{\"bytes\":{},\"packets\":{},\"add_time\":{},\"use_time\":{}}}",
             l.bytes, l.packets, l.add_time, l.use_time
         )?;
+        write!(f, ",\"nlmsg_seq\":{},\"nlmsg_pid\":{}", ev.nlmsg_seq, ev.nlmsg_pid)?;
         if let Some(t) = ev.replay_threshold {
             write!(f, ",\"replay_threshold\":{t}")?;
         }

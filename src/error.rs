@@ -29,6 +29,10 @@ pub enum Error {
     Busy(&'static str),
     /// The kernel did not answer a request in time.
     TimedOut(&'static str),
+    /// A change the library made to an SA for its own purposes (the HZ
+    /// probe) could not be undone: `state` says what the SA is left with,
+    /// `cause` why the undo failed.
+    RestoreFailed { state: String, cause: Box<Error> },
 }
 
 /// The crate's result type.
@@ -48,6 +52,7 @@ impl Error {
             Error::Truncated { .. } => libc::EMSGSIZE,
             Error::Busy(_) => libc::EBUSY,
             Error::TimedOut(_) => libc::ETIMEDOUT,
+            Error::RestoreFailed { .. } => libc::ENOTRECOVERABLE,
         }
     }
 
@@ -101,7 +106,8 @@ impl fmt::Display for Error {
                 "netlink datagram of {size} bytes truncated to the {buffer}-byte receive buffer"
             ),
             Error::Busy(why) => write!(f, "busy: {why}"),
-            Error::TimedOut(operation) => write!(f, "{operation}: no answer from the kernel"),
+            Error::TimedOut(operation) => write!(f, "{operation}: no answer from the kernel in time"),
+            Error::RestoreFailed { state, cause } => write!(f, "{state}; restoring it failed: {cause}"),
         }
     }
 }

@@ -117,6 +117,13 @@ pub struct xfrmsync_aevent {
     pub replay_threshold: u32,
     /// Milliseconds, in the kernel's 100 ms steps (rounded down).
     pub timer_threshold_ms: u32,
+    /// The netlink header's sequence number: in an update event, the one of
+    /// the request that caused it; 0 in traffic events.
+    pub nlmsg_seq: u32,
+    /// The netlink header's port id: in an update event, the port of the
+    /// socket whose request caused it (see `xfrmsync_caused`); meaningless
+    /// in traffic events.
+    pub nlmsg_pid: u32,
 }
 
 /// What `xfrmsync_update` sets: the fields named by the `XFRMSYNC_SET_*`
@@ -133,7 +140,9 @@ pub struct xfrmsync_ae_update {
     pub lifetime: xfrmsync_lifetime,
 }
 
-/// Receives one event. `event` is valid only during the call.
+/// Receives one event. `event` is valid only during the call. It must
+/// return normally: a C++ exception or a longjmp out of it is undefined
+/// behaviour.
 pub type xfrmsync_event_cb = Option<unsafe extern "C" fn(user_data: *mut c_void, event: *const xfrmsync_aevent)>;
 
 /// Room for the last error message. A fixed buffer per thread, so the
@@ -334,6 +343,8 @@ impl xfrmsync_aevent {
             present,
             replay_threshold: ev.replay_threshold.unwrap_or(0),
             timer_threshold_ms: ev.timer_threshold_ms.unwrap_or(0),
+            nlmsg_seq: ev.nlmsg_seq,
+            nlmsg_pid: ev.nlmsg_pid,
         }
     }
 
@@ -348,6 +359,8 @@ impl xfrmsync_aevent {
             lifetime: self.lifetime.to_rust(),
             replay_threshold: has(XFRMSYNC_HAS_REPLAY_THRESHOLD).then_some(self.replay_threshold),
             timer_threshold_ms: has(XFRMSYNC_HAS_TIMER_THRESHOLD).then_some(self.timer_threshold_ms),
+            nlmsg_seq: self.nlmsg_seq,
+            nlmsg_pid: self.nlmsg_pid,
         })
     }
 }
@@ -418,7 +431,15 @@ pub extern "C" fn xfrmsync_handle_new_netns_path(netns_path: *const c_char, out:
 /// refers to. The fd stays the caller's.
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_new_netns_fd(netns_fd: c_int, out: *mut *mut xfrmsync_handle) -> c_int {
-    boundary(|| publish(Handle::builder().netns_fd(netns_fd).open(), out))
+    boundary(|| {
+        if netns_fd < 0 {
+            return Err(Error::invalid("negative netns fd"));
+        }
+        // SAFETY: by the header's contract `netns_fd` is an open fd for the
+        // duration of the call; the builder only duplicates it.
+        let ns = unsafe { std::os::fd::BorrowedFd::borrow_raw(netns_fd) };
+        publish(Handle::builder().netns_fd(ns).open(), out)
+    })
 }
 
 /// Closes the handle's sockets and frees it. NULL is a no-op. Never call it
@@ -454,6 +475,25 @@ pub extern "C" fn xfrmsync_handle_subscribe(handle: *mut xfrmsync_handle, join: 
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_set_rcvbuf(handle: *mut xfrmsync_handle, bytes: usize) -> c_int {
     boundary(|| self::handle(handle)?.set_receive_buffer(bytes).map(|_| 0))
+}
+
+/// Limits how many datagrams one `xfrmsync_dispatch` reads (default 128;
+/// the kernel sends each event in a datagram of its own). 0 gives -EINVAL.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_set_dispatch_limit(handle: *mut xfrmsync_handle, datagrams: usize) -> c_int {
+    boundary(|| self::handle(handle)?.set_dispatch_limit(datagrams).map(|_| 0))
+}
+
+/// 1 if `event` is an update event that a request of this handle caused
+/// (its nlmsg_pid is the handle's port id), 0 if not, -EINVAL for NULL.
+/// An HA daemon that mirrors updates skips its own with it.
+#[no_mangle]
+pub extern "C" fn xfrmsync_caused(handle: *const xfrmsync_handle, event: *const xfrmsync_aevent) -> c_int {
+    boundary(|| {
+        let handle = self::handle(handle)?;
+        let event = required(event, "event")?.to_rust()?;
+        Ok(c_int::from(handle.caused(&event)))
+    })
 }
 
 /// Reads the SA's replay state and lifetime counters into `*out`; with
@@ -561,7 +601,7 @@ impl CCallback {
             function: function?,
             user_data,
         };
-        Some(Box::new(move |event: &Aevent| cb.call(event)))
+        Some(Box::new(move |_: &Handle, event: &Aevent| cb.call(event)))
     }
 
     fn call(&self, event: &Aevent) {
@@ -598,10 +638,13 @@ pub extern "C" fn xfrmsync_on_sa_event(
     })
 }
 
-/// Reads every pending event without blocking and runs its callback on this
-/// thread. Returns the number of events read, or a negative errno:
-/// -ENOBUFS means the kernel dropped events (query your SAs again); events
-/// behind an error stay pending, so call again.
+/// Reads pending events without blocking and runs their callbacks on this
+/// thread: at most the dispatch limit of datagrams per call (see
+/// `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
+/// cannot hold the caller here; what is left keeps the fd readable. Returns
+/// the number of events read, or a negative errno: -ENOBUFS means the
+/// kernel dropped events (query your SAs again); events behind an error
+/// stay pending, so call again.
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {

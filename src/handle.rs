@@ -7,29 +7,41 @@
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use netlink_sys::{protocols::NETLINK_XFRM, Socket};
+use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 
-use crate::aevent::{AeUpdate, Aevent, Replay};
+use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
-use crate::events::{Callback, Router};
+use crate::events::Router;
 use crate::sa::SaId;
 use crate::timer;
-use crate::wire::{self, Messages, NewAe};
+use crate::wire::{self, Messages, NewAe, Sender};
+
+/// A callback for events: runs inside [`Handle::dispatch`], on its thread,
+/// and gets the handle, so it may query and configure SAs through it.
+pub type Callback = crate::events::Callback<Handle>;
 
 /// Netlink multicast datagrams of this group are single small messages;
 /// 32 KiB leaves room for anything a kernel sends on it.
 const EVENT_BUFFER: usize = 32 * 1024;
 const REQUEST_BUFFER: usize = 16 * 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Datagrams one `dispatch` reads at most. The kernel sends one event per
+/// datagram, and decoding plus routing one takes a few microseconds, so a
+/// call returns within a millisecond or so even while events keep coming.
+pub const DEFAULT_DISPATCH_LIMIT: usize = 128;
+/// HZ assumed to undo an HZ probe whose measurement failed: with the usual
+/// HZ of 100-1000 it can only make the restored timer longer, never shorter.
+const UNDO_GUESS_HZ: u32 = 1000;
 
 enum Netns {
     Current,
     Path(PathBuf),
-    Fd(RawFd),
+    /// A duplicate of the caller's fd, taken when it was given.
+    Fd(std::io::Result<OwnedFd>),
 }
 
 /// Options for [`Handle`]; `Handle::builder().open()` gives the defaults.
@@ -38,6 +50,7 @@ pub struct HandleBuilder {
     events: bool,
     receive_buffer: Option<usize>,
     request_timeout: Duration,
+    dispatch_limit: usize,
 }
 
 impl HandleBuilder {
@@ -49,9 +62,9 @@ impl HandleBuilder {
     }
 
     /// Open the sockets inside the network namespace `fd` refers to. The fd
-    /// is only used during `open` and stays the caller's.
-    pub fn netns_fd(mut self, fd: RawFd) -> Self {
-        self.netns = Netns::Fd(fd);
+    /// stays the caller's: the builder keeps a duplicate until `open`.
+    pub fn netns_fd(mut self, fd: impl AsFd) -> Self {
+        self.netns = Netns::Fd(fd.as_fd().try_clone_to_owned());
         self
     }
 
@@ -68,30 +81,66 @@ impl HandleBuilder {
         self
     }
 
-    /// How long a request waits for the kernel's answer.
+    /// How long one call may wait for the kernel in all (default 5 s): one
+    /// deadline per public call, however many requests it makes. Zero is
+    /// refused by `open`.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
+    /// How many datagrams one [`Handle::dispatch`] reads at most (default
+    /// [`DEFAULT_DISPATCH_LIMIT`]). Zero is refused by `open`.
+    pub fn dispatch_limit(mut self, datagrams: usize) -> Self {
+        self.dispatch_limit = datagrams;
+        self
+    }
+
     pub fn open(self) -> Result<Handle> {
+        self.check()?;
         let (requests, events) = match &self.netns {
             Netns::Current => open_sockets()?,
             Netns::Path(path) => {
                 let ns = File::open(path).map_err(|e| Error::from_io("open netns", &e))?;
-                in_netns(ns.as_fd(), open_sockets)?
+                open_sockets_in(ns.as_fd())?
             }
-            Netns::Fd(fd) => {
-                if *fd < 0 {
-                    return Err(Error::invalid("negative netns fd"));
-                }
-                // SAFETY: the caller lends an open fd for the duration of
-                // this call; we neither keep nor close it.
-                let ns = unsafe { BorrowedFd::borrow_raw(*fd) };
-                in_netns(ns, open_sockets)?
-            }
+            Netns::Fd(Ok(ns)) => open_sockets_in(ns.as_fd())?,
+            Netns::Fd(Err(e)) => return Err(Error::from_io("duplicate netns fd", e)),
         };
-        set_receive_timeout(&requests, self.request_timeout)?;
+        let mut address = SocketAddr::new(0, 0);
+        requests
+            .get_address(&mut address)
+            .map_err(|e| Error::from_io("read request socket address", &e))?;
+        self.assemble(requests, events, address.port_number())
+    }
+
+    /// Builds a handle on sockets the caller made, for tests that put a fake
+    /// kernel behind a socket pair. `port_id` is what the handle's requests
+    /// carry as their sender (a kernel socket's own port id in real use).
+    #[doc(hidden)]
+    pub fn open_with_sockets(self, requests: OwnedFd, events: OwnedFd, port_id: u32) -> Result<Handle> {
+        self.check()?;
+        // SAFETY: the OwnedFds are ours; Socket takes over closing them.
+        let (requests, events) = unsafe {
+            (
+                Socket::from_raw_fd(requests.into_raw_fd()),
+                Socket::from_raw_fd(events.into_raw_fd()),
+            )
+        };
+        self.assemble(requests, events, port_id)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid("a request timeout of 0 would wait forever or not at all"));
+        }
+        if self.dispatch_limit == 0 {
+            return Err(Error::invalid("a dispatch limit of 0 would never read an event"));
+        }
+        Ok(())
+    }
+
+    fn assemble(self, requests: Socket, events: Socket, port_id: u32) -> Result<Handle> {
         // Both options are best effort: without them errors still arrive,
         // just with the request echoed and no explanatory text.
         let _ = requests.set_ext_ack(true);
@@ -103,6 +152,7 @@ impl HandleBuilder {
             requests: RefCell::new(Requests {
                 socket: requests,
                 seq: 0,
+                port_id,
                 out: Vec::with_capacity(1024),
                 buf: vec![0; REQUEST_BUFFER],
             }),
@@ -114,6 +164,9 @@ impl HandleBuilder {
             }),
             router: RefCell::new(Router::default()),
             dispatching: Cell::new(false),
+            deadline: Cell::new(None),
+            request_timeout: self.request_timeout,
+            dispatch_limit: Cell::new(self.dispatch_limit),
         };
         if let Some(bytes) = self.receive_buffer {
             handle.set_receive_buffer(bytes)?;
@@ -134,48 +187,37 @@ fn open_sockets() -> Result<(Socket, Socket)> {
     Ok((open()?, open()?))
 }
 
-/// Runs `f` with the calling thread inside the namespace `ns`, then moves
-/// the thread back. Sockets keep the namespace they were created in.
-fn in_netns<T>(ns: BorrowedFd<'_>, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let home = File::open("/proc/thread-self/ns/net").map_err(|e| Error::from_io("open own netns", &e))?;
-    // SAFETY: setns only reads the fd, which `ns` keeps open for the call.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(Error::last_os("enter netns"));
-    }
-    let result = f();
-    // SAFETY: as above, `home` is an open namespace fd we own.
-    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        let err = Error::last_os("return to own netns");
-        log::error!("{err}: this thread stays in the other network namespace");
-        return Err(err);
-    }
-    result
+/// Opens the sockets on a short-lived thread that enters `ns`: sockets keep
+/// the namespace they were made in, and the thread's namespace ends with it.
+/// The caller's thread never moves, so there is nothing to move back, which
+/// could fail (a process that is root only in its own user namespace may
+/// enter a namespace it cannot leave).
+fn open_sockets_in(ns: std::os::fd::BorrowedFd<'_>) -> Result<(Socket, Socket)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns only reads the fd, which `ns` keeps open for
+                // the call; it changes this helper thread alone.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(Error::last_os("enter netns"));
+                }
+                open_sockets()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Error::Os { operation: "open sockets in netns (thread panicked)", errno: libc::EIO }))
+    })
 }
 
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
-    };
-    // SAFETY: the pointer and length describe `tv`, alive for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::last_os("set request timeout"));
-    }
-    Ok(())
+/// Milliseconds for poll(2), rounded up so that a wait never ends early.
+fn poll_ms(wait: Duration) -> libc::c_int {
+    let ms = wait.as_nanos().div_ceil(1_000_000);
+    libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
 }
 
 struct Requests {
     socket: Socket,
     seq: u32,
+    port_id: u32,
     out: Vec<u8>,
     buf: Vec<u8>,
 }
@@ -187,25 +229,44 @@ enum Expect {
 }
 
 impl Requests {
-    fn next_seq(&mut self) -> u32 {
+    fn next_sender(&mut self) -> Sender {
         self.seq = self.seq.wrapping_add(1).max(1);
-        self.seq
+        Sender {
+            seq: self.seq,
+            port_id: self.port_id,
+        }
     }
 
-    /// Sends `self.out` and waits for the answer with `seq`. Answers to
-    /// earlier requests that timed out are skipped, as is anything not from
-    /// the kernel.
-    fn transact(&mut self, operation: &'static str, seq: u32, expect: Expect) -> Result<Option<Aevent>> {
+    /// Sends `self.out` and waits until `deadline` for the answer with
+    /// `seq`. Answers to earlier requests that timed out are skipped, as is
+    /// anything not from the kernel; neither extends the wait.
+    fn transact(&mut self, operation: &'static str, seq: u32, expect: Expect, deadline: Instant) -> Result<Option<Aevent>> {
         self.socket
             .send(&self.out, 0)
             .map_err(|e| Error::from_io(operation, &e))?;
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::TimedOut(operation));
+            }
+            let mut ready = libc::pollfd {
+                fd: self.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, alive for the call.
+            if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::from_io(operation, &err));
+            }
             let mut window = &mut self.buf[..];
-            let (size, from) = match self.socket.recv_from(&mut window, libc::MSG_TRUNC) {
+            let (size, from) = match self.socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
                 Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(Error::TimedOut(operation))
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {
+                    continue
                 }
                 Err(e) => return Err(Error::from_io(operation, &e)),
             };
@@ -237,9 +298,7 @@ impl Requests {
                             return Ok(None);
                         }
                     }
-                    (wire::XFRM_MSG_NEWAE, Expect::Aevent) => {
-                        return wire::decode_aevent(msg.payload).map(Some)
-                    }
+                    (wire::XFRM_MSG_NEWAE, Expect::Aevent) => return wire::decode_aevent(&msg).map(Some),
                     _ => {}
                 }
             }
@@ -255,65 +314,99 @@ struct EventReader {
 }
 
 impl EventReader {
-    /// The next `NEWAE` in the socket, without blocking.
-    fn next(&mut self) -> Result<Option<Aevent>> {
-        loop {
-            if self.pos < self.len {
-                let parsed = wire::parse_message(&self.buf[self.pos..self.len]);
-                // Advance before decoding, so a bad message is reported once
-                // and the next call goes on behind it.
-                self.pos = match &parsed {
-                    Ok((_, consumed)) => self.pos + consumed,
-                    Err(_) => self.len,
-                };
-                let (msg, _) = parsed?;
-                match msg.kind {
-                    wire::XFRM_MSG_NEWAE => return wire::decode_aevent(msg.payload).map(Some),
-                    wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
-                    _ => continue,
-                }
+    /// The next `NEWAE` left in the datagram already read, if any.
+    fn next_buffered(&mut self) -> Result<Option<Aevent>> {
+        while self.pos < self.len {
+            let parsed = wire::parse_message(&self.buf[self.pos..self.len]);
+            // Advance before decoding, so a bad message is reported once
+            // and the next call goes on behind it.
+            self.pos = match &parsed {
+                Ok((_, consumed)) => self.pos + consumed,
+                Err(_) => self.len,
+            };
+            let (msg, _) = parsed?;
+            match msg.kind {
+                wire::XFRM_MSG_NEWAE => return wire::decode_aevent(&msg).map(Some),
+                wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
+                _ => {}
             }
-            let mut window = &mut self.buf[..];
-            let (size, from) = match self
-                .socket
-                .recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT)
-            {
-                Ok(r) => r,
+        }
+        Ok(None)
+    }
+
+    /// Reads one datagram without blocking; `false` when there is none.
+    /// A datagram not from the kernel is read and dropped.
+    fn read_datagram(&mut self) -> Result<bool> {
+        self.len = 0;
+        self.pos = 0;
+        let mut window = &mut self.buf[..];
+        let (size, from) = loop {
+            match self.socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
+                Ok(r) => break r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 // Only here does ENOBUFS mean what it means: the kernel could
                 // not queue events for this socket and dropped them.
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Error::EventsLost),
                 Err(e) => return Err(Error::from_io("receive events", &e)),
-            };
-            self.len = 0;
-            self.pos = 0;
-            if from.port_number() != 0 {
-                log::debug!("dropped a datagram from port {}, not the kernel", from.port_number());
-                continue;
             }
-            if size > self.buf.len() {
-                return Err(Error::Truncated {
-                    size,
-                    buffer: self.buf.len(),
-                });
-            }
-            self.len = size;
+        };
+        if from.port_number() != 0 {
+            log::debug!("dropped a datagram from port {}, not the kernel", from.port_number());
+            return Ok(true);
         }
+        if size > self.buf.len() {
+            return Err(Error::Truncated {
+                size,
+                buffer: self.buf.len(),
+            });
+        }
+        self.len = size;
+        Ok(true)
+    }
+
+    /// The next `NEWAE`, reading datagrams until one has it or the socket
+    /// is drained. Never blocks.
+    fn next(&mut self) -> Result<Option<Aevent>> {
+        loop {
+            if let Some(event) = self.next_buffered()? {
+                return Ok(Some(event));
+            }
+            if !self.read_datagram()? {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Clears a flag or a deadline when a call ends, on unwind too.
+struct Restore<'a, T: Copy> {
+    cell: &'a Cell<T>,
+    value: T,
+}
+
+impl<T: Copy> Drop for Restore<'_, T> {
+    fn drop(&mut self) {
+        self.cell.set(self.value);
     }
 }
 
 /// A connection to the kernel's XFRM netlink in one network namespace.
 ///
 /// Methods take `&self`, so a callback running inside [`Handle::dispatch`]
-/// may query and configure SAs through the same handle; dispatching or
-/// (un)registering callbacks from inside a callback gives [`Error::Busy`].
-/// A handle may move between threads and is used by one at a time.
+/// may query and configure SAs through the handle it is given; dispatching
+/// or (un)registering callbacks from inside a callback gives
+/// [`Error::Busy`]. A handle may move between threads and is used by one at
+/// a time.
 pub struct Handle {
     requests: RefCell<Requests>,
     events: RefCell<EventReader>,
-    router: RefCell<Router>,
+    router: RefCell<Router<Handle>>,
     dispatching: Cell<bool>,
+    /// When the public call in progress must end; `None` between calls.
+    deadline: Cell<Option<Instant>>,
+    request_timeout: Duration,
+    dispatch_limit: Cell<usize>,
 }
 
 impl Handle {
@@ -323,6 +416,7 @@ impl Handle {
             events: true,
             receive_buffer: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            dispatch_limit: DEFAULT_DISPATCH_LIMIT,
         }
     }
 
@@ -334,6 +428,18 @@ impl Handle {
     /// The fd to poll for events (readable = call [`Handle::dispatch`]).
     pub fn event_fd(&self) -> RawFd {
         self.events.borrow().socket.as_raw_fd()
+    }
+
+    /// The port id this handle's requests are sent from. The kernel copies
+    /// it into the update events they cause (see [`Handle::caused`]).
+    pub fn port_id(&self) -> u32 {
+        self.requests.borrow().port_id
+    }
+
+    /// Whether `event` is an update event caused by a request of this
+    /// handle: an HA daemon mirroring updates skips its own this way.
+    pub fn caused(&self, event: &Aevent) -> bool {
+        event.cause() == Some(Cause::Update) && event.nlmsg_pid == self.port_id()
     }
 
     /// Join or leave `XFRMNLGRP_AEVENTS`.
@@ -372,25 +478,61 @@ impl Handle {
             .map_err(|e| Error::from_io("set receive buffer", &e))
     }
 
+    /// How many datagrams one [`Handle::dispatch`] reads at most.
+    pub fn set_dispatch_limit(&self, datagrams: usize) -> Result<()> {
+        if datagrams == 0 {
+            return Err(Error::invalid("a dispatch limit of 0 would never read an event"));
+        }
+        self.dispatch_limit.set(datagrams);
+        Ok(())
+    }
+
+    /// Starts a public call: the first one in a nest sets the deadline all
+    /// its requests share.
+    fn call(&self) -> Restore<'_, Option<Instant>> {
+        let outer = self.deadline.get();
+        if outer.is_none() {
+            self.deadline.set(Some(Instant::now() + self.request_timeout));
+        }
+        Restore {
+            cell: &self.deadline,
+            value: outer,
+        }
+    }
+
+    /// A deadline of its own, for undoing a change after the call's time may
+    /// already be spent.
+    fn undo_call(&self) -> Restore<'_, Option<Instant>> {
+        let outer = self.deadline.replace(Some(Instant::now() + self.request_timeout));
+        Restore {
+            cell: &self.deadline,
+            value: outer,
+        }
+    }
+
     fn requests(&self) -> Result<std::cell::RefMut<'_, Requests>> {
         self.requests
             .try_borrow_mut()
             .map_err(|_| Error::Busy("a request is in progress on this handle"))
     }
 
-    fn getae(&self, sa: &SaId, thresholds: bool) -> Result<Aevent> {
+    fn request(&self, operation: &'static str, expect: Expect, encode: impl FnOnce(&mut Vec<u8>, Sender)) -> Result<Option<Aevent>> {
+        let _call = self.call();
+        let deadline = self.deadline.get().unwrap_or_else(|| Instant::now() + self.request_timeout);
         let mut req = self.requests()?;
-        let seq = req.next_seq();
-        wire::encode_getae(&mut req.out, seq, sa, thresholds);
-        req.transact("XFRM_MSG_GETAE", seq, Expect::Aevent)?
+        let from = req.next_sender();
+        encode(&mut req.out, from);
+        req.transact(operation, from.seq, expect, deadline)
+    }
+
+    fn getae(&self, sa: &SaId, thresholds: bool) -> Result<Aevent> {
+        self.request("XFRM_MSG_GETAE", Expect::Aevent, |out, from| wire::encode_getae(out, from, sa, thresholds))?
             .ok_or(Error::Malformed("GETAE answered without an aevent"))
     }
 
     fn newae(&self, sa: &SaId, set: &NewAe<'_>) -> Result<()> {
-        let mut req = self.requests()?;
-        let seq = req.next_seq();
-        wire::encode_newae(&mut req.out, seq, sa, set);
-        req.transact("XFRM_MSG_NEWAE", seq, Expect::Ack).map(|_| ())
+        self.request("XFRM_MSG_NEWAE", Expect::Ack, |out, from| wire::encode_newae(out, from, sa, set))
+            .map(|_| ())
     }
 
     /// Current replay state and lifetime counters of `sa`.
@@ -403,7 +545,8 @@ impl Handle {
         self.getae(sa, true)
     }
 
-    /// Sets values and thresholds of `sa` in one `XFRM_MSG_NEWAE`.
+    /// Sets values and thresholds of `sa` in one `XFRM_MSG_NEWAE`: all or
+    /// nothing of `update` is applied.
     ///
     /// A replay value must have the SA's form (legacy or ESN, with the SA's
     /// bitmap length): the kernel silently ignores a legacy value on an ESN
@@ -411,6 +554,7 @@ impl Handle {
     /// `InvalidArgument`. The first timer threshold set in the process
     /// measures the kernel's HZ on `sa` (see [`Handle::calibrate_hz`]).
     pub fn update(&self, sa: &SaId, update: &AeUpdate) -> Result<()> {
+        let _call = self.call();
         if update.is_empty() {
             return Err(Error::invalid("an update must set at least one value or threshold"));
         }
@@ -479,31 +623,69 @@ impl Handle {
     /// 100 ms reading, which is exact unless someone set it to a value that
     /// is not a whole number of 100 ms. Listeners see two update (`CU`)
     /// events on `sa`.
+    ///
+    /// Once the probe may have reached the kernel, the original is restored
+    /// on every path, with a timeout of its own; should that fail, the error
+    /// is [`Error::RestoreFailed`]. An SA whose timer reads 0 (off, or under
+    /// 100 ms) is refused: its value cannot be read, so it could not be
+    /// written back.
     pub fn calibrate_hz(&self, sa: &SaId) -> Result<u32> {
+        let _call = self.call();
         let before_ms = self
             .query_with_thresholds(sa)?
             .timer_threshold_ms
             .ok_or(Error::Malformed("GETAE answer without the timer threshold"))?;
+        if before_ms == 0 {
+            return Err(Error::invalid(format!(
+                "{sa}: its timer threshold reads 0 (off, or under the kernel's 100 ms step), so it could not \
+                 be restored after measuring HZ on it; declare HZ (set_kernel_hz) or measure on another SA"
+            )));
+        }
         let probe = NewAe {
             etimer_jiffies: Some(timer::CALIBRATION_JIFFIES),
             ..NewAe::default()
         };
-        self.newae(sa, &probe)?;
-        let read_ms = self.query_with_thresholds(sa)?.timer_threshold_ms;
-        let hz = read_ms.and_then(|ms| timer::hz_from_readback(timer::CALIBRATION_JIFFIES, ms / 100));
-        // Restore before judging the measurement. Should it have failed, HZ is
-        // unknown and 1000 (jiffies = ms) is the guess that can only make the
-        // restored timer longer, never shorter, on kernels with a lower HZ.
-        let restore_hz = hz.unwrap_or(1000);
-        let restore = NewAe {
-            etimer_jiffies: Some(timer::ms_to_jiffies(before_ms, restore_hz)?),
-            ..NewAe::default()
-        };
-        self.newae(sa, &restore)?;
-        let hz = hz.ok_or(Error::Malformed("timer threshold read back unusable for HZ calibration"))?;
+        match self.newae(sa, &probe) {
+            Ok(()) => {}
+            // The kernel refused it: the SA is as it was.
+            Err(refused @ Error::Kernel { .. }) => return Err(refused),
+            // No answer: the probe may have been applied.
+            Err(unknown) => {
+                self.restore_timer(sa, before_ms, None)?;
+                return Err(unknown);
+            }
+        }
+        let measured = self.query_with_thresholds(sa).and_then(|read| {
+            read.timer_threshold_ms
+                .and_then(|ms| timer::hz_from_readback(timer::CALIBRATION_JIFFIES, ms / 100))
+                .ok_or(Error::Malformed("timer threshold read back unusable for HZ calibration"))
+        });
+        self.restore_timer(sa, before_ms, measured.as_ref().ok().copied())?;
+        let hz = measured?;
         timer::remember_hz(hz);
         log::info!("kernel HZ measured on {sa}: {hz}");
         Ok(hz)
+    }
+
+    /// Sets `sa`'s timer back to `ms` after an HZ probe.
+    fn restore_timer(&self, sa: &SaId, ms: u32, measured_hz: Option<u32>) -> Result<()> {
+        let _undo = self.undo_call();
+        let hz = measured_hz.or_else(timer::kernel_hz).unwrap_or_else(|| {
+            log::warn!("restoring {sa}'s timer threshold of {ms} ms without knowing HZ: assuming {UNDO_GUESS_HZ}");
+            UNDO_GUESS_HZ
+        });
+        let left = |cause: Error| Error::RestoreFailed {
+            state: format!(
+                "{sa}: its timer threshold may be left at {} jiffies by the HZ probe instead of {ms} ms",
+                timer::CALIBRATION_JIFFIES
+            ),
+            cause: Box::new(cause),
+        };
+        let restore = NewAe {
+            etimer_jiffies: Some(timer::ms_to_jiffies(ms, hz).map_err(left)?),
+            ..NewAe::default()
+        };
+        self.newae(sa, &restore).map_err(left)
     }
 
     /// The next pending event, or `None` when the socket is drained.
@@ -512,10 +694,6 @@ impl Handle {
         if self.dispatching.get() {
             return Err(Error::Busy("reading events from inside dispatch"));
         }
-        self.read_event()
-    }
-
-    fn read_event(&self) -> Result<Option<Aevent>> {
         self.events
             .try_borrow_mut()
             .map_err(|_| Error::Busy("event socket in use"))?
@@ -545,33 +723,45 @@ impl Handle {
         Ok(())
     }
 
-    /// Reads every pending event and runs its callback; returns how many
-    /// events were read. Never blocks. On an error (notably
+    /// Reads pending events and runs their callbacks; returns how many
+    /// events were read. Never blocks, and reads at most the dispatch limit
+    /// of datagrams (each of the kernel's events comes in its own), so that
+    /// a steady stream of events cannot keep the caller's loop here: what is
+    /// left keeps the fd readable for the next poll. On an error (notably
     /// [`Error::EventsLost`]) the events behind it stay pending: call again.
     pub fn dispatch(&self) -> Result<usize> {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
-        // Cleared on unwind too, so a panicking callback does not leave the
-        // handle busy forever.
-        struct Done<'a>(&'a Cell<bool>);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.set(false);
-            }
-        }
-        let _done = Done(&self.dispatching);
-        self.dispatch_pending()
-    }
-
-    fn dispatch_pending(&self) -> Result<usize> {
+        let _done = Restore {
+            cell: &self.dispatching,
+            value: false,
+        };
         let mut router = self
             .router
             .try_borrow_mut()
             .map_err(|_| Error::Busy("callbacks in use"))?;
+        let mut datagrams_left = self.dispatch_limit.get();
         let mut count = 0;
-        while let Some(event) = self.read_event()? {
-            router.route(&event);
+        loop {
+            // The reader is released before a callback runs.
+            let event = {
+                let mut reader = self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?;
+                match reader.next_buffered()? {
+                    Some(event) => event,
+                    // A datagram is always finished, so no event waits in
+                    // our buffer where poll cannot see it.
+                    None if datagrams_left == 0 => break,
+                    None => {
+                        if !reader.read_datagram()? {
+                            break;
+                        }
+                        datagrams_left -= 1;
+                        continue;
+                    }
+                }
+            };
+            router.route(self, &event);
             count += 1;
         }
         Ok(count)

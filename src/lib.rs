@@ -37,6 +37,5 @@ pub mod wire;
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
-pub use events::Callback;
-pub use handle::{Events, Handle, HandleBuilder};
+pub use handle::{Callback, Events, Handle, HandleBuilder};
 pub use sa::{Mark, SaId};

@@ -42,17 +42,18 @@ pub fn set_kernel_hz(hz: u32) -> Result<()> {
 }
 
 /// Inverts `read = set * 10 / HZ` (integer division): HZ lies in
-/// `(set*10/(read+1), set*10/read]`; with the probe value that interval holds
-/// exactly one integer for any HZ up to about 3000.
+/// `(set*10/(read+1), set*10/read]`. With the probe value that interval
+/// holds exactly one integer for any HZ up to about 3000; above that it may
+/// hold several, and then HZ is unknown rather than guessed.
 pub fn hz_from_readback(set_jiffies: u32, read_100ms: u32) -> Option<u32> {
     if read_100ms == 0 {
         return None;
     }
     let scaled = u64::from(set_jiffies) * 10;
-    let hz = scaled / u64::from(read_100ms);
-    let lower_exclusive = scaled / (u64::from(read_100ms) + 1);
-    (hz > lower_exclusive && hz > 0)
-        .then(|| u32::try_from(hz).ok())
+    let highest = scaled / u64::from(read_100ms);
+    let below_lowest = scaled / (u64::from(read_100ms) + 1);
+    (highest == below_lowest + 1)
+        .then(|| u32::try_from(highest).ok())
         .flatten()
 }
 
@@ -88,6 +89,22 @@ mod tests {
     }
 
     #[test]
+    fn readback_never_names_a_wrong_hz() {
+        let mut exact = 0;
+        for hz in 1..=20_000u32 {
+            let read = (u64::from(CALIBRATION_JIFFIES) * 10 / u64::from(hz)) as u32;
+            match hz_from_readback(CALIBRATION_JIFFIES, read) {
+                Some(found) => {
+                    assert_eq!(found, hz, "reading {read} named HZ {found}, the kernel's is {hz}");
+                    exact += 1;
+                }
+                None => assert!(hz >= 3000, "HZ {hz} should be measurable"),
+            }
+        }
+        assert!(exact >= 3000);
+    }
+
+    #[test]
     fn readback_of_zero_is_no_answer() {
         assert_eq!(hz_from_readback(CALIBRATION_JIFFIES, 0), None);
     }
@@ -96,7 +113,10 @@ mod tests {
     fn corpus_fact_250_jiffies_reads_10() {
         // Debian 6.1, HZ=250: setting 250 reads back 10 (DEVELOPERS.md).
         assert_eq!(ms_to_jiffies(1000, 250).unwrap(), 250);
-        assert_eq!(hz_from_readback(250, 10), Some(250));
+        assert_eq!(250 * 10 / 250, 10);
+        // So small a probe cannot tell HZ 228 to 250 apart; the real probe can.
+        assert_eq!(hz_from_readback(250, 10), None);
+        assert_eq!(hz_from_readback(CALIBRATION_JIFFIES, 40_000), Some(250));
     }
 
     #[test]

@@ -311,8 +311,9 @@ fn decode_usersa_id(buf: &[u8]) -> Result<SaId> {
     })
 }
 
-/// Decodes the payload of an `XFRM_MSG_NEWAE` (event or query answer).
-pub fn decode_aevent(payload: &[u8]) -> Result<Aevent> {
+/// Decodes an `XFRM_MSG_NEWAE` (event or query answer).
+pub fn decode_aevent(msg: &NlMsg<'_>) -> Result<Aevent> {
+    let payload = msg.payload;
     if payload.len() < AEVENT_ID_LEN {
         return Err(Error::Malformed("xfrm_aevent_id truncated"));
     }
@@ -334,6 +335,8 @@ pub fn decode_aevent(payload: &[u8]) -> Result<Aevent> {
             .ok_or(Error::Malformed("aevent without lifetime counters"))?,
         replay_threshold: attrs.replay_threshold,
         timer_threshold_ms: attrs.etimer_100ms.map(|units| units.saturating_mul(100)),
+        nlmsg_seq: msg.seq,
+        nlmsg_pid: msg.port_id,
     })
 }
 
@@ -475,13 +478,23 @@ pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
     })
 }
 
-fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32) {
+/// Who sends a request: its sequence number and the sending socket's port id.
+/// The kernel copies both into the update event a `NEWAE` causes, which is
+/// how a handle recognises its own updates among everybody's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub seq: u32,
+    pub port_id: u32,
+}
+
+fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, from: Sender) {
     out.clear();
     out.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish()
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    out.extend_from_slice(&from.seq.to_ne_bytes());
+    // The kernel does not fill this in: it multicasts it as it is.
+    out.extend_from_slice(&from.port_id.to_ne_bytes());
 }
 
 fn put_aevent_id(out: &mut Vec<u8>, sa: &SaId, ae_flags: u32) {
@@ -521,8 +534,8 @@ fn finish(out: &mut [u8]) {
 }
 
 /// `XFRM_MSG_GETAE` for one SA; with `thresholds` the answer carries both.
-pub fn encode_getae(out: &mut Vec<u8>, seq: u32, sa: &SaId, thresholds: bool) {
-    begin(out, XFRM_MSG_GETAE, 0, seq);
+pub fn encode_getae(out: &mut Vec<u8>, from: Sender, sa: &SaId, thresholds: bool) {
+    begin(out, XFRM_MSG_GETAE, 0, from);
     let ae_flags = if thresholds { flags::RTHR | flags::ETHR } else { 0 };
     put_aevent_id(out, sa, ae_flags);
     put_identity_attrs(out, sa);
@@ -541,8 +554,8 @@ pub struct NewAe<'a> {
 
 /// `XFRM_MSG_NEWAE` with `NLM_F_REPLACE` (the kernel refuses it without) and
 /// `NLM_F_ACK`, so success is confirmed too.
-pub fn encode_newae(out: &mut Vec<u8>, seq: u32, sa: &SaId, set: &NewAe<'_>) {
-    begin(out, XFRM_MSG_NEWAE, NLM_F_REPLACE | NLM_F_ACK, seq);
+pub fn encode_newae(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>) {
+    begin(out, XFRM_MSG_NEWAE, NLM_F_REPLACE | NLM_F_ACK, from);
     let mut ae_flags = 0;
     if set.replay_threshold.is_some() {
         ae_flags |= flags::RTHR;

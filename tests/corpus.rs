@@ -9,7 +9,7 @@ mod common;
 use common::{corpus_dir, datagrams};
 
 use xfrmsync::aevent::flags;
-use xfrmsync::wire::{self, Messages, NlMsg};
+use xfrmsync::wire::{self, Messages, NlMsg, Sender};
 use xfrmsync::{Aevent, Replay, SaId};
 
 fn messages(datagram: &[u8]) -> Vec<NlMsg<'_>> {
@@ -21,7 +21,7 @@ fn aevents(name: &str) -> Vec<(u32, Aevent)> {
     for d in datagrams(name) {
         for m in messages(&d) {
             assert_eq!(m.kind, wire::XFRM_MSG_NEWAE, "{name}");
-            out.push((m.seq, wire::decode_aevent(m.payload).expect("decodes")));
+            out.push((m.seq, wire::decode_aevent(&m).expect("decodes")));
         }
     }
     out
@@ -208,10 +208,11 @@ fn our_getae_encoding_is_byte_identical_to_the_captured_requests() {
     let cases = [(101, sa_1001(), false), (102, sa_1001(), true), (103, sa_2001(), false), (104, sa_2001(), true)];
     let mut out = Vec::new();
     for (i, (seq, sa, thresholds)) in cases.iter().enumerate() {
-        wire::encode_getae(&mut out, *seq, sa, *thresholds);
+        // The captures were made from a socket that sent port id 0.
+        wire::encode_getae(&mut out, Sender { seq: *seq, port_id: 0 }, sa, *thresholds);
         assert_eq!(out, requests[i], "GETAE #{i}");
     }
-    wire::encode_getae(&mut out, 105, &SaId::esp(ip("10.9.0.2"), 0xdead), false);
+    wire::encode_getae(&mut out, Sender { seq: 105, port_id: 0 }, &SaId::esp(ip("10.9.0.2"), 0xdead), false);
     assert_eq!(out, requests[4], "GETAE for the unknown SPI");
 }
 
@@ -219,11 +220,13 @@ fn our_getae_encoding_is_byte_identical_to_the_captured_requests() {
 fn newae_sets_replace_and_ack() {
     let mut out = Vec::new();
     let set = wire::NewAe { replay_threshold: Some(5), etimer_jiffies: Some(250), ..Default::default() };
-    wire::encode_newae(&mut out, 7, &sa_1001(), &set);
+    wire::encode_newae(&mut out, Sender { seq: 7, port_id: 0x1234_5678 }, &sa_1001(), &set);
     let m = messages(&out)[0];
     assert_eq!(m.kind, wire::XFRM_MSG_NEWAE);
     assert_eq!(m.flags, wire::NLM_F_REQUEST | wire::NLM_F_ACK | wire::NLM_F_REPLACE);
     assert_eq!(m.seq, 7);
+    // The kernel copies the sender's port id into the update event as it is.
+    assert_eq!(m.port_id, 0x1234_5678);
     // The captured bad request: the same header without NLM_F_REPLACE.
     let captured = datagrams("requests.bin");
     assert_eq!(messages(&captured[5])[0].flags & wire::NLM_F_REPLACE, 0);
@@ -237,7 +240,7 @@ fn query_answers_and_errors() {
         .iter()
         .map(|d| {
             let m = messages(d)[0];
-            (m.seq, wire::decode_aevent(m.payload).unwrap())
+            (m.seq, wire::decode_aevent(&m).unwrap())
         })
         .collect();
     assert_eq!(decoded.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [101, 102, 103, 104]);

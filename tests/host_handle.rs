@@ -43,7 +43,7 @@ fn netns_by_path_and_fd() {
     let by_path = Handle::builder().netns_path("/proc/self/ns/net").open();
     assert!(by_path.is_ok(), "{:?}", by_path.err());
     let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
-    let by_fd = Handle::builder().netns_fd(ns.as_raw_fd()).open();
+    let by_fd = Handle::builder().netns_fd(&ns).open();
     assert!(by_fd.is_ok(), "{:?}", by_fd.err());
     let missing = Handle::builder().netns_path("/nonexistent").open().err().unwrap();
     assert_eq!(missing.errno(), libc::ENOENT);

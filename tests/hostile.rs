@@ -24,7 +24,7 @@ fn decode_everything(datagram: &[u8]) -> usize {
     let mut decoded = 0;
     for msg in Messages::new(datagram) {
         let Ok(msg) = msg else { break };
-        decoded += usize::from(wire::decode_aevent(msg.payload).is_ok());
+        decoded += usize::from(wire::decode_aevent(&msg).is_ok());
         decoded += usize::from(wire::decode_sa_message(&msg).is_ok());
         decoded += usize::from(wire::decode_ack(&msg).is_ok());
     }
@@ -88,7 +88,7 @@ fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
 
 fn decode(msg: &[u8]) -> xfrmsync::Result<xfrmsync::Aevent> {
     let m = Messages::new(msg).next().unwrap()?;
-    wire::decode_aevent(m.payload)
+    wire::decode_aevent(&m)
 }
 
 #[test]

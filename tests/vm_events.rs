@@ -43,7 +43,7 @@ fn dispatch_allocates_nothing_per_event() {
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     watcher
-        .on_sa_event(sa, Some(Box::new(move |_| {
+        .on_sa_event(sa, Some(Box::new(move |_, _| {
             counter.fetch_add(1, Ordering::Relaxed);
         })))
         .unwrap();
@@ -89,4 +89,38 @@ fn rust_api_round_trip_and_event_iterator() {
     let marked = SaId::esp("10.9.0.2".parse().unwrap(), 0x4001);
     assert!(matches!(b.query(&marked), Err(Error::Kernel { errno: libc::ESRCH, .. })));
     assert_eq!(b.query(&marked.with_mark(7, 0xff)).unwrap().sa.mark.value, 7);
+}
+
+#[test]
+#[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/kernel-suite.sh)"]
+fn update_events_name_the_handle_that_caused_them() {
+    let watcher = in_ns("b");
+    let setter = in_ns("b");
+    let sa = SaId::esp("10.9.0.1".parse().unwrap(), 0x1002);
+    assert_ne!(watcher.port_id(), setter.port_id());
+    watcher.dispatch().unwrap();
+    let mine = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = mine.clone();
+    let setter_port = setter.port_id();
+    watcher
+        .on_sa_event(sa, Some(Box::new(move |handle: &Handle, ev| {
+            if ev.cause() == Some(Cause::Update) {
+                // A callback reaches its handle: it queries through it.
+                let now = handle.query_with_thresholds(&ev.sa).unwrap();
+                record.lock().unwrap().push((ev.nlmsg_pid, ev.nlmsg_seq, handle.caused(ev), now.replay_threshold));
+            }
+        })))
+        .unwrap();
+    setter.update(&sa, &AeUpdate { replay_threshold: Some(13), ..Default::default() }).unwrap();
+    watcher.update(&sa, &AeUpdate { replay_threshold: Some(14), ..Default::default() }).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    watcher.dispatch().unwrap();
+    let seen = mine.lock().unwrap().clone();
+    println!("update events (pid, seq, caused by watcher, threshold now): {seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // The kernel copies the request's port id into the event it multicasts.
+    assert_eq!((seen[0].0, seen[0].2), (setter_port, false), "the setter's update");
+    assert_ne!(seen[0].1, 0, "and the request's seq");
+    assert_eq!((seen[1].0, seen[1].2), (watcher.port_id(), true), "the watcher's own update");
+    assert_eq!(seen[1].3, Some(14));
 }

@@ -1,6 +1,9 @@
-//! Test support shared by the integration tests: the captured corpus and an
-//! allocation counter. Each test binary uses what it needs of it.
+//! Test support shared by the integration tests: the captured corpus, an
+//! allocation counter, and a fake kernel. Each test binary uses what it
+//! needs of it.
 #![allow(dead_code)]
+
+pub mod fake_kernel;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

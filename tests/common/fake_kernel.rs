@@ -1,0 +1,310 @@
+//! A fake kernel behind a socket pair, for the paths a real kernel rarely
+//! takes: it keeps one SA the way `xfrm_get_ae`/`xfrm_new_ae` do (timer
+//! stored in jiffies, read back as `jiffies * 10 / HZ`), answers a handle's
+//! requests, multicasts an update event for each `NEWAE` (with the request's
+//! seq and port id, before the ack, as the kernel does), and injects faults
+//! request by request.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use xfrmsync::aevent::flags;
+use xfrmsync::wire::{self, Attrs, Messages};
+use xfrmsync::{Handle, HandleBuilder, SaId};
+
+const NLMSG_ERROR: u16 = 2;
+const XFRMA_LTIME_VAL: u16 = 9;
+const XFRMA_REPLAY_VAL: u16 = 10;
+const XFRMA_REPLAY_THRESH: u16 = 11;
+const XFRMA_ETIMER_THRESH: u16 = 12;
+
+/// What the fake does with the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers as the kernel would.
+    Pass,
+    /// Refuses with this errno; nothing is applied.
+    Errno(i32),
+    /// Applies it but never answers (a lost or late answer).
+    Silent,
+    /// Answers as the kernel would, after this many milliseconds.
+    Delay(u64),
+    /// Never answers; sends an answer with a wrong seq every 100 ms instead,
+    /// this many times.
+    Stale(u32),
+}
+
+/// The fake's one SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaState {
+    pub sa: SaId,
+    pub hz: u32,
+    pub timer_jiffies: u32,
+    pub replay_threshold: u32,
+    pub oseq: u32,
+    pub seq: u32,
+    pub bitmap: u32,
+    pub packets: u64,
+}
+
+impl SaState {
+    pub fn new(timer_jiffies: u32) -> SaState {
+        SaState {
+            sa: SaId::esp("10.9.0.2".parse().unwrap(), 0x1001),
+            hz: 250,
+            timer_jiffies,
+            replay_threshold: 2,
+            oseq: 0,
+            seq: 0,
+            bitmap: 0,
+            packets: 0,
+        }
+    }
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub kind: u16,
+    pub seq: u32,
+    pub port_id: u32,
+    pub timer_jiffies: Option<u32>,
+    pub replay_threshold: Option<u32>,
+}
+
+struct Shared {
+    state: SaState,
+    faults: VecDeque<Fault>,
+    seen: Vec<Seen>,
+}
+
+pub struct FakeKernel {
+    shared: Arc<Mutex<Shared>>,
+    requests: Arc<OwnedFd>,
+    events: OwnedFd,
+    server: Option<JoinHandle<()>>,
+}
+
+fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we pass.
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds are new and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn send(fd: &OwnedFd, bytes: &[u8], flags: i32) -> bool {
+    // SAFETY: the pointer and length describe `bytes`.
+    unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags | libc::MSG_NOSIGNAL) == bytes.len() as isize }
+}
+
+fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, port_id: u32) {
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&port_id.to_ne_bytes());
+}
+
+fn attr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    out.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize((out.len() + 3) & !3, 0);
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let len = (out.len() - start) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// An `XFRM_MSG_NEWAE` from the kernel about `s`, appended to `out`.
+pub fn aevent(out: &mut Vec<u8>, s: &SaState, ae_flags: u32, seq: u32, port_id: u32) {
+    let start = out.len();
+    header(out, wire::XFRM_MSG_NEWAE, 0, seq, port_id);
+    let IpAddr::V4(daddr) = s.sa.daddr else { panic!("the fake keeps an IPv4 SA") };
+    let mut id = [0u8; 48];
+    id[..4].copy_from_slice(&daddr.octets());
+    id[16..20].copy_from_slice(&s.sa.spi.to_be_bytes());
+    id[20..22].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    id[22] = s.sa.proto;
+    id[24..28].copy_from_slice(&[10, 9, 0, 1]);
+    id[40..44].copy_from_slice(&ae_flags.to_ne_bytes());
+    id[44..48].copy_from_slice(&1u32.to_ne_bytes());
+    out.extend_from_slice(&id);
+    let replay: Vec<u8> = [s.oseq, s.seq, s.bitmap].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    attr(out, XFRMA_REPLAY_VAL, &replay);
+    let lifetime: Vec<u8> = [s.packets * 64, s.packets, 1_700_000_000, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    attr(out, XFRMA_LTIME_VAL, &lifetime);
+    if ae_flags & flags::RTHR != 0 {
+        attr(out, XFRMA_REPLAY_THRESH, &s.replay_threshold.to_ne_bytes());
+    }
+    if ae_flags & flags::ETHR != 0 {
+        let reported = (u64::from(s.timer_jiffies) * 10 / u64::from(s.hz)) as u32;
+        attr(out, XFRMA_ETIMER_THRESH, &reported.to_ne_bytes());
+    }
+    finish(out, start);
+}
+
+fn error(out: &mut Vec<u8>, errno: i32, request: &[u8], seq: u32) {
+    let start = out.len();
+    header(out, NLMSG_ERROR, 0x100, seq, 0); // NLM_F_CAPPED: only the header echoed
+    out.extend_from_slice(&(-errno).to_ne_bytes());
+    out.extend_from_slice(&request[..16]);
+    finish(out, start);
+}
+
+impl FakeKernel {
+    /// A fake kernel keeping `state`, and a handle talking to it. The handle
+    /// does not join a multicast group (a socket pair has none).
+    pub fn start(state: SaState, builder: HandleBuilder, port_id: u32) -> (FakeKernel, Handle) {
+        let (user_requests, kernel_requests) = seqpacket_pair();
+        let (user_events, kernel_events) = seqpacket_pair();
+        let shared = Arc::new(Mutex::new(Shared {
+            state,
+            faults: VecDeque::new(),
+            seen: Vec::new(),
+        }));
+        let requests = Arc::new(kernel_requests);
+        let events = kernel_events.try_clone().unwrap();
+        let server = {
+            let (shared, requests) = (shared.clone(), requests.clone());
+            std::thread::spawn(move || serve(&shared, &requests, &events))
+        };
+        let handle = builder
+            .events(false)
+            .open_with_sockets(user_requests, user_events, port_id)
+            .expect("handle on a socket pair");
+        let fake = FakeKernel {
+            shared,
+            requests,
+            events: kernel_events,
+            server: Some(server),
+        };
+        (fake, handle)
+    }
+
+    /// What the next requests meet, in order; after these, `Pass`.
+    pub fn faults(&self, faults: &[Fault]) {
+        self.shared.lock().unwrap().faults.extend(faults);
+    }
+
+    pub fn state(&self) -> SaState {
+        self.shared.lock().unwrap().state
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.lock().unwrap().seen.clone()
+    }
+
+    /// Queues traffic events (cause replay), `per_datagram` to a datagram,
+    /// without blocking; returns how many datagrams went out.
+    pub fn send_events(&self, datagrams: usize, per_datagram: usize) -> usize {
+        let mut state = self.state();
+        for n in 0..datagrams {
+            let mut out = Vec::new();
+            for _ in 0..per_datagram {
+                state.seq += 1;
+                aevent(&mut out, &state, flags::CR, 0, 0);
+            }
+            if !send(&self.events, &out, libc::MSG_DONTWAIT) {
+                return n;
+            }
+        }
+        datagrams
+    }
+}
+
+impl Drop for FakeKernel {
+    fn drop(&mut self) {
+        // SAFETY: shutdown on an fd we own; it wakes the server's recv.
+        unsafe { libc::shutdown(self.requests.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}
+
+fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: the pointer and length describe `buf`.
+        let n = unsafe { libc::recv(requests.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return;
+        }
+        let datagram = &buf[..n as usize];
+        let Some(Ok(msg)) = Messages::new(datagram).next() else { continue };
+        let mut seen = Seen {
+            kind: msg.kind,
+            seq: msg.seq,
+            port_id: msg.port_id,
+            timer_jiffies: None,
+            replay_threshold: None,
+        };
+        if msg.kind == wire::XFRM_MSG_NEWAE {
+            for (kind, payload) in Attrs::new(&msg.payload[48..]).flatten() {
+                let value = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));
+                match kind {
+                    XFRMA_ETIMER_THRESH => seen.timer_jiffies = value,
+                    XFRMA_REPLAY_THRESH => seen.replay_threshold = value,
+                    _ => {}
+                }
+            }
+        }
+        let fault = {
+            let mut s = shared.lock().unwrap();
+            s.seen.push(seen);
+            s.faults.pop_front().unwrap_or(Fault::Pass)
+        };
+        let mut answer = Vec::new();
+        match fault {
+            Fault::Errno(errno) => error(&mut answer, errno, datagram, msg.seq),
+            Fault::Stale(times) => {
+                let state = shared.lock().unwrap().state;
+                for _ in 0..times {
+                    let mut stale = Vec::new();
+                    aevent(&mut stale, &state, 0, msg.seq.wrapping_sub(1000), msg.port_id);
+                    send(requests, &stale, 0);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            Fault::Pass | Fault::Silent | Fault::Delay(_) => {
+                let mut s = shared.lock().unwrap();
+                if msg.kind == wire::XFRM_MSG_GETAE {
+                    let ae_flags = u32::from_ne_bytes(msg.payload[40..44].try_into().unwrap());
+                    aevent(&mut answer, &s.state, ae_flags, msg.seq, msg.port_id);
+                } else if msg.flags & wire::NLM_F_REPLACE == 0 {
+                    error(&mut answer, libc::EINVAL, datagram, msg.seq);
+                } else {
+                    if let Some(j) = seen.timer_jiffies {
+                        s.state.timer_jiffies = j;
+                    }
+                    if let Some(t) = seen.replay_threshold {
+                        s.state.replay_threshold = t;
+                    }
+                    let mut update = Vec::new();
+                    aevent(&mut update, &s.state, flags::CU, msg.seq, msg.port_id);
+                    send(events, &update, libc::MSG_DONTWAIT);
+                    error(&mut answer, 0, datagram, msg.seq);
+                }
+            }
+        }
+        match fault {
+            Fault::Silent => {}
+            Fault::Delay(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                send(requests, &answer, 0);
+            }
+            _ => {
+                send(requests, &answer, 0);
+            }
+        }
+    }
+}
