@@ -108,6 +108,63 @@
 #define XFRMSYNC_MAX_BITMAP_WORDS 128
 
 /*
+ `xfrmsync_rule.match`: `reqid` is a criterion.
+ */
+#define XFRMSYNC_MATCH_REQID 1
+
+/*
+ `xfrmsync_rule.match`: `src`/`src_len` (of `family`) is a criterion.
+ */
+#define XFRMSYNC_MATCH_SRC 2
+
+/*
+ `xfrmsync_rule.match`: `dst`/`dst_len` (of `family`) is a criterion.
+ */
+#define XFRMSYNC_MATCH_DST 4
+
+/*
+ `xfrmsync_rule.match`: `spi` is a criterion.
+ */
+#define XFRMSYNC_MATCH_SPI 8
+
+/*
+ `xfrmsync_rule.match`: `proto` is a criterion.
+ */
+#define XFRMSYNC_MATCH_PROTO 16
+
+/*
+ `xfrmsync_rule.match`: `family` is a criterion.
+ */
+#define XFRMSYNC_MATCH_FAMILY 32
+
+/*
+ `xfrmsync_rule.match`: `mark_value`/`mark_mask` is a criterion.
+ */
+#define XFRMSYNC_MATCH_MARK 64
+
+/*
+ `xfrmsync_rule.match`: `if_id` is a criterion.
+ */
+#define XFRMSYNC_MATCH_IF_ID 128
+
+/*
+ `xfrmsync_rule.match`: `direction` is a criterion.
+ */
+#define XFRMSYNC_MATCH_DIRECTION 256
+
+/*
+ `xfrmsync_rule.direction`: inbound (the destination is local, or the SA
+ was installed with direction "in").
+ */
+#define XFRMSYNC_DIR_IN 1
+
+/*
+ `xfrmsync_rule.direction`: outbound (the source is local, or the SA was
+ installed with direction "out").
+ */
+#define XFRMSYNC_DIR_OUT 2
+
+/*
  A connection to XFRM netlink in one network namespace. Opaque.
  */
 typedef struct xfrmsync_handle xfrmsync_handle;
@@ -247,6 +304,64 @@ typedef struct xfrmsync_ae_update {
  */
 typedef void (*xfrmsync_event_cb)(void *user_data, const struct xfrmsync_aevent *event);
 
+/*
+ A threshold rule: the criteria named by `match` bits, all of which an SA
+ must meet, and the thresholds it then gets. The most specific rule wins
+ (README: SPI, reqid, longer destination prefix, longer source prefix,
+ mark, if_id, direction, protocol, family; then the one added first).
+ */
+typedef struct xfrmsync_rule {
+  /*
+   Unique name, NUL-terminated; a rule of the same name is replaced.
+   */
+  const char *name;
+  /*
+   `XFRMSYNC_MATCH_*` bits.
+   */
+  uint32_t match;
+  uint32_t reqid;
+  /*
+   `AF_INET` or `AF_INET6`: of the prefixes, and the family criterion.
+   */
+  uint16_t family;
+  /*
+   Prefixes in network byte order (IPv4 in the first 4 bytes).
+   */
+  uint8_t src[16];
+  uint8_t src_len;
+  uint8_t dst[16];
+  uint8_t dst_len;
+  /*
+   Host byte order, as `ip xfrm state` prints it.
+   */
+  uint32_t spi;
+  uint8_t proto;
+  /*
+   An SA matches when its mark under `mark_mask` equals `mark_value`.
+   */
+  uint32_t mark_value;
+  uint32_t mark_mask;
+  uint32_t if_id;
+  /*
+   `XFRMSYNC_DIR_IN` or `XFRMSYNC_DIR_OUT`.
+   */
+  uint8_t direction;
+  /*
+   Packets.
+   */
+  uint32_t replay_threshold;
+  /*
+   Milliseconds.
+   */
+  uint32_t timer_threshold_ms;
+} xfrmsync_rule;
+
+/*
+ Learns of each application of thresholds: the SA, what it was given, and
+ 0 or the negative errno the kernel answered.
+ */
+typedef void (*xfrmsync_applied_cb)(void *user_data, const struct xfrmsync_sa_id *sa, uint32_t replay_threshold, uint32_t timer_threshold_ms, int result);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -371,6 +486,10 @@ int xfrmsync_on_event(struct xfrmsync_handle *handle, xfrmsync_event_cb callback
 int xfrmsync_on_sa_event(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, xfrmsync_event_cb callback, void *user_data);
 
 /*
+ Dispatch also gives SAs that appeared the thresholds of their rules (see
+ `xfrmsync_rule_add`), and after lost notifications lists every SA again
+ before it returns -ENOBUFS.
+
  Reads pending events without blocking and runs their callbacks on this
  thread: at most the dispatch limit of datagrams per call (see
  `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
@@ -387,6 +506,51 @@ int xfrmsync_dispatch(struct xfrmsync_handle *handle);
  the whole line (without NUL), so a result >= `len` means it was cut.
  */
 int xfrmsync_aevent_format(const struct xfrmsync_aevent *event, bool json, char *buf, size_t len);
+
+/*
+ Adds a rule, or replaces the rule of the same name, and applies the rules
+ to every SA of the namespace at once (a GETSA dump, batched NEWAE). From
+ then on `xfrmsync_dispatch` gives each SA that appears its thresholds.
+ Results reach the `xfrmsync_on_applied` callback.
+ */
+int xfrmsync_rule_add(struct xfrmsync_handle *handle, const struct xfrmsync_rule *rule);
+
+/*
+ Removes the rule named `name` and applies the remaining rules; returns 1
+ if it existed, 0 if not. SAs no rule matches keep their thresholds.
+ */
+int xfrmsync_rule_remove(struct xfrmsync_handle *handle, const char *name);
+
+/*
+ Gives exactly this SA these thresholds, before every rule, now if it
+ exists and whenever it appears. `xfrmsync_unregister_sa` undoes it.
+ */
+int xfrmsync_register_sa(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, uint32_t replay_packets, uint32_t timer_ms);
+
+/*
+ Removes the registration of one SA.
+ */
+int xfrmsync_unregister_sa(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa);
+
+/*
+ Sets the callback for applications of thresholds; NULL removes it. It
+ runs inside xfrmsync_rule_add, xfrmsync_register_sa and xfrmsync_dispatch,
+ on their thread, and must return normally.
+ */
+int xfrmsync_on_applied(struct xfrmsync_handle *handle, xfrmsync_applied_cb callback, void *user_data);
+
+/*
+ Appends `XFRMA_REPLAY_THRESH` and `XFRMA_ETIMER_THRESH` to an
+ `XFRM_MSG_NEWSA` or `XFRM_MSG_UPDSA` the caller is building in `msg`
+ (`capacity` bytes, the message's `nlmsg_len` filled in), with the
+ thresholds the SA's registration or rules give it, in the kernel's units
+ (the timer in jiffies: the kernel's HZ must be known, see
+ `xfrmsync_set_kernel_hz`). Updates `nlmsg_len`. Returns the new length,
+ 0 when no rule matches (the message is unchanged), -ENOSPC when
+ `capacity` has no room for the 16 bytes, -EINVAL for a message that is
+ not such an SA or already carries thresholds.
+ */
+int xfrmsync_newsa_add_thresholds(struct xfrmsync_handle *handle, void *msg, size_t capacity);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -33,6 +33,8 @@ pub enum Error {
     /// probe) could not be undone: `state` says what the SA is left with,
     /// `cause` why the undo failed.
     RestoreFailed { state: String, cause: Box<Error> },
+    /// A caller's buffer has no room for what was to be written into it.
+    NoRoom { need: usize, have: usize },
 }
 
 /// The crate's result type.
@@ -53,6 +55,7 @@ impl Error {
             Error::Busy(_) => libc::EBUSY,
             Error::TimedOut(_) => libc::ETIMEDOUT,
             Error::RestoreFailed { .. } => libc::ENOTRECOVERABLE,
+            Error::NoRoom { .. } => libc::ENOSPC,
         }
     }
 
@@ -108,6 +111,7 @@ impl fmt::Display for Error {
             Error::Busy(why) => write!(f, "busy: {why}"),
             Error::TimedOut(operation) => write!(f, "{operation}: no answer from the kernel in time"),
             Error::RestoreFailed { state, cause } => write!(f, "{state}; restoring it failed: {cause}"),
+            Error::NoRoom { need, have } => write!(f, "the buffer holds {have} bytes; {need} are needed"),
         }
     }
 }

@@ -13,6 +13,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use crate::aevent::{AeUpdate, Aevent, EsnReplay, LegacyReplay, Lifetime, Replay, MAX_BITMAP_WORDS};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
+use crate::registry::{Direction, Prefix, Registry, Rule, SaMatch, Thresholds};
 use crate::sa::{Mark, SaId};
 use crate::timer;
 
@@ -191,8 +192,14 @@ fn required<'a, T>(ptr: *const T, what: &'static str) -> Result<&'a T> {
     unsafe { ptr.as_ref() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
 }
 
+/// Behind every `xfrmsync_handle` is a registry: a handle that also gives
+/// SAs their thresholds once rules exist, and costs nothing before.
+fn registry<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Registry> {
+    required(ptr.cast::<Registry>(), "handle")
+}
+
 fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
-    required(ptr.cast::<Handle>(), "handle")
+    registry(ptr).map(Registry::handle)
 }
 
 fn handle_and_sa<'a>(handle: *const xfrmsync_handle, sa: *const xfrmsync_sa_id) -> Result<(&'a Handle, SaId)> {
@@ -400,7 +407,7 @@ fn publish(built: Result<Handle>, out: *mut *mut xfrmsync_handle) -> Result<c_in
     if out.is_null() {
         return Err(Error::invalid("output pointer is NULL"));
     }
-    let raw = Box::into_raw(Box::new(built?)).cast::<xfrmsync_handle>();
+    let raw = Box::into_raw(Box::new(Registry::new(built?))).cast::<xfrmsync_handle>();
     write_out(out, raw)?;
     Ok(0)
 }
@@ -452,7 +459,7 @@ pub extern "C" fn xfrmsync_handle_free(handle: *mut xfrmsync_handle) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: a non-NULL handle came from Box::into_raw in `publish`, and
         // the caller gives up its pointer here.
-        drop(unsafe { Box::from_raw(handle.cast::<Handle>()) });
+        drop(unsafe { Box::from_raw(handle.cast::<Registry>()) });
     }));
 }
 
@@ -638,6 +645,10 @@ pub extern "C" fn xfrmsync_on_sa_event(
     })
 }
 
+/// Dispatch also gives SAs that appeared the thresholds of their rules (see
+/// `xfrmsync_rule_add`), and after lost notifications lists every SA again
+/// before it returns -ENOBUFS.
+///
 /// Reads pending events without blocking and runs their callbacks on this
 /// thread: at most the dispatch limit of datagrams per call (see
 /// `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
@@ -648,7 +659,7 @@ pub extern "C" fn xfrmsync_on_sa_event(
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {
-        let count = self::handle(handle)?.dispatch()?;
+        let count = registry(handle)?.dispatch()?;
         Ok(c_int::try_from(count).unwrap_or(c_int::MAX))
     })
 }
@@ -704,6 +715,249 @@ pub extern "C" fn xfrmsync_aevent_format(event: *const xfrmsync_aevent, json: bo
         Ok(c_int::try_from(out.needed).unwrap_or(c_int::MAX))
     })
 }
+
+/// `xfrmsync_rule.match`: `reqid` is a criterion.
+pub const XFRMSYNC_MATCH_REQID: u32 = 1;
+/// `xfrmsync_rule.match`: `src`/`src_len` (of `family`) is a criterion.
+pub const XFRMSYNC_MATCH_SRC: u32 = 2;
+/// `xfrmsync_rule.match`: `dst`/`dst_len` (of `family`) is a criterion.
+pub const XFRMSYNC_MATCH_DST: u32 = 4;
+/// `xfrmsync_rule.match`: `spi` is a criterion.
+pub const XFRMSYNC_MATCH_SPI: u32 = 8;
+/// `xfrmsync_rule.match`: `proto` is a criterion.
+pub const XFRMSYNC_MATCH_PROTO: u32 = 16;
+/// `xfrmsync_rule.match`: `family` is a criterion.
+pub const XFRMSYNC_MATCH_FAMILY: u32 = 32;
+/// `xfrmsync_rule.match`: `mark_value`/`mark_mask` is a criterion.
+pub const XFRMSYNC_MATCH_MARK: u32 = 64;
+/// `xfrmsync_rule.match`: `if_id` is a criterion.
+pub const XFRMSYNC_MATCH_IF_ID: u32 = 128;
+/// `xfrmsync_rule.match`: `direction` is a criterion.
+pub const XFRMSYNC_MATCH_DIRECTION: u32 = 256;
+/// `xfrmsync_rule.direction`: inbound (the destination is local, or the SA
+/// was installed with direction "in").
+pub const XFRMSYNC_DIR_IN: u8 = 1;
+/// `xfrmsync_rule.direction`: outbound (the source is local, or the SA was
+/// installed with direction "out").
+pub const XFRMSYNC_DIR_OUT: u8 = 2;
+
+/// A threshold rule: the criteria named by `match` bits, all of which an SA
+/// must meet, and the thresholds it then gets. The most specific rule wins
+/// (README: SPI, reqid, longer destination prefix, longer source prefix,
+/// mark, if_id, direction, protocol, family; then the one added first).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_rule {
+    /// Unique name, NUL-terminated; a rule of the same name is replaced.
+    pub name: *const c_char,
+    /// `XFRMSYNC_MATCH_*` bits.
+    pub r#match: u32,
+    pub reqid: u32,
+    /// `AF_INET` or `AF_INET6`: of the prefixes, and the family criterion.
+    pub family: u16,
+    /// Prefixes in network byte order (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    pub src_len: u8,
+    pub dst: [u8; 16],
+    pub dst_len: u8,
+    /// Host byte order, as `ip xfrm state` prints it.
+    pub spi: u32,
+    pub proto: u8,
+    /// An SA matches when its mark under `mark_mask` equals `mark_value`.
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    pub if_id: u32,
+    /// `XFRMSYNC_DIR_IN` or `XFRMSYNC_DIR_OUT`.
+    pub direction: u8,
+    /// Packets.
+    pub replay_threshold: u32,
+    /// Milliseconds.
+    pub timer_threshold_ms: u32,
+}
+
+impl xfrmsync_rule {
+    fn to_rust(self) -> Result<Rule> {
+        let known = XFRMSYNC_MATCH_REQID
+            | XFRMSYNC_MATCH_SRC
+            | XFRMSYNC_MATCH_DST
+            | XFRMSYNC_MATCH_SPI
+            | XFRMSYNC_MATCH_PROTO
+            | XFRMSYNC_MATCH_FAMILY
+            | XFRMSYNC_MATCH_MARK
+            | XFRMSYNC_MATCH_IF_ID
+            | XFRMSYNC_MATCH_DIRECTION;
+        if self.r#match & !known != 0 {
+            return Err(Error::invalid(format!("unknown bits 0x{:x} in rule.match", self.r#match & !known)));
+        }
+        if self.name.is_null() {
+            return Err(Error::invalid("rule name is NULL"));
+        }
+        // SAFETY: non-NULL, and by contract a NUL-terminated string.
+        let name = unsafe { CStr::from_ptr(self.name) }
+            .to_str()
+            .map_err(|_| Error::invalid("rule name is not UTF-8"))?
+            .to_owned();
+        let has = |bit| self.r#match & bit != 0;
+        let prefix = |raw: &[u8; 16], len: u8| -> Result<Prefix> { Prefix::new(ip_from_c(self.family, raw)?, len) };
+        let direction = match self.direction {
+            XFRMSYNC_DIR_IN => Direction::In,
+            XFRMSYNC_DIR_OUT => Direction::Out,
+            other if has(XFRMSYNC_MATCH_DIRECTION) => {
+                return Err(Error::invalid(format!("rule direction {other} is neither in (1) nor out (2)")))
+            }
+            _ => Direction::In,
+        };
+        Ok(Rule {
+            name,
+            matches: SaMatch {
+                reqid: has(XFRMSYNC_MATCH_REQID).then_some(self.reqid),
+                src: if has(XFRMSYNC_MATCH_SRC) { Some(prefix(&self.src, self.src_len)?) } else { None },
+                dst: if has(XFRMSYNC_MATCH_DST) { Some(prefix(&self.dst, self.dst_len)?) } else { None },
+                spi: has(XFRMSYNC_MATCH_SPI).then_some(self.spi),
+                proto: has(XFRMSYNC_MATCH_PROTO).then_some(self.proto),
+                family: has(XFRMSYNC_MATCH_FAMILY).then_some(self.family),
+                mark: has(XFRMSYNC_MATCH_MARK).then_some(Mark {
+                    value: self.mark_value,
+                    mask: self.mark_mask,
+                }),
+                if_id: has(XFRMSYNC_MATCH_IF_ID).then_some(self.if_id),
+                direction: has(XFRMSYNC_MATCH_DIRECTION).then_some(direction),
+            },
+            thresholds: Thresholds {
+                replay_packets: self.replay_threshold,
+                timer_ms: self.timer_threshold_ms,
+            },
+        })
+    }
+}
+
+/// Adds a rule, or replaces the rule of the same name, and applies the rules
+/// to every SA of the namespace at once (a GETSA dump, batched NEWAE). From
+/// then on `xfrmsync_dispatch` gives each SA that appears its thresholds.
+/// Results reach the `xfrmsync_on_applied` callback.
+#[no_mangle]
+pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const xfrmsync_rule) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        registry.add_rule(required(rule, "rule")?.to_rust()?).map(|_| 0)
+    })
+}
+
+/// Removes the rule named `name` and applies the remaining rules; returns 1
+/// if it existed, 0 if not. SAs no rule matches keep their thresholds.
+#[no_mangle]
+pub extern "C" fn xfrmsync_rule_remove(handle: *mut xfrmsync_handle, name: *const c_char) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        if name.is_null() {
+            return Err(Error::invalid("rule name is NULL"));
+        }
+        // SAFETY: non-NULL, and by contract a NUL-terminated string.
+        let name = unsafe { CStr::from_ptr(name) }.to_str().map_err(|_| Error::invalid("rule name is not UTF-8"))?;
+        registry.remove_rule(name).map(c_int::from)
+    })
+}
+
+/// Gives exactly this SA these thresholds, before every rule, now if it
+/// exists and whenever it appears. `xfrmsync_unregister_sa` undoes it.
+#[no_mangle]
+pub extern "C" fn xfrmsync_register_sa(
+    handle: *mut xfrmsync_handle,
+    sa: *const xfrmsync_sa_id,
+    replay_packets: u32,
+    timer_ms: u32,
+) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        let sa = required(sa, "sa")?.to_rust()?;
+        let thresholds = Thresholds { replay_packets, timer_ms };
+        registry.register_sa(sa, Some(thresholds)).map(|_| 0)
+    })
+}
+
+/// Removes the registration of one SA.
+#[no_mangle]
+pub extern "C" fn xfrmsync_unregister_sa(handle: *mut xfrmsync_handle, sa: *const xfrmsync_sa_id) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        registry.register_sa(required(sa, "sa")?.to_rust()?, None).map(|_| 0)
+    })
+}
+
+/// Learns of each application of thresholds: the SA, what it was given, and
+/// 0 or the negative errno the kernel answered.
+pub type xfrmsync_applied_cb = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        sa: *const xfrmsync_sa_id,
+        replay_threshold: u32,
+        timer_threshold_ms: u32,
+        result: c_int,
+    ),
+>;
+
+/// Sets the callback for applications of thresholds; NULL removes it. It
+/// runs inside xfrmsync_rule_add, xfrmsync_register_sa and xfrmsync_dispatch,
+/// on their thread, and must return normally.
+#[no_mangle]
+pub extern "C" fn xfrmsync_on_applied(handle: *mut xfrmsync_handle, callback: xfrmsync_applied_cb, user_data: *mut c_void) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        let callback = callback.map(|function| {
+            let user = UserData(user_data);
+            Box::new(move |_: &Handle, applied: &crate::registry::Applied<'_>| {
+                let sa = xfrmsync_sa_id::from_rust(applied.sa);
+                let result = applied.result.as_ref().map_or_else(|e| -e.errno(), |_| 0);
+                let t = applied.thresholds;
+                // SAFETY: the caller registered a function taking these
+                // arguments; `sa` lives until it returns.
+                unsafe { function(user.ptr(), &sa, t.replay_packets, t.timer_ms, result) }
+            }) as crate::registry::AppliedCallback
+        });
+        registry.on_applied(callback).map(|_| 0)
+    })
+}
+
+/// Appends `XFRMA_REPLAY_THRESH` and `XFRMA_ETIMER_THRESH` to an
+/// `XFRM_MSG_NEWSA` or `XFRM_MSG_UPDSA` the caller is building in `msg`
+/// (`capacity` bytes, the message's `nlmsg_len` filled in), with the
+/// thresholds the SA's registration or rules give it, in the kernel's units
+/// (the timer in jiffies: the kernel's HZ must be known, see
+/// `xfrmsync_set_kernel_hz`). Updates `nlmsg_len`. Returns the new length,
+/// 0 when no rule matches (the message is unchanged), -ENOSPC when
+/// `capacity` has no room for the 16 bytes, -EINVAL for a message that is
+/// not such an SA or already carries thresholds.
+#[no_mangle]
+pub extern "C" fn xfrmsync_newsa_add_thresholds(handle: *mut xfrmsync_handle, msg: *mut c_void, capacity: usize) -> c_int {
+    boundary(|| {
+        let registry = registry(handle)?;
+        if msg.is_null() {
+            return Err(Error::invalid("message is NULL"));
+        }
+        // SAFETY: non-NULL, and by contract `capacity` bytes the caller lets
+        // us read and write for the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(msg.cast::<u8>(), capacity) };
+        let info = crate::wire::decode_sa_request(buf)?;
+        let facts = registry.facts(&info)?;
+        let Some(thresholds) = registry.thresholds_for(&facts) else { return Ok(0) };
+        let jiffies = timer::ms_to_jiffies(thresholds.timer_ms, registry.handle().kernel_hz()?)?;
+        let len = crate::wire::append_thresholds(buf, thresholds.replay_packets, jiffies)?;
+        c_int::try_from(len).map_err(|_| Error::invalid("message longer than INT_MAX"))
+    })
+}
+
+/// A C user pointer, handed back to the caller's callback only.
+struct UserData(*mut c_void);
+
+impl UserData {
+    fn ptr(&self) -> *mut c_void {
+        self.0
+    }
+}
+
+// SAFETY: the header makes the caller responsible for `user_data` being
+// usable from whichever thread runs the callback; we only pass it back.
+unsafe impl Send for UserData {}
 
 // The C constant is a literal so cbindgen can print it; keep it the Rust one.
 const _: () = assert!(XFRMSYNC_MAX_BITMAP_WORDS == MAX_BITMAP_WORDS);

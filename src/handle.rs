@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::events::Router;
 use crate::sa::SaId;
 use crate::timer;
-use crate::wire::{self, Messages, NewAe, Sender};
+use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
 /// and gets the handle, so it may query and configure SAs through it.
@@ -27,7 +27,13 @@ pub type Callback = crate::events::Callback<Handle>;
 /// Netlink multicast datagrams of this group are single small messages;
 /// 32 KiB leaves room for anything a kernel sends on it.
 const EVENT_BUFFER: usize = 32 * 1024;
-const REQUEST_BUFFER: usize = 16 * 1024;
+/// The kernel sizes dump datagrams by the largest receive buffer it has
+/// seen, up to 32 KiB less overhead: this always holds one.
+const REQUEST_BUFFER: usize = 32 * 1024;
+/// `NEWAE` requests sent in one datagram by [`Handle::set_thresholds_many`];
+/// their acks, about 1 KiB each in the socket's accounting, must fit the
+/// request socket's receive buffer.
+const BATCH: usize = 64;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Datagrams one `dispatch` reads at most. The kernel sends one event per
 /// datagram, and decoding plus routing one takes a few microseconds, so a
@@ -98,7 +104,7 @@ impl HandleBuilder {
 
     pub fn open(self) -> Result<Handle> {
         self.check()?;
-        let (requests, events) = match &self.netns {
+        let sockets = match &self.netns {
             Netns::Current => open_sockets()?,
             Netns::Path(path) => {
                 let ns = File::open(path).map_err(|e| Error::from_io("open netns", &e))?;
@@ -108,10 +114,11 @@ impl HandleBuilder {
             Netns::Fd(Err(e)) => return Err(Error::from_io("duplicate netns fd", e)),
         };
         let mut address = SocketAddr::new(0, 0);
-        requests
+        sockets
+            .requests
             .get_address(&mut address)
             .map_err(|e| Error::from_io("read request socket address", &e))?;
-        self.assemble(requests, events, address.port_number())
+        self.assemble(sockets, address.port_number())
     }
 
     /// Builds a handle on sockets the caller made, for tests that put a fake
@@ -121,13 +128,14 @@ impl HandleBuilder {
     pub fn open_with_sockets(self, requests: OwnedFd, events: OwnedFd, port_id: u32) -> Result<Handle> {
         self.check()?;
         // SAFETY: the OwnedFds are ours; Socket takes over closing them.
-        let (requests, events) = unsafe {
-            (
-                Socket::from_raw_fd(requests.into_raw_fd()),
-                Socket::from_raw_fd(events.into_raw_fd()),
-            )
+        let sockets = unsafe {
+            Sockets {
+                requests: Socket::from_raw_fd(requests.into_raw_fd()),
+                events: Socket::from_raw_fd(events.into_raw_fd()),
+                route: None,
+            }
         };
-        self.assemble(requests, events, port_id)
+        self.assemble(sockets, port_id)
     }
 
     fn check(&self) -> Result<()> {
@@ -140,7 +148,8 @@ impl HandleBuilder {
         Ok(())
     }
 
-    fn assemble(self, requests: Socket, events: Socket, port_id: u32) -> Result<Handle> {
+    fn assemble(self, sockets: Sockets, port_id: u32) -> Result<Handle> {
+        let Sockets { requests, events, route } = sockets;
         // Both options are best effort: without them errors still arrive,
         // just with the request echoed and no explanatory text.
         let _ = requests.set_ext_ack(true);
@@ -162,6 +171,7 @@ impl HandleBuilder {
                 len: 0,
                 pos: 0,
             }),
+            route: route.map(RefCell::new),
             router: RefCell::new(Router::default()),
             dispatching: Cell::new(false),
             deadline: Cell::new(None),
@@ -178,13 +188,26 @@ impl HandleBuilder {
     }
 }
 
-fn open_sockets() -> Result<(Socket, Socket)> {
-    let open = || -> Result<Socket> {
-        let mut s = Socket::new(NETLINK_XFRM).map_err(|e| Error::from_io("open NETLINK_XFRM socket", &e))?;
+/// The sockets of a handle, all made in its namespace.
+struct Sockets {
+    requests: Socket,
+    events: Socket,
+    /// `NETLINK_ROUTE`, for the namespace's own addresses (which SAs are
+    /// outbound); `None` on a fake transport.
+    route: Option<Socket>,
+}
+
+fn open_sockets() -> Result<Sockets> {
+    let open = |protocol, what| -> Result<Socket> {
+        let mut s = Socket::new(protocol).map_err(|e| Error::from_io(what, &e))?;
         s.bind_auto().map_err(|e| Error::from_io("bind netlink socket", &e))?;
         Ok(s)
     };
-    Ok((open()?, open()?))
+    Ok(Sockets {
+        requests: open(NETLINK_XFRM, "open NETLINK_XFRM socket")?,
+        events: open(NETLINK_XFRM, "open NETLINK_XFRM socket")?,
+        route: Some(open(netlink_sys::protocols::NETLINK_ROUTE, "open NETLINK_ROUTE socket")?),
+    })
 }
 
 /// Opens the sockets on a short-lived thread that enters `ns`: sockets keep
@@ -192,7 +215,7 @@ fn open_sockets() -> Result<(Socket, Socket)> {
 /// The caller's thread never moves, so there is nothing to move back, which
 /// could fail (a process that is root only in its own user namespace may
 /// enter a namespace it cannot leave).
-fn open_sockets_in(ns: std::os::fd::BorrowedFd<'_>) -> Result<(Socket, Socket)> {
+fn open_sockets_in(ns: std::os::fd::BorrowedFd<'_>) -> Result<Sockets> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -241,66 +264,120 @@ impl Requests {
     /// `seq`. Answers to earlier requests that timed out are skipped, as is
     /// anything not from the kernel; neither extends the wait.
     fn transact(&mut self, operation: &'static str, seq: u32, expect: Expect, deadline: Instant) -> Result<Option<Aevent>> {
-        self.socket
-            .send(&self.out, 0)
-            .map_err(|e| Error::from_io(operation, &e))?;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::TimedOut(operation));
+        send(&self.socket, &self.out, operation)?;
+        receive(&self.socket, &mut self.buf, operation, deadline, None, |msg| {
+            if msg.seq != seq {
+                return None;
             }
-            let mut ready = libc::pollfd {
-                fd: self.socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, alive for the call.
-            if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::from_io(operation, &err));
+            match (msg.kind, &expect) {
+                (wire::NLMSG_ERROR, _) => match kernel_answer(operation, msg) {
+                    Err(e) => Some(Err(e)),
+                    Ok(()) => matches!(expect, Expect::Ack).then_some(Ok(None)),
+                },
+                (wire::XFRM_MSG_NEWAE, Expect::Aevent) => Some(wire::decode_aevent(msg).map(Some)),
+                _ => None,
             }
-            let mut window = &mut self.buf[..];
-            let (size, from) = match self.socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
-                Ok(r) => r,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {
-                    continue
-                }
-                Err(e) => return Err(Error::from_io(operation, &e)),
-            };
-            if from.port_number() != 0 {
+        })
+    }
+
+    /// Sends the dump request in `self.out` and hands each answer of `kind`
+    /// to `each`, until the kernel's `NLMSG_DONE`.
+    fn dump(
+        &mut self,
+        socket: Option<&Socket>,
+        operation: &'static str,
+        seq: u32,
+        kind: u16,
+        timeout: Duration,
+        mut each: impl FnMut(&NlMsg<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let socket = socket.unwrap_or(&self.socket);
+        send(socket, &self.out, operation)?;
+        let deadline = Instant::now() + timeout;
+        receive(socket, &mut self.buf, operation, deadline, Some(timeout), |msg| {
+            if msg.seq != seq {
+                return None;
+            }
+            match msg.kind {
+                wire::NLMSG_DONE => Some(Ok(())),
+                wire::NLMSG_ERROR => Some(kernel_answer(operation, msg)),
+                k if k == kind => each(msg).err().map(Err),
+                _ => None,
+            }
+        })
+    }
+}
+
+fn send(socket: &Socket, datagram: &[u8], operation: &'static str) -> Result<()> {
+    socket.send(datagram, 0).map_err(|e| Error::from_io(operation, &e))?;
+    Ok(())
+}
+
+/// What an `NLMSG_ERROR` says, as a result.
+fn kernel_answer(operation: &'static str, msg: &NlMsg<'_>) -> Result<()> {
+    let ack = wire::decode_ack(msg)?;
+    if ack.errno == 0 {
+        return Ok(());
+    }
+    Err(Error::Kernel {
+        operation,
+        errno: ack.errno,
+        ext_ack: ack.ext_ack.map(str::to_owned),
+    })
+}
+
+/// Waits until `deadline` for datagrams from the kernel on `socket`, and
+/// shows `take` each of their messages in order until it returns an answer.
+/// Signals and datagrams from elsewhere do not extend the wait.
+fn receive<T>(
+    socket: &Socket,
+    buf: &mut [u8],
+    operation: &'static str,
+    mut deadline: Instant,
+    progress: Option<Duration>,
+    mut take: impl FnMut(&NlMsg<'_>) -> Option<Result<T>>,
+) -> Result<T> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::TimedOut(operation));
+        }
+        let mut ready = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, alive for the call.
+        if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            if size > self.buf.len() {
-                return Err(Error::Truncated {
-                    size,
-                    buffer: self.buf.len(),
-                });
-            }
-            for msg in Messages::new(&self.buf[..size]) {
-                let msg = msg?;
-                if msg.seq != seq {
-                    continue;
-                }
-                match (msg.kind, &expect) {
-                    (wire::NLMSG_ERROR, _) => {
-                        let ack = wire::decode_ack(&msg)?;
-                        if ack.errno != 0 {
-                            return Err(Error::Kernel {
-                                operation,
-                                errno: ack.errno,
-                                ext_ack: ack.ext_ack.map(str::to_owned),
-                            });
-                        }
-                        if let Expect::Ack = expect {
-                            return Ok(None);
-                        }
-                    }
-                    (wire::XFRM_MSG_NEWAE, Expect::Aevent) => return wire::decode_aevent(&msg).map(Some),
-                    _ => {}
-                }
+            return Err(Error::from_io(operation, &err));
+        }
+        let mut window = &mut buf[..];
+        let (size, from) = match socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => continue,
+            Err(e) => return Err(Error::from_io(operation, &e)),
+        };
+        if from.port_number() != 0 {
+            continue;
+        }
+        if size > buf.len() {
+            return Err(Error::Truncated {
+                size,
+                buffer: buf.len(),
+            });
+        }
+        // A long dump may take longer than one timeout in all: each part
+        // from the kernel gives it another.
+        if let Some(more) = progress {
+            deadline = Instant::now() + more;
+        }
+        for msg in Messages::new(&buf[..size]) {
+            if let Some(answer) = take(&msg?) {
+                return answer;
             }
         }
     }
@@ -313,9 +390,35 @@ struct EventReader {
     pos: usize,
 }
 
+/// What the event socket carries: aevents, and SA notifications when the
+/// handle watches SAs.
+enum Item {
+    Aevent(Aevent),
+    Sa(SaNotice),
+}
+
+/// An SA came, changed or went (`XFRMNLGRP_SA`, `XFRMNLGRP_EXPIRE`).
+#[derive(Debug, Clone)]
+pub struct SaNotice {
+    pub change: SaChange,
+    pub info: SaInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaChange {
+    /// `XFRM_MSG_NEWSA`: installed.
+    New,
+    /// `XFRM_MSG_UPDSA`: replaced in place (e.g. a larval SA completed).
+    Updated,
+    /// `XFRM_MSG_DELSA`: deleted.
+    Deleted,
+    /// `XFRM_MSG_EXPIRE`: a lifetime ran out; a hard expiry removes the SA.
+    Expired { hard: bool },
+}
+
 impl EventReader {
-    /// The next `NEWAE` left in the datagram already read, if any.
-    fn next_buffered(&mut self) -> Result<Option<Aevent>> {
+    /// The next event left in the datagram already read, if any.
+    fn next_buffered(&mut self) -> Result<Option<Item>> {
         while self.pos < self.len {
             let parsed = wire::parse_message(&self.buf[self.pos..self.len]);
             // Advance before decoding, so a bad message is reported once
@@ -325,11 +428,23 @@ impl EventReader {
                 Err(_) => self.len,
             };
             let (msg, _) = parsed?;
-            match msg.kind {
-                wire::XFRM_MSG_NEWAE => return wire::decode_aevent(&msg).map(Some),
+            let change = match msg.kind {
+                wire::XFRM_MSG_NEWAE => return wire::decode_aevent(&msg).map(|e| Some(Item::Aevent(e))),
                 wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
-                _ => {}
-            }
+                wire::XFRM_MSG_NEWSA => SaChange::New,
+                wire::XFRM_MSG_UPDSA => SaChange::Updated,
+                wire::XFRM_MSG_DELSA => SaChange::Deleted,
+                wire::XFRM_MSG_EXPIRE => SaChange::Expired { hard: false },
+                _ => continue,
+            };
+            let info = wire::decode_sa_message(&msg)?;
+            let change = match change {
+                SaChange::Expired { .. } => SaChange::Expired {
+                    hard: info.hard_expire.unwrap_or(false),
+                },
+                other => other,
+            };
+            return Ok(Some(Item::Sa(SaNotice { change, info })));
         }
         Ok(None)
     }
@@ -366,11 +481,13 @@ impl EventReader {
     }
 
     /// The next `NEWAE`, reading datagrams until one has it or the socket
-    /// is drained. Never blocks.
+    /// is drained. Never blocks. SA notifications are passed over.
     fn next(&mut self) -> Result<Option<Aevent>> {
         loop {
-            if let Some(event) = self.next_buffered()? {
-                return Ok(Some(event));
+            match self.next_buffered()? {
+                Some(Item::Aevent(event)) => return Ok(Some(event)),
+                Some(Item::Sa(_)) => continue,
+                None => {}
             }
             if !self.read_datagram()? {
                 return Ok(None);
@@ -401,6 +518,7 @@ impl<T: Copy> Drop for Restore<'_, T> {
 pub struct Handle {
     requests: RefCell<Requests>,
     events: RefCell<EventReader>,
+    route: Option<RefCell<Socket>>,
     router: RefCell<Router<Handle>>,
     dispatching: Cell<bool>,
     /// When the public call in progress must end; `None` between calls.
@@ -607,6 +725,14 @@ impl Handle {
         }
     }
 
+    /// The kernel's HZ, learned without touching any SA; an error when it
+    /// cannot be (declare it with [`timer::set_kernel_hz`]).
+    pub fn kernel_hz(&self) -> Result<u32> {
+        timer::kernel_hz().ok_or_else(|| {
+            Error::invalid("the kernel's HZ is unknown: declare it (xfrmsync_set_kernel_hz) or set a timer on an SA first")
+        })
+    }
+
     fn hz_for(&self, sa: &SaId) -> Result<u32> {
         match timer::kernel_hz() {
             Some(hz) => Ok(hz),
@@ -730,6 +856,12 @@ impl Handle {
     /// left keeps the fd readable for the next poll. On an error (notably
     /// [`Error::EventsLost`]) the events behind it stay pending: call again.
     pub fn dispatch(&self) -> Result<usize> {
+        self.dispatch_with(&mut |_, _| {})
+    }
+
+    /// Like [`Handle::dispatch`], also handing SA notifications (see
+    /// [`Handle::watch_sas`]) to `on_sa`; they count among the events.
+    pub fn dispatch_with(&self, on_sa: &mut dyn FnMut(&Handle, &SaNotice)) -> Result<usize> {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
@@ -745,10 +877,10 @@ impl Handle {
         let mut count = 0;
         loop {
             // The reader is released before a callback runs.
-            let event = {
+            let item = {
                 let mut reader = self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?;
                 match reader.next_buffered()? {
-                    Some(event) => event,
+                    Some(item) => item,
                     // A datagram is always finished, so no event waits in
                     // our buffer where poll cannot see it.
                     None if datagrams_left == 0 => break,
@@ -761,10 +893,120 @@ impl Handle {
                     }
                 }
             };
-            router.route(self, &event);
+            match &item {
+                Item::Aevent(event) => {
+                    router.route(self, event);
+                }
+                Item::Sa(notice) => on_sa(self, notice),
+            }
             count += 1;
         }
         Ok(count)
+    }
+
+    /// Join or leave the groups that announce SAs as they come and go
+    /// (`XFRMNLGRP_SA`, `XFRMNLGRP_EXPIRE`); [`Handle::dispatch_with`] hands
+    /// their notifications over, [`Handle::dispatch`] passes them by.
+    pub fn watch_sas(&self, join: bool) -> Result<()> {
+        let events = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
+        for group in [wire::XFRMNLGRP_SA, wire::XFRMNLGRP_EXPIRE] {
+            let result = if join {
+                events.socket.add_membership(group)
+            } else {
+                events.socket.drop_membership(group)
+            };
+            result.map_err(|e| Error::from_io("join XFRMNLGRP_SA/EXPIRE", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Every SA of the namespace, from one `GETSA` dump. The timeout applies
+    /// to each part of the dump, so a long one is not cut short.
+    pub fn dump_sas(&self, mut each: impl FnMut(&SaInfo)) -> Result<()> {
+        let mut req = self.requests()?;
+        let from = req.next_sender();
+        wire::encode_getsa_dump(&mut req.out, from);
+        req.dump(None, "XFRM_MSG_GETSA dump", from.seq, wire::XFRM_MSG_NEWSA, self.request_timeout, |msg| {
+            each(&wire::decode_sa_message(msg)?);
+            Ok(())
+        })
+    }
+
+    /// The namespace's own addresses (`RTM_GETADDR` dump): an SA whose
+    /// source is one of them is outbound, one whose destination is, inbound.
+    pub fn local_addresses(&self) -> Result<Vec<std::net::IpAddr>> {
+        let Some(route) = &self.route else { return Ok(Vec::new()) };
+        let route = route.try_borrow().map_err(|_| Error::Busy("route socket in use"))?;
+        let mut req = self.requests()?;
+        let from = req.next_sender();
+        wire::encode_getaddr_dump(&mut req.out, from);
+        let mut addresses = Vec::new();
+        req.dump(Some(&route), "RTM_GETADDR dump", from.seq, wire::RTM_NEWADDR, self.request_timeout, |msg| {
+            addresses.extend(wire::decode_newaddr(msg)?);
+            Ok(())
+        })?;
+        Ok(addresses)
+    }
+
+    /// Sets the thresholds of many SAs: `(sa, replay packets, timer ms)`.
+    /// Requests go out [`BATCH`] to a datagram, each acknowledged; `each`
+    /// learns every SA's result by its index in `items`. The timeout applies
+    /// to each datagram's acknowledgements.
+    pub fn set_thresholds_many(&self, items: &[(SaId, u32, u32)], mut each: impl FnMut(usize, Result<()>)) -> Result<()> {
+        let Some((first, _, _)) = items.first() else { return Ok(()) };
+        let hz = self.hz_for(first)?;
+        let mut seqs = Vec::with_capacity(BATCH);
+        let mut answered = Vec::with_capacity(BATCH);
+        for (chunk_at, chunk) in items.chunks(BATCH).enumerate() {
+            let base = chunk_at * BATCH;
+            let mut req = self.requests()?;
+            req.out.clear();
+            seqs.clear();
+            for (i, (sa, replay, ms)) in chunk.iter().enumerate() {
+                match timer::ms_to_jiffies(*ms, hz) {
+                    Ok(jiffies) => {
+                        let from = req.next_sender();
+                        let set = NewAe {
+                            replay_threshold: Some(*replay),
+                            etimer_jiffies: Some(jiffies),
+                            ..NewAe::default()
+                        };
+                        wire::append_newae(&mut req.out, from, sa, &set);
+                        seqs.push((from.seq, base + i));
+                    }
+                    Err(e) => each(base + i, Err(e)),
+                }
+            }
+            if seqs.is_empty() {
+                continue;
+            }
+            answered.clear();
+            answered.resize(seqs.len(), false);
+            let operation = "XFRM_MSG_NEWAE";
+            let req = &mut *req;
+            let sent = send(&req.socket, &req.out, operation).and_then(|()| {
+                let deadline = Instant::now() + self.request_timeout;
+                let mut left = seqs.len();
+                receive(&req.socket, &mut req.buf, operation, deadline, None, |msg| {
+                    let slot = seqs.iter().position(|(seq, _)| *seq == msg.seq)?;
+                    if msg.kind != wire::NLMSG_ERROR || answered[slot] {
+                        return None;
+                    }
+                    answered[slot] = true;
+                    each(seqs[slot].1, kernel_answer(operation, msg));
+                    left -= 1;
+                    (left == 0).then_some(Ok(()))
+                })
+            });
+            if let Err(e) = sent {
+                for (slot, (_, index)) in seqs.iter().enumerate() {
+                    if !answered[slot] {
+                        each(*index, Err(e.clone()));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

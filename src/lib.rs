@@ -3,7 +3,8 @@
 //!
 //! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
 //! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
-//! (routing) ← [`handle`] (sockets, requests, dispatch) ← `ffi` (the C ABI).
+//! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`registry`]
+//! (thresholds for SAs as they appear) ← `ffi` (the C ABI).
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -29,6 +30,8 @@ mod ffi;
 /// cbindgen:ignore
 pub mod handle;
 /// cbindgen:ignore
+pub mod registry;
+/// cbindgen:ignore
 pub mod sa;
 /// cbindgen:ignore
 pub mod timer;
@@ -37,5 +40,6 @@ pub mod wire;
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
-pub use handle::{Callback, Events, Handle, HandleBuilder};
+pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice};
+pub use registry::{Registry, Rule, SaMatch, Thresholds};
 pub use sa::{Mark, SaId};

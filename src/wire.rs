@@ -21,6 +21,7 @@ pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_MULTI: u16 = 0x2;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_REPLACE: u16 = 0x100;
+pub const NLM_F_DUMP: u16 = 0x300;
 /// In an `NLMSG_ERROR`: the echoed request was cut to its header.
 const NLM_F_CAPPED: u16 = 0x100;
 /// In an `NLMSG_ERROR`: extended-ack attributes follow.
@@ -32,11 +33,26 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 // XFRM (linux/xfrm.h).
 pub const XFRM_MSG_NEWSA: u16 = 0x10;
 pub const XFRM_MSG_DELSA: u16 = 0x11;
+pub const XFRM_MSG_GETSA: u16 = 0x12;
 pub const XFRM_MSG_EXPIRE: u16 = 0x18;
 pub const XFRM_MSG_UPDSA: u16 = 0x1a;
 pub const XFRM_MSG_NEWAE: u16 = 0x1e;
 pub const XFRM_MSG_GETAE: u16 = 0x1f;
+pub const XFRMNLGRP_EXPIRE: u32 = 2;
+pub const XFRMNLGRP_SA: u32 = 3;
 pub const XFRMNLGRP_AEVENTS: u32 = 5;
+/// `xfrm_usersa_info.flags`: the SA uses extended sequence numbers.
+pub const XFRM_STATE_ESN: u8 = 0x80;
+/// `XFRMA_SA_DIR` values (Linux 6.10+).
+pub const XFRM_SA_DIR_IN: u8 = 1;
+pub const XFRM_SA_DIR_OUT: u8 = 2;
+
+// Route netlink, for the namespace's own addresses (linux/rtnetlink.h).
+pub const RTM_NEWADDR: u16 = 20;
+pub const RTM_GETADDR: u16 = 22;
+const IFADDRMSG_LEN: usize = 8;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
 
 const XFRMA_SA: u16 = 6;
 const XFRMA_LTIME_VAL: u16 = 9;
@@ -46,6 +62,7 @@ const XFRMA_ETIMER_THRESH: u16 = 12;
 const XFRMA_MARK: u16 = 21;
 const XFRMA_REPLAY_ESN_VAL: u16 = 23;
 const XFRMA_IF_ID: u16 = 31;
+const XFRMA_SA_DIR: u16 = 33;
 
 /// `struct xfrm_usersa_id`: daddr(16) spi(4, big endian) family(2) proto(1), padded.
 const USERSA_ID_LEN: usize = 24;
@@ -275,6 +292,7 @@ struct SaAttrs {
     etimer_100ms: Option<u32>,
     mark: Mark,
     if_id: u32,
+    direction: Option<u8>,
 }
 
 fn decode_sa_attrs(buf: &[u8]) -> Result<SaAttrs> {
@@ -294,6 +312,7 @@ fn decode_sa_attrs(buf: &[u8]) -> Result<SaAttrs> {
                 }
             }
             XFRMA_IF_ID => out.if_id = attr_u32(payload)?,
+            XFRMA_SA_DIR => out.direction = payload.first().copied(),
             _ => {} // XFRMA_PAD and everything we do not use
         }
     }
@@ -354,6 +373,17 @@ pub struct SaInfo {
     pub replay: Option<Replay>,
     /// `EXPIRE` only: a hard expiry (the SA is gone) rather than a soft one.
     pub hard_expire: Option<bool>,
+    /// `XFRMA_SA_DIR` (Linux 6.10+): `XFRM_SA_DIR_IN` or `XFRM_SA_DIR_OUT`.
+    pub direction: Option<u8>,
+}
+
+impl SaInfo {
+    /// Whether the SA was installed with extended sequence numbers. Without
+    /// the flag its sequence numbers wrap at 2^32, even where a window above
+    /// 32 makes the kernel report them in the ESN-format structure.
+    pub fn esn(&self) -> bool {
+        self.flags & XFRM_STATE_ESN != 0
+    }
 }
 
 fn decode_usersa_info(buf: &[u8], attrs: &[u8]) -> Result<SaInfo> {
@@ -380,6 +410,7 @@ fn decode_usersa_info(buf: &[u8], attrs: &[u8]) -> Result<SaInfo> {
         lifetime: Some(decode_lifetime(&buf[SA_INFO_CURLFT..])?),
         replay: extra.replay,
         hard_expire: None,
+        direction: extra.direction,
     })
 }
 
@@ -426,10 +457,50 @@ pub fn decode_sa_message(msg: &NlMsg<'_>) -> Result<SaInfo> {
                 lifetime: extra.lifetime,
                 replay: extra.replay,
                 hard_expire: None,
+                direction: extra.direction,
             })
         }
         _ => Err(Error::Malformed("not an SA message")),
     }
+}
+
+/// The SA of an `XFRM_MSG_NEWSA`/`UPDSA` a caller is building in `buf`,
+/// whose `nlmsg_len` must be filled in.
+pub fn decode_sa_request(buf: &[u8]) -> Result<SaInfo> {
+    let (msg, _) = parse_message(buf)?;
+    if !matches!(msg.kind, XFRM_MSG_NEWSA | XFRM_MSG_UPDSA) {
+        return Err(Error::invalid(format!("message type {} is neither XFRM_MSG_NEWSA nor XFRM_MSG_UPDSA", msg.kind)));
+    }
+    decode_sa_message(&msg)
+}
+
+/// Appends both thresholds to the `NEWSA`/`UPDSA` in `buf` (the timer in
+/// jiffies, the unit the kernel takes them in) and updates its length;
+/// returns the new length. Refuses a message that carries either already.
+pub fn append_thresholds(buf: &mut [u8], replay_packets: u32, etimer_jiffies: u32) -> Result<usize> {
+    let (msg, _) = parse_message(buf)?;
+    let attrs = msg.payload.get(USERSA_INFO_LEN..).unwrap_or(&[]);
+    for attr in Attrs::new(attrs) {
+        let (kind, _) = attr?;
+        if matches!(kind, XFRMA_REPLAY_THRESH | XFRMA_ETIMER_THRESH) {
+            return Err(Error::invalid("the message already carries a threshold"));
+        }
+    }
+    let start = align4(u32_at(buf, 0)? as usize);
+    let mut tail = Vec::with_capacity(16);
+    put_attr(&mut tail, XFRMA_REPLAY_THRESH, &replay_packets.to_ne_bytes());
+    put_attr(&mut tail, XFRMA_ETIMER_THRESH, &etimer_jiffies.to_ne_bytes());
+    let end = start + tail.len();
+    let room = buf.len();
+    let Some(dst) = buf.get_mut(start..end) else {
+        return Err(Error::NoRoom { need: end, have: room });
+    };
+    dst.copy_from_slice(&tail);
+    // The padding up to the aligned start is part of the message now.
+    let len = u32_at(buf, 0)? as usize;
+    buf[len..start].fill(0);
+    buf[..4].copy_from_slice(&(end as u32).to_ne_bytes());
+    Ok(end)
 }
 
 /// What an `NLMSG_ERROR` says: `errno` 0 is an acknowledgement.
@@ -487,14 +558,17 @@ pub struct Sender {
     pub port_id: u32,
 }
 
-fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, from: Sender) {
-    out.clear();
+/// Starts a message at the end of `out`; returns where it starts, for
+/// [`finish`]. Several messages may go into one datagram this way.
+fn begin(out: &mut Vec<u8>, kind: u16, flags: u16, from: Sender) -> usize {
+    let start = out.len();
     out.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish()
     out.extend_from_slice(&kind.to_ne_bytes());
     out.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
     out.extend_from_slice(&from.seq.to_ne_bytes());
     // The kernel does not fill this in: it multicasts it as it is.
     out.extend_from_slice(&from.port_id.to_ne_bytes());
+    start
 }
 
 fn put_aevent_id(out: &mut Vec<u8>, sa: &SaId, ae_flags: u32) {
@@ -528,18 +602,19 @@ fn put_identity_attrs(out: &mut Vec<u8>, sa: &SaId) {
     }
 }
 
-fn finish(out: &mut [u8]) {
-    let len = out.len() as u32;
-    out[..4].copy_from_slice(&len.to_ne_bytes());
+fn finish(out: &mut [u8], start: usize) {
+    let len = (out.len() - start) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
 /// `XFRM_MSG_GETAE` for one SA; with `thresholds` the answer carries both.
 pub fn encode_getae(out: &mut Vec<u8>, from: Sender, sa: &SaId, thresholds: bool) {
-    begin(out, XFRM_MSG_GETAE, 0, from);
+    out.clear();
+    let start = begin(out, XFRM_MSG_GETAE, 0, from);
     let ae_flags = if thresholds { flags::RTHR | flags::ETHR } else { 0 };
     put_aevent_id(out, sa, ae_flags);
     put_identity_attrs(out, sa);
-    finish(out);
+    finish(out, start);
 }
 
 /// The attributes of one user → kernel `XFRM_MSG_NEWAE`. The timer is in the
@@ -555,7 +630,14 @@ pub struct NewAe<'a> {
 /// `XFRM_MSG_NEWAE` with `NLM_F_REPLACE` (the kernel refuses it without) and
 /// `NLM_F_ACK`, so success is confirmed too.
 pub fn encode_newae(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>) {
-    begin(out, XFRM_MSG_NEWAE, NLM_F_REPLACE | NLM_F_ACK, from);
+    out.clear();
+    append_newae(out, from, sa, set);
+}
+
+/// Like [`encode_newae`], appended to what `out` holds: the kernel handles
+/// the messages of one datagram in order and acknowledges each.
+pub fn append_newae(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>) {
+    let start = begin(out, XFRM_MSG_NEWAE, NLM_F_REPLACE | NLM_F_ACK, from);
     let mut ae_flags = 0;
     if set.replay_threshold.is_some() {
         ae_flags |= flags::RTHR;
@@ -610,5 +692,47 @@ pub fn encode_newae(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>)
         put_attr(out, XFRMA_LTIME_VAL, &raw);
     }
     put_identity_attrs(out, sa);
-    finish(out);
+    finish(out, start);
+}
+
+/// `XFRM_MSG_GETSA` as a dump of every SA: answered with `NEWSA` messages
+/// (`NLM_F_MULTI`) and an `NLMSG_DONE`. The kernel parses a dump request
+/// before the message's fixed part, so none is sent.
+pub fn encode_getsa_dump(out: &mut Vec<u8>, from: Sender) {
+    out.clear();
+    let start = begin(out, XFRM_MSG_GETSA, NLM_F_DUMP, from);
+    finish(out, start);
+}
+
+/// `RTM_GETADDR` as a dump of every address of the namespace (on a
+/// `NETLINK_ROUTE` socket): `struct ifaddrmsg` with family `AF_UNSPEC`.
+pub fn encode_getaddr_dump(out: &mut Vec<u8>, from: Sender) {
+    out.clear();
+    let start = begin(out, RTM_GETADDR, NLM_F_DUMP, from);
+    out.extend_from_slice(&[0u8; IFADDRMSG_LEN]);
+    finish(out, start);
+}
+
+/// The address of an `RTM_NEWADDR`: `IFA_LOCAL` where the interface has one
+/// (point-to-point), else `IFA_ADDRESS`.
+pub fn decode_newaddr(msg: &NlMsg<'_>) -> Result<Option<IpAddr>> {
+    let family = u16::from(*msg.payload.first().ok_or(Error::Malformed("ifaddrmsg truncated"))?);
+    let attrs = msg.payload.get(IFADDRMSG_LEN..).ok_or(Error::Malformed("ifaddrmsg truncated"))?;
+    let (mut local, mut address) = (None, None);
+    for attr in Attrs::new(attrs) {
+        let (kind, payload) = attr?;
+        let parse = |raw: &[u8]| -> Option<IpAddr> {
+            match i32::from(family) {
+                libc::AF_INET => <[u8; 4]>::try_from(raw).ok().map(|a| IpAddr::V4(a.into())),
+                libc::AF_INET6 => <[u8; 16]>::try_from(raw).ok().map(|a| IpAddr::V6(a.into())),
+                _ => None,
+            }
+        };
+        match kind {
+            IFA_ADDRESS => address = parse(payload),
+            IFA_LOCAL => local = parse(payload),
+            _ => {}
+        }
+    }
+    Ok(local.or(address))
 }

@@ -1,0 +1,323 @@
+//! Thresholds given to SAs as they appear: per-SA registrations and rules
+//! ([`rules`]), applied by a [`Registry`] on top of a [`Handle`].
+//!
+//! The registry watches the namespace's SA notifications inside its own
+//! [`Registry::dispatch`], with no thread: each `NEWSA`/`UPDSA` gets its
+//! thresholds, `DELSA` and hard `EXPIRE` forget the SA. It lists every SA
+//! (`GETSA` dump) when the first rule arrives, on every rule change, and
+//! after lost notifications (`ENOBUFS`), so no SA stays on the namespace
+//! defaults because a notification went missing. What it applies goes out
+//! in batches, every acknowledgement checked, and each result reaches the
+//! `on_applied` callback.
+//!
+//! An SA that no rule matches any more keeps the thresholds it has: the
+//! registry does not know what it had before.
+
+pub mod rules;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use crate::error::{Error, Result};
+use crate::handle::{Handle, SaChange, SaNotice};
+use crate::sa::SaId;
+use crate::wire::{self, SaInfo};
+
+pub use rules::{Direction, Prefix, Rule, RuleSet, SaFacts, SaMatch, Source, Thresholds};
+
+/// What the registry knows of an SA it has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracked {
+    pub reqid: u32,
+    /// Installed with extended sequence numbers (`XFRM_STATE_ESN`): only
+    /// then do its sequence numbers go past 2^32.
+    pub esn: bool,
+    pub direction: Option<Direction>,
+    /// The thresholds the registry applied and the kernel acknowledged.
+    pub applied: Option<Thresholds>,
+    /// The SA's install time: a different one is another SA under the same
+    /// identity, which needs its thresholds again.
+    add_time: u64,
+}
+
+/// One application's outcome, for the `on_applied` callback.
+#[derive(Debug)]
+pub struct Applied<'a> {
+    pub sa: &'a SaId,
+    pub thresholds: Thresholds,
+    pub result: &'a Result<()>,
+}
+
+/// Learns of each application; runs inside the registry's calls, on their
+/// thread.
+pub type AppliedCallback = Box<dyn FnMut(&Handle, &Applied<'_>) + Send>;
+
+#[derive(Default)]
+struct State {
+    rules: RuleSet,
+    tracked: HashMap<SaId, Tracked>,
+    local: Vec<IpAddr>,
+    watching: bool,
+    on_applied: Option<AppliedCallback>,
+}
+
+/// A handle that gives SAs their thresholds as they appear.
+pub struct Registry {
+    handle: Handle,
+    state: RefCell<State>,
+}
+
+impl Registry {
+    /// Wraps `handle`. Nothing is watched until the first rule or
+    /// registration arrives.
+    pub fn new(handle: Handle) -> Registry {
+        Registry {
+            handle,
+            state: RefCell::new(State::default()),
+        }
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    fn state(&self) -> Result<std::cell::RefMut<'_, State>> {
+        self.state
+            .try_borrow_mut()
+            .map_err(|_| Error::Busy("the registry is in use (called from its own callback?)"))
+    }
+
+    /// Adds a rule, or replaces the one of the same name, then applies the
+    /// rules to every SA there is.
+    pub fn add_rule(&self, rule: Rule) -> Result<()> {
+        self.state()?.rules.add(rule);
+        self.rules_changed()
+    }
+
+    /// Removes the rule named `name` (whether there was one), then applies
+    /// the rules again.
+    pub fn remove_rule(&self, name: &str) -> Result<bool> {
+        let removed = self.state()?.rules.remove(name);
+        self.rules_changed()?;
+        Ok(removed)
+    }
+
+    /// Replaces every rule at once (a reloaded rules file).
+    pub fn set_rules(&self, rules: Vec<Rule>) -> Result<()> {
+        self.state()?.rules.replace_rules(rules);
+        self.rules_changed()
+    }
+
+    /// Gives exactly this SA these thresholds, before all rules; `None`
+    /// removes the registration.
+    pub fn register_sa(&self, sa: SaId, thresholds: Option<Thresholds>) -> Result<()> {
+        self.state()?.rules.register_sa(sa, thresholds);
+        self.rules_changed()
+    }
+
+    /// The rules, in the order they are tried.
+    pub fn rules(&self) -> Vec<Rule> {
+        self.state.borrow().rules.rules().to_vec()
+    }
+
+    pub fn on_applied(&self, callback: Option<AppliedCallback>) -> Result<()> {
+        self.state()?.on_applied = callback;
+        Ok(())
+    }
+
+    /// What the registry knows of `sa`.
+    pub fn tracked(&self, sa: &SaId) -> Option<Tracked> {
+        self.state.borrow().tracked.get(sa).copied()
+    }
+
+    /// How many SAs the registry tracks.
+    pub fn tracked_count(&self) -> usize {
+        self.state.borrow().tracked.len()
+    }
+
+    /// The thresholds the rules give an SA described by `facts`.
+    pub fn thresholds_for(&self, facts: &SaFacts) -> Option<Thresholds> {
+        self.state.borrow().rules.resolve(facts).map(|(_, t)| t)
+    }
+
+    /// Facts of an SA as the kernel describes it, its direction included.
+    pub fn facts(&self, info: &SaInfo) -> Result<SaFacts> {
+        let mut state = self.state()?;
+        if state.rules.needs_direction() && info.direction.is_none() && state.local.is_empty() {
+            state.local = self.handle.local_addresses()?;
+        }
+        Ok(facts_of(info, &state.local))
+    }
+
+    fn rules_changed(&self) -> Result<()> {
+        let start = {
+            let mut state = self.state()?;
+            let start = !state.watching && !state.rules.is_empty();
+            state.watching |= start;
+            start
+        };
+        if start {
+            self.handle.watch_sas(true)?;
+        }
+        if self.state.borrow().watching {
+            self.resync()?;
+        }
+        Ok(())
+    }
+
+    /// Lists every SA and applies the rules where an SA lacks its
+    /// thresholds; forgets SAs that are gone.
+    pub fn resync(&self) -> Result<()> {
+        let mut pending = Vec::new();
+        {
+            let mut state = self.state()?;
+            if state.rules.needs_direction() {
+                state.local = self.handle.local_addresses()?;
+            }
+            let mut present = HashSet::with_capacity(state.tracked.len());
+            self.handle.dump_sas(|info| {
+                present.insert(info.sa);
+                observe(&mut state, SaChange::New, info, &mut pending);
+            })?;
+            state.tracked.retain(|sa, _| present.contains(sa));
+        }
+        self.apply(pending)
+    }
+
+    /// Dispatches the handle's events (see [`Handle::dispatch`]) and gives
+    /// SAs that appeared their thresholds. After lost notifications it lists
+    /// every SA again before it returns [`Error::EventsLost`], which still
+    /// tells the caller that aevents were lost too.
+    pub fn dispatch(&self) -> Result<usize> {
+        let mut pending = Vec::new();
+        let dispatched = {
+            let mut state = self.state()?;
+            let mut refreshed = false;
+            self.handle.dispatch_with(&mut |handle: &Handle, notice: &SaNotice| {
+                let info = &notice.info;
+                let unknown_direction = state.rules.needs_direction()
+                    && info.direction.is_none()
+                    && direction_of(info, &state.local).is_none();
+                if unknown_direction && !refreshed {
+                    // A new address (MOBIKE, a new link): learn it once per call.
+                    refreshed = true;
+                    match handle.local_addresses() {
+                        Ok(local) => state.local = local,
+                        Err(e) => log::warn!("listing local addresses: {e}"),
+                    }
+                }
+                observe(&mut state, notice.change, info, &mut pending);
+            })
+        };
+        self.apply(pending)?;
+        match dispatched {
+            Err(Error::EventsLost) if self.state.borrow().watching => {
+                self.resync()?;
+                Err(Error::EventsLost)
+            }
+            other => other,
+        }
+    }
+
+    fn apply(&self, pending: Vec<(SaId, Thresholds)>) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<(SaId, u32, u32)> = pending
+            .iter()
+            .map(|(sa, t)| (*sa, t.replay_packets, t.timer_ms))
+            .collect();
+        let mut results: Vec<Option<Result<()>>> = vec![None; items.len()];
+        self.handle.set_thresholds_many(&items, |i, result| results[i] = Some(result))?;
+        let mut callback = {
+            let mut state = self.state()?;
+            for ((sa, thresholds), result) in pending.iter().zip(&results) {
+                if let (Some(Ok(())), Some(tracked)) = (result, state.tracked.get_mut(sa)) {
+                    tracked.applied = Some(*thresholds);
+                }
+            }
+            state.on_applied.take()
+        };
+        for ((sa, thresholds), result) in pending.iter().zip(results) {
+            let result = result.unwrap_or(Err(Error::Malformed("no answer recorded for a batched request")));
+            if let Err(e) = &result {
+                log::warn!("thresholds for {sa}: {e}");
+            }
+            if let Some(cb) = callback.as_mut() {
+                cb(&self.handle, &Applied { sa, thresholds: *thresholds, result: &result });
+            }
+        }
+        let mut state = self.state()?;
+        if state.on_applied.is_none() {
+            state.on_applied = callback;
+        }
+        Ok(())
+    }
+}
+
+fn direction_of(info: &SaInfo, local: &[IpAddr]) -> Option<Direction> {
+    match info.direction {
+        Some(wire::XFRM_SA_DIR_IN) => return Some(Direction::In),
+        Some(wire::XFRM_SA_DIR_OUT) => return Some(Direction::Out),
+        _ => {}
+    }
+    if info.saddr.is_some_and(|a| local.contains(&a)) {
+        Some(Direction::Out)
+    } else if local.contains(&info.sa.daddr) {
+        Some(Direction::In)
+    } else {
+        None
+    }
+}
+
+fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {
+    SaFacts {
+        sa: info.sa,
+        saddr: info.saddr,
+        reqid: info.reqid,
+        direction: direction_of(info, local),
+    }
+}
+
+/// Updates what is known of an SA and queues its thresholds when it lacks
+/// them.
+fn observe(state: &mut State, change: SaChange, info: &SaInfo, pending: &mut Vec<(SaId, Thresholds)>) {
+    match change {
+        SaChange::Deleted | SaChange::Expired { hard: true } => {
+            state.tracked.remove(&info.sa);
+            return;
+        }
+        SaChange::Expired { hard: false } => return,
+        SaChange::New | SaChange::Updated => {}
+    }
+    // A larval SA (no SPI yet) cannot be addressed by NEWAE.
+    if info.sa.spi == 0 {
+        return;
+    }
+    let facts = facts_of(info, &state.local);
+    let add_time = info.lifetime.map_or(0, |l| l.add_time);
+    let wanted = state.rules.resolve(&facts).map(|(_, t)| t);
+    let tracked = state.tracked.entry(info.sa).or_insert(Tracked {
+        reqid: info.reqid,
+        esn: info.esn(),
+        direction: facts.direction,
+        applied: None,
+        add_time,
+    });
+    if tracked.add_time != add_time || change == SaChange::Updated {
+        // Another SA under the same identity, or one replaced in place.
+        *tracked = Tracked {
+            reqid: info.reqid,
+            esn: info.esn(),
+            direction: facts.direction,
+            applied: None,
+            add_time,
+        };
+    }
+    if let Some(wanted) = wanted {
+        if tracked.applied != Some(wanted) {
+            pending.push((info.sa, wanted));
+        }
+    }
+}
