@@ -4,6 +4,8 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/netlink.h>
+#include <linux/xfrm.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -122,6 +124,85 @@ static void with_handle(void)
 	xfrmsync_handle_free(h);
 }
 
+/* Applied-callback counter for the rules checks. */
+static void count_applied(void *user_data, const xfrmsync_sa_id *sa, uint32_t replay, uint32_t timer_ms, int result)
+{
+	(void)sa, (void)replay, (void)timer_ms, (void)result;
+	++*(int *)user_data;
+}
+
+/* Rules need no SA until one appears; appending thresholds to a NEWSA being
+ * built is pure message work once HZ is known. */
+static void rules_and_newsa(void)
+{
+	union {
+		struct nlmsghdr nlh;
+		char bytes[512];
+	} msg;
+	struct xfrm_usersa_info *info = NLMSG_DATA(&msg.nlh);
+	struct nlattr *attr;
+	xfrmsync_handle *h = NULL;
+	xfrmsync_rule rule;
+	int applied = 0, rc, len;
+
+	if (!check(xfrmsync_handle_new(&h) == 0, "handle for rules"))
+		return;
+	memset(&rule, 0, sizeof(rule));
+	rule.name = "reqid-7";
+	rule.match = XFRMSYNC_MATCH_REQID | XFRMSYNC_MATCH_DST;
+	rule.reqid = 7;
+	rule.family = AF_INET;
+	inet_pton(AF_INET, "10.9.0.0", rule.dst);
+	rule.dst_len = 16;
+	rule.replay_threshold = 21;
+	rule.timer_threshold_ms = 2000;
+	check(xfrmsync_on_applied(h, count_applied, &applied) == 0, "applied callback set");
+	check(xfrmsync_rule_add(NULL, &rule) == -EINVAL && xfrmsync_rule_add(h, NULL) == -EINVAL, "NULL rule arguments");
+	rule.match = 0x8000;
+	check(xfrmsync_rule_add(h, &rule) == -EINVAL, "unknown match bits give -EINVAL");
+	rule.match = XFRMSYNC_MATCH_DIRECTION;
+	rule.direction = 9;
+	check(xfrmsync_rule_add(h, &rule) == -EINVAL, "direction 9 gives -EINVAL");
+	rule.match = XFRMSYNC_MATCH_REQID | XFRMSYNC_MATCH_DST;
+	rule.dst_len = 33;
+	check(xfrmsync_rule_add(h, &rule) == -EINVAL, "an IPv4 prefix of 33 bits gives -EINVAL");
+	rule.dst_len = 16;
+	rc = xfrmsync_rule_add(h, &rule);
+	check(rc == 0, "rule added and applied to the SAs there are (none here): %d", rc);
+	check(applied == 0, "nothing to apply on a host without SAs");
+
+	memset(&msg, 0, sizeof(msg));
+	msg.nlh.nlmsg_len = NLMSG_LENGTH(sizeof(*info));
+	msg.nlh.nlmsg_type = XFRM_MSG_NEWSA;
+	info->family = AF_INET;
+	inet_pton(AF_INET, "10.9.0.2", &info->id.daddr);
+	inet_pton(AF_INET, "10.9.0.1", &info->saddr);
+	info->id.spi = htonl(0x1001);
+	info->id.proto = IPPROTO_ESP;
+	info->reqid = 7;
+	check(xfrmsync_set_kernel_hz(250) == 0, "HZ 250 declared");
+	len = msg.nlh.nlmsg_len;
+	check(xfrmsync_newsa_add_thresholds(h, &msg, len + 15) == -ENOSPC && (int)msg.nlh.nlmsg_len == len,
+	      "no room for both attributes: -ENOSPC, message unchanged");
+	rc = xfrmsync_newsa_add_thresholds(h, &msg, sizeof(msg));
+	check(rc == len + 16 && (int)msg.nlh.nlmsg_len == rc, "both attributes appended: %d bytes", rc);
+	attr = (struct nlattr *)((char *)&msg + len);
+	check(attr[0].nla_type == XFRMA_REPLAY_THRESH && *(uint32_t *)(attr + 1) == 21, "XFRMA_REPLAY_THRESH 21");
+	attr = (struct nlattr *)((char *)&msg + len + 8);
+	check(attr[0].nla_type == XFRMA_ETIMER_THRESH && *(uint32_t *)(attr + 1) == 500,
+	      "XFRMA_ETIMER_THRESH in jiffies: 2000 ms at HZ 250 is 500");
+	check(xfrmsync_newsa_add_thresholds(h, &msg, sizeof(msg)) == -EINVAL, "a second append is refused");
+	msg.nlh.nlmsg_len = len;
+	info->reqid = 8;
+	check(xfrmsync_newsa_add_thresholds(h, &msg, sizeof(msg)) == 0 && (int)msg.nlh.nlmsg_len == len,
+	      "no rule matches reqid 8: 0, message unchanged");
+	msg.nlh.nlmsg_type = XFRM_MSG_NEWAE;
+	check(xfrmsync_newsa_add_thresholds(h, &msg, sizeof(msg)) == -EINVAL, "not a NEWSA: -EINVAL");
+	check(xfrmsync_rule_remove(h, "reqid-7") == 1 && xfrmsync_rule_remove(h, "reqid-7") == 0,
+	      "rule removed once");
+	xfrmsync_handle_free(h);
+}
+
 static void formatting(void)
 {
 	xfrmsync_aevent ev;
@@ -153,6 +234,7 @@ int main(void)
 	versions();
 	null_arguments();
 	with_handle();
+	rules_and_newsa();
 	formatting();
 	return check_report("c-tests/unit_test");
 }

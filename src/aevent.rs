@@ -151,6 +151,12 @@ impl fmt::Debug for EsnReplay {
 
 /// Replay state in whichever form the SA keeps it. The kernel ignores a
 /// legacy value sent to an ESN SA, so the form is part of the value.
+///
+/// The form is not the SA's ESN flag: an SA without it but with a window
+/// above 32 keeps the ESN-format structure too, its high halves always 0,
+/// and its sequence numbers wrap at 2^32. Only `NEWSA`/`GETSA` tell the
+/// flag ([`crate::wire::SaInfo::esn`]); text and JSON say "esn-format" /
+/// `"format":"esn"` for the structure.
 // The ESN variant is large on purpose: a fixed array keeps decoding free of
 // heap allocation on the event path.
 #[allow(clippy::large_enum_variant)]
@@ -161,6 +167,8 @@ pub enum Replay {
 }
 
 impl Replay {
+    /// Whether the state has the ESN-format structure (not whether the SA
+    /// has the ESN flag: see the type's documentation).
     pub fn is_esn(&self) -> bool {
         matches!(self, Replay::Esn(_))
     }
@@ -251,7 +259,7 @@ impl fmt::Display for Aevent {
             Replay::Esn(r) => {
                 write!(
                     f,
-                    " esn oseq-hi 0x{:x} oseq 0x{:x} seq-hi 0x{:x} seq 0x{:x} window {} bitmap",
+                    " esn-format oseq-hi 0x{:x} oseq 0x{:x} seq-hi 0x{:x} seq 0x{:x} window {} bitmap",
                     r.oseq_hi, r.oseq, r.seq_hi, r.seq, r.replay_window
                 )?;
                 for word in r.bitmap() {
@@ -299,13 +307,13 @@ impl fmt::Display for JsonLine<'_> {
         match &ev.replay {
             Replay::Legacy(r) => write!(
                 f,
-                ",\"replay\":{{\"esn\":false,\"oseq\":{},\"seq\":{},\"bitmap\":[{}]}}",
+                ",\"replay\":{{\"format\":\"legacy\",\"oseq\":{},\"seq\":{},\"bitmap\":[{}]}}",
                 r.oseq, r.seq, r.bitmap
             )?,
             Replay::Esn(r) => {
                 write!(
                     f,
-                    ",\"replay\":{{\"esn\":true,\"oseq\":{},\"seq\":{},\"oseq_hi\":{},\"seq_hi\":{},\
+                    ",\"replay\":{{\"format\":\"esn\",\"oseq\":{},\"seq\":{},\"oseq_hi\":{},\"seq_hi\":{},\
                      \"replay_window\":{},\"bitmap\":[",
                     r.oseq, r.seq, r.oseq_hi, r.seq_hi, r.replay_window
                 )?;

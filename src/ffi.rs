@@ -653,9 +653,12 @@ pub extern "C" fn xfrmsync_on_sa_event(
 /// thread: at most the dispatch limit of datagrams per call (see
 /// `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
 /// cannot hold the caller here; what is left keeps the fd readable. Returns
-/// the number of events read, or a negative errno: -ENOBUFS means the
-/// kernel dropped events (query your SAs again); events behind an error
-/// stay pending, so call again.
+/// the number of events read, or a negative errno. -ENOBUFS means the
+/// kernel dropped events: it then drops every later one without a word
+/// until the socket is read empty, so dispatch reads it empty first
+/// (running the callbacks of what is there) and then returns -ENOBUFS;
+/// query your SAs after that and nothing is missed. After other errors the
+/// events behind them stay pending, so call again.
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {

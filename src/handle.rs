@@ -39,6 +39,10 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// datagram, and decoding plus routing one takes a few microseconds, so a
 /// call returns within a millisecond or so even while events keep coming.
 pub const DEFAULT_DISPATCH_LIMIT: usize = 128;
+/// Datagrams read at most, after lost events, to empty the socket (which is
+/// what makes the kernel deliver again); a stream faster than that is an
+/// overflow again, reported by the next call.
+const DRAIN_LIMIT: usize = 1 << 16;
 /// HZ assumed to undo an HZ probe whose measurement failed: with the usual
 /// HZ of 100-1000 it can only make the restored timer longer, never shorter.
 const UNDO_GUESS_HZ: u32 = 1000;
@@ -853,8 +857,14 @@ impl Handle {
     /// events were read. Never blocks, and reads at most the dispatch limit
     /// of datagrams (each of the kernel's events comes in its own), so that
     /// a steady stream of events cannot keep the caller's loop here: what is
-    /// left keeps the fd readable for the next poll. On an error (notably
-    /// [`Error::EventsLost`]) the events behind it stay pending: call again.
+    /// left keeps the fd readable for the next poll.
+    ///
+    /// [`Error::EventsLost`] (`ENOBUFS`): the kernel dropped events. It drops
+    /// every later one too, without saying so, until the socket has been
+    /// read empty; so before returning this, dispatch reads the socket empty
+    /// (running the callbacks of the events there are). Query your SAs
+    /// afterwards: nothing after that point is lost unseen. On another error
+    /// the events behind it stay pending: call again.
     pub fn dispatch(&self) -> Result<usize> {
         self.dispatch_with(&mut |_, _| {})
     }
@@ -875,6 +885,7 @@ impl Handle {
             .map_err(|_| Error::Busy("callbacks in use"))?;
         let mut datagrams_left = self.dispatch_limit.get();
         let mut count = 0;
+        let mut lost = false;
         loop {
             // The reader is released before a callback runs.
             let item = {
@@ -885,8 +896,21 @@ impl Handle {
                     // our buffer where poll cannot see it.
                     None if datagrams_left == 0 => break,
                     None => {
-                        if !reader.read_datagram()? {
-                            break;
+                        match reader.read_datagram() {
+                            Ok(true) => {}
+                            Ok(false) => break,
+                            // The kernel reports ENOBUFS once, then drops
+                            // every later event for this socket without a
+                            // word until its queue has been read empty. So
+                            // read it empty now (events that did arrive still
+                            // reach their callbacks), and a resync the caller
+                            // starts after this returns misses nothing.
+                            Err(Error::EventsLost) if !lost => {
+                                lost = true;
+                                datagrams_left = DRAIN_LIMIT;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
                         }
                         datagrams_left -= 1;
                         continue;
@@ -900,6 +924,9 @@ impl Handle {
                 Item::Sa(notice) => on_sa(self, notice),
             }
             count += 1;
+        }
+        if lost {
+            return Err(Error::EventsLost);
         }
         Ok(count)
     }

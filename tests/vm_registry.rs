@@ -1,0 +1,309 @@
+//! Rules applied as SAs appear, on a real kernel: run inside the test VM by
+//! vmtest/guest/kernel-suite.sh (`--ignored --test-threads=1`). Each test
+//! builds its own network namespace with `ip`, so it needs nothing of
+//! net-setup.sh. Thresholds are checked in the kernel's own GETAE answer,
+//! read attribute by attribute here, not through the library's decoder.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use xfrmsync::registry::{Direction, Prefix};
+use xfrmsync::wire::{self, Messages, Sender};
+use xfrmsync::{Handle, Mark, Registry, Rule, SaId, SaMatch, Thresholds};
+
+const AUTH: &str = "auth-trunc hmac(sha256) 0x0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef 128 enc cbc(aes) 0x0123456789abcdef0123456789abcdef";
+
+fn sh(script: &str) {
+    let status = Command::new("bash").args(["-ec", script]).status().expect("bash");
+    assert!(status.success(), "failed: {script}");
+}
+
+/// A fresh namespace `name` whose loopback holds 10.77.0.1 and fd77::1: the
+/// local end of every SA below.
+fn namespace(name: &str) -> String {
+    sh(&format!(
+        "modprobe -a xfrm_user esp4 esp6 authenc; ip netns del {name} 2>/dev/null || true; ip netns add {name}; \
+         ip -n {name} link set lo up; ip -n {name} addr add 10.77.0.1/32 dev lo; \
+         ip -n {name} addr add fd77::1/128 dev lo nodad"
+    ));
+    format!("/run/netns/{name}")
+}
+
+fn hz() {
+    // The host passes the booted kernel's CONFIG_HZ (scripts/test).
+    if let Some(hz) = std::env::var("XFRMSYNC_EXPECTED_HZ").ok().and_then(|v| v.parse().ok()) {
+        xfrmsync::timer::set_kernel_hz(hz).unwrap();
+    }
+}
+
+/// Thresholds as the kernel answers GETAE: replay packets and the timer in
+/// its 100 ms units, found by walking the answer's attributes by hand.
+fn raw_thresholds(netns: &str, sa: &SaId) -> (u32, u32) {
+    raw_thresholds_of(netns, &[*sa])[0]
+}
+
+fn raw_thresholds_of(netns: &str, sas: &[SaId]) -> Vec<(u32, u32)> {
+    // A socket of our own in the namespace, made on a thread that enters it.
+    let ns = std::fs::File::open(netns).unwrap();
+    let sas = sas.to_vec();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns moves this short-lived thread only.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_XFRM).unwrap();
+        socket.bind_auto().unwrap();
+        let (mut out, mut buf) = (Vec::new(), vec![0u8; 8192]);
+        sas.iter()
+            .map(|sa| {
+                wire::encode_getae(&mut out, Sender { seq: 77, port_id: 0 }, sa, true);
+                socket.send(&out, 0).unwrap();
+                let (n, _) = socket.recv_from(&mut &mut buf[..], 0).unwrap();
+                let msg = Messages::new(&buf[..n]).next().unwrap().unwrap();
+                assert_eq!(msg.kind, wire::XFRM_MSG_NEWAE, "GETAE for {sa} answered with type {}", msg.kind);
+                // struct xfrm_aevent_id is 48 bytes; attributes follow, 4-aligned.
+                let (mut at, attrs) = (0, &msg.payload[48..]);
+                let (mut replay, mut timer) = (None, None);
+                while at + 4 <= attrs.len() {
+                    let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
+                    let kind = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]);
+                    let value = || u32::from_ne_bytes(attrs[at + 4..at + 8].try_into().unwrap());
+                    match kind {
+                        11 => replay = Some(value()), // XFRMA_REPLAY_THRESH
+                        12 => timer = Some(value()),  // XFRMA_ETIMER_THRESH
+                        _ => {}
+                    }
+                    at += (len + 3) & !3;
+                }
+                (replay.expect("XFRMA_REPLAY_THRESH"), timer.expect("XFRMA_ETIMER_THRESH"))
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+fn rule(name: &str, matches: SaMatch, replay_packets: u32, timer_ms: u32) -> Rule {
+    Rule { name: name.into(), matches, thresholds: Thresholds { replay_packets, timer_ms } }
+}
+
+fn prefix(p: &str) -> Option<Prefix> {
+    Some(p.parse().unwrap())
+}
+
+#[test]
+#[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/kernel-suite.sh)"]
+fn rules_give_each_sa_the_most_specific_thresholds() {
+    hz();
+    let netns = namespace("rules");
+    // spi, src, dst, reqid, extra
+    let sas = [
+        (0x100, "10.77.0.1", "10.77.1.1", 1, "replay-window 32"),
+        (0x101, "10.77.1.1", "10.77.0.1", 1, "replay-window 32"),
+        (0x200, "10.77.0.1", "10.77.1.2", 2, "flag esn replay-window 128"),
+        (0x300, "10.77.0.1", "10.77.1.3", 3, "replay-window 64"),
+        (0x400, "fd77::1", "fd77:1::1", 4, "replay-window 32"),
+        (0x500, "10.77.0.1", "10.77.1.5", 5, "replay-window 32 mark 0x7 mask 0xff"),
+    ];
+    let add = |list: &[(u32, &str, &str, u32, &str)]| {
+        let batch: String = list
+            .iter()
+            .map(|(spi, src, dst, reqid, extra)| {
+                format!("xfrm state add src {src} dst {dst} proto esp spi {spi:#x} reqid {reqid} mode transport {extra} {AUTH}\n")
+            })
+            .collect();
+        std::fs::write("/tmp/rules.batch", batch).unwrap();
+        sh("ip -n rules -batch /tmp/rules.batch");
+    };
+    // Half exist before the registry starts, half appear while it runs.
+    add(&sas[..3]);
+    let registry = Registry::new(Handle::builder().netns_path(&netns).open().unwrap());
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let log = applied.clone();
+    registry
+        .on_applied(Some(Box::new(move |_, a| log.lock().unwrap().push((a.sa.spi, a.thresholds, a.result.is_ok())))))
+        .unwrap();
+    let rules = vec![
+        rule("all", SaMatch::default(), 10, 3000),
+        rule("reqid1-out", SaMatch { reqid: Some(1), direction: Some(Direction::Out), ..Default::default() }, 11, 1100),
+        rule("v6", SaMatch { dst: prefix("fd77:1::/32"), ..Default::default() }, 12, 1200),
+        rule("marked", SaMatch { mark: Some(Mark { value: 7, mask: 0xff }), ..Default::default() }, 13, 1300),
+        rule("esn-spi", SaMatch { spi: Some(0x200), ..Default::default() }, 14, 1400),
+        rule("dst24", SaMatch { dst: prefix("10.77.1.0/24"), ..Default::default() }, 15, 1500),
+    ];
+    registry.set_rules(rules).unwrap();
+    add(&sas[3..]);
+    let until = Instant::now() + Duration::from_secs(10);
+    while applied.lock().unwrap().len() < sas.len() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        registry.dispatch().unwrap();
+    }
+    let id = |spi: u32, dst: &str| {
+        let sa = SaId::esp(dst.parse().unwrap(), spi);
+        if spi == 0x500 { sa.with_mark(7, 0xff) } else { sa }
+    };
+    let expect: HashMap<u32, (u32, u32)> =
+        [(0x100, (11, 11)), (0x101, (10, 30)), (0x200, (14, 14)), (0x300, (15, 15)), (0x400, (12, 12)), (0x500, (15, 15))].into();
+    for (spi, _, dst, _, _) in sas {
+        let got = raw_thresholds(&netns, &id(spi, dst));
+        println!("SA {spi:#x}: kernel says replay {} timer {} x100ms", got.0, got.1);
+        assert_eq!(got, expect[&spi], "SA {spi:#x}");
+    }
+    // The ESN flag comes from NEWSA/GETSA; a wide window alone is no ESN.
+    assert!(registry.tracked(&id(0x200, "10.77.1.2")).unwrap().esn);
+    let wide = registry.tracked(&id(0x300, "10.77.1.3")).unwrap();
+    assert!(!wide.esn, "window 64 without the flag wraps at 2^32");
+    assert!(registry.handle().query(&id(0x300, "10.77.1.3")).unwrap().replay.is_esn(), "yet its state has the ESN format");
+    assert_eq!(registry.tracked(&id(0x100, "10.77.1.1")).unwrap().direction, Some(Direction::Out));
+    assert_eq!(registry.tracked(&id(0x101, "10.77.0.1")).unwrap().direction, Some(Direction::In));
+
+    // A rule change applies to the SAs there are.
+    assert!(registry.remove_rule("dst24").unwrap());
+    assert_eq!(raw_thresholds(&netns, &id(0x300, "10.77.1.3")), (10, 30), "now 'all'");
+    assert_eq!(raw_thresholds(&netns, &id(0x500, "10.77.1.5")), (13, 13), "now 'marked'");
+    // A registration for one SA beats every rule.
+    registry.register_sa(id(0x100, "10.77.1.1"), Some(Thresholds { replay_packets: 99, timer_ms: 9900 })).unwrap();
+    assert_eq!(raw_thresholds(&netns, &id(0x100, "10.77.1.1")), (99, 99));
+    // A deleted SA is forgotten.
+    sh("ip -n rules xfrm state del src 10.77.0.1 dst 10.77.1.2 proto esp spi 0x200");
+    std::thread::sleep(Duration::from_millis(100));
+    registry.dispatch().unwrap();
+    assert!(registry.tracked(&id(0x200, "10.77.1.2")).is_none());
+    assert!(applied.lock().unwrap().iter().all(|(_, _, ok)| *ok));
+}
+
+/// Installs `count` SAs in a burst while a registry applies a rule, and
+/// returns the per-SA delay from the SA's announcement to its thresholds.
+fn burst(count: u32, receive_buffer: Option<usize>) -> (Vec<Duration>, usize) {
+    hz();
+    let netns = namespace("burst");
+    // An independent watcher with a large buffer times each SA's arrival.
+    let watcher = Handle::builder().netns_path(&netns).events(false).receive_buffer(64 << 20).open().unwrap();
+    watcher.watch_sas(true).unwrap();
+    let mut builder = Handle::builder().netns_path(&netns);
+    if let Some(bytes) = receive_buffer {
+        builder = builder.receive_buffer(bytes);
+    }
+    let registry = Registry::new(builder.open().unwrap());
+    let applied_at = Arc::new(Mutex::new(HashMap::new()));
+    let log = applied_at.clone();
+    registry
+        .on_applied(Some(Box::new(move |_, a| {
+            assert!(a.result.is_ok(), "{}: {:?}", a.sa, a.result);
+            log.lock().unwrap().insert(a.sa.spi, Instant::now());
+        })))
+        .unwrap();
+    let wanted = Thresholds { replay_packets: 17, timer_ms: 1700 };
+    registry.set_rules(vec![rule("burst", SaMatch { reqid: Some(42), ..Default::default() }, 17, 1700)]).unwrap();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    let losses = Arc::new(Mutex::new(0usize));
+    let lost = losses.clone();
+    let runner = std::thread::spawn(move || {
+        let mut idle_after_stop = 0;
+        while idle_after_stop < 20 {
+            match registry.dispatch() {
+                Ok(0) if stop.load(Ordering::Relaxed) => idle_after_stop += 1,
+                Ok(_) => {}
+                Err(xfrmsync::Error::EventsLost) => *lost.lock().unwrap() += 1,
+                Err(e) => panic!("dispatch: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        registry
+    });
+
+    let batch: String = (0..count)
+        .map(|i| {
+            let spi = 0x10000 + i;
+            let dst = format!("10.78.{}.{}", i / 250, i % 250 + 1);
+            format!("xfrm state add src 10.77.0.1 dst {dst} proto esp spi {spi:#x} reqid 42 mode transport replay-window 32 {AUTH}\n")
+        })
+        .collect();
+    std::fs::write("/tmp/burst.batch", batch).unwrap();
+    let announced = Arc::new(Mutex::new(HashMap::new()));
+    let seen = announced.clone();
+    let installer = std::thread::spawn(|| sh("ip -n burst -batch /tmp/burst.batch"));
+    let until = Instant::now() + Duration::from_secs(300);
+    while seen.lock().unwrap().len() < count as usize && Instant::now() < until {
+        watcher
+            .dispatch_with(&mut |_, notice| {
+                if notice.change == xfrmsync::SaChange::New {
+                    seen.lock().unwrap().entry(notice.info.sa.spi).or_insert_with(Instant::now);
+                }
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    installer.join().unwrap();
+    while applied_at.lock().unwrap().len() < count as usize && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done.store(true, Ordering::Relaxed);
+    let registry = runner.join().unwrap();
+
+    // Every SA carries the rule's thresholds, in the kernel's own answer.
+    let mut checked = 0;
+    let mut on_defaults = Vec::new();
+    let mut all = Vec::new();
+    registry.handle().dump_sas(|info| all.push(info.sa)).unwrap();
+    let burst_sas: Vec<SaId> = all.into_iter().filter(|sa| sa.spi >= 0x10000).collect();
+    for (sa, (replay, timer)) in burst_sas.iter().zip(raw_thresholds_of(&netns, &burst_sas)) {
+        if (replay, timer * 100) != (wanted.replay_packets, wanted.timer_ms) {
+            on_defaults.push((sa.spi, replay, timer));
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, count as usize, "SAs in the GETSA dump");
+    let losses_so_far = *losses.lock().unwrap();
+    let missing: Vec<_> = on_defaults
+        .iter()
+        .take(5)
+        .map(|(spi, r, t)| {
+            let sa = burst_sas.iter().find(|sa| sa.spi == *spi).unwrap();
+            (format!("{spi:#x}"), r, t, registry.tracked(sa), applied_at.lock().unwrap().contains_key(spi))
+        })
+        .collect();
+    assert!(
+        on_defaults.is_empty(),
+        "{} SAs without the rule's thresholds ({} applied, ENOBUFS {losses_so_far} times): {missing:?}",
+        on_defaults.len(),
+        applied_at.lock().unwrap().len()
+    );
+    let announced = announced.lock().unwrap();
+    let applied_at = applied_at.lock().unwrap();
+    let mut delays: Vec<Duration> = announced
+        .iter()
+        .filter_map(|(spi, at)| applied_at.get(spi).map(|done| done.saturating_duration_since(*at)))
+        .collect();
+    delays.sort();
+    let losses = *losses.lock().unwrap();
+    (delays, losses)
+}
+
+fn report(what: &str, delays: &[Duration], losses: usize) {
+    let median = delays[delays.len() / 2];
+    let worst = delays[delays.len() - 1];
+    println!("burst {what}: {} SAs, install to thresholds: median {median:?}, worst {worst:?}; ENOBUFS seen {losses} times", delays.len());
+}
+
+#[test]
+#[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/kernel-suite.sh)"]
+fn a_burst_of_sas_all_get_their_thresholds() {
+    let count = std::env::var("XFRMSYNC_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let (delays, losses) = burst(count, Some(8 << 20));
+    report("with a large buffer", &delays, losses);
+}
+
+#[test]
+#[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/kernel-suite.sh)"]
+fn a_burst_with_lost_notifications_is_recovered_by_listing() {
+    let count = std::env::var("XFRMSYNC_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    // A buffer for a handful of notifications: most are lost.
+    let (delays, losses) = burst(count, Some(4096));
+    report("with a tiny buffer", &delays, losses);
+    assert!(losses > 0, "the tiny buffer should have overflowed");
+}
