@@ -153,7 +153,7 @@ pub struct SaFacts {
 impl SaMatch {
     pub fn matches(&self, sa: &SaFacts) -> bool {
         fn ok<T>(want: &Option<T>, test: impl FnOnce(&T) -> bool) -> bool {
-            want.as_ref().is_none_or(test)
+            want.as_ref().map_or(true, test)
         }
         ok(&self.reqid, |r| *r == sa.reqid)
             && ok(&self.spi, |s| *s == sa.sa.spi)
