@@ -187,25 +187,10 @@ fn open_sockets() -> Result<(Socket, Socket)> {
     Ok((open()?, open()?))
 }
 
-/// Opens the sockets on a short-lived thread that enters `ns`: sockets keep
-/// the namespace they were made in, and the thread's namespace ends with it.
-/// The caller's thread never moves, so there is nothing to move back, which
-/// could fail (a process that is root only in its own user namespace may
-/// enter a namespace it cannot leave).
+/// Opens the sockets on a short-lived thread that enters `ns` (see
+/// [`crate::netns`]): sockets keep the namespace they were made in.
 fn open_sockets_in(ns: std::os::fd::BorrowedFd<'_>) -> Result<(Socket, Socket)> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns only reads the fd, which `ns` keeps open for
-                // the call; it changes this helper thread alone.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(Error::last_os("enter netns"));
-                }
-                open_sockets()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(Error::Os { operation: "open sockets in netns (thread panicked)", errno: libc::EIO }))
-    })
+    crate::netns::run_in(ns, open_sockets)
 }
 
 /// Milliseconds for poll(2), rounded up so that a wait never ends early.

@@ -29,6 +29,8 @@ mod ffi;
 /// cbindgen:ignore
 pub mod handle;
 /// cbindgen:ignore
+pub mod netns;
+/// cbindgen:ignore
 pub mod sa;
 /// cbindgen:ignore
 pub mod timer;

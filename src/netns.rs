@@ -1,0 +1,50 @@
+//! Work in another network namespace on a short-lived helper thread.
+//!
+//! A namespace is a property of the thread. Sockets keep the namespace they
+//! were made in, and `/proc/sys/net` shows the namespace of the thread that
+//! opens a file there, so the helper enters the namespace, does the work,
+//! and ends; its namespace ends with it. The caller's thread never moves,
+//! so there is nothing to move back, which could fail (a process that is
+//! root only in its own user namespace may enter a namespace it cannot
+//! leave).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::error::{Error, Result};
+
+/// Runs `work` on a helper thread that first enters the namespace `ns`.
+pub(crate) fn run_in<T: Send>(ns: BorrowedFd<'_>, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    on_helper_thread(
+        || {
+            // SAFETY: setns only reads the fd, which `ns` keeps open for the
+            // call; it changes the calling (helper) thread alone.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::last_os("enter netns"));
+            }
+            Ok(())
+        },
+        work,
+    )
+}
+
+fn on_helper_thread<T: Send>(
+    enter: impl FnOnce() -> Result<()> + Send,
+    work: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("xfrmsync-netns".into())
+            .spawn_scoped(scope, || {
+                enter()?;
+                work()
+            })
+            .map_err(|e| Error::from_io("start a netns helper thread", &e))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::Os {
+                    operation: "work in another netns (helper thread panicked)",
+                    errno: libc::EIO,
+                })
+            })
+    })
+}
