@@ -108,6 +108,33 @@
 #define XFRMSYNC_MAX_BITMAP_WORDS 128
 
 /*
+ `xfrmsync_kernel_hz_source`: HZ is not known yet.
+ */
+#define XFRMSYNC_HZ_SOURCE_NONE 0
+
+/*
+ HZ was declared with `xfrmsync_set_kernel_hz`.
+ */
+#define XFRMSYNC_HZ_SOURCE_DECLARED 1
+
+/*
+ HZ is CONFIG_HZ from the running kernel's config file (/proc/config.gz,
+ /boot/config-RELEASE or /usr/lib/modules/RELEASE/config).
+ */
+#define XFRMSYNC_HZ_SOURCE_KERNEL_CONFIG 2
+
+/*
+ HZ was measured on a throw-away SA in a private network namespace.
+ */
+#define XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE 3
+
+/*
+ HZ was measured on a live SA: `xfrmsync_calibrate_hz`, or a timer
+ threshold set when no other source had HZ.
+ */
+#define XFRMSYNC_HZ_SOURCE_LIVE_SA 4
+
+/*
  A connection to XFRM netlink in one network namespace. Opaque.
  */
 typedef struct xfrmsync_handle xfrmsync_handle;
@@ -330,8 +357,9 @@ int xfrmsync_query(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *
  Sets what `update->set` names in one acknowledged XFRM_MSG_NEWAE. A replay
  value of the wrong form for the SA (legacy vs ESN, or another bitmap
  length) is refused with -EINVAL, since the kernel would silently ignore
- it. The first timer threshold set in a process measures the kernel's HZ
- on this SA (see `xfrmsync_calibrate_hz`).
+ it. The first timer threshold set in a process learns the kernel's HZ
+ (see `xfrmsync_learn_kernel_hz`), and measures it on this SA (see
+ `xfrmsync_calibrate_hz`) only where that finds no source.
  */
 int xfrmsync_update(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, const struct xfrmsync_ae_update *update);
 
@@ -357,6 +385,24 @@ int xfrmsync_set_kernel_hz(uint32_t hz);
  The kernel HZ in use for timer thresholds, 0 if not known yet.
  */
 uint32_t xfrmsync_kernel_hz(void);
+
+/*
+ Where the HZ of `xfrmsync_kernel_hz` came from: one of
+ `XFRMSYNC_HZ_SOURCE_*`.
+ */
+int xfrmsync_kernel_hz_source(void);
+
+/*
+ Learns the kernel's HZ without touching any SA of the caller: the
+ declared value, else CONFIG_HZ from the kernel's config file, else a
+ probe on a throw-away SA in a private network namespace (needs
+ CAP_SYS_ADMIN and ESP in the kernel). The first timer threshold set does
+ the same by itself, and measures on the SA only when this fails. The
+ result is kept for the process. Returns the `XFRMSYNC_HZ_SOURCE_*` it
+ came from and writes `*hz_out` (may be NULL), or the probe's negative
+ errno when no source has HZ.
+ */
+int xfrmsync_learn_kernel_hz(uint32_t *hz_out);
 
 /*
  Sets the callback for events of SAs that have none of their own; NULL

@@ -520,6 +520,18 @@ impl Handle {
             .map(|_| ())
     }
 
+    /// A request the caller encodes, answered by an ack: the HZ probe's
+    /// own SA (`crate::hz`).
+    pub(crate) fn request_ack(&self, operation: &'static str, encode: impl FnOnce(&mut Vec<u8>, Sender)) -> Result<()> {
+        self.request(operation, Expect::Ack, encode).map(|_| ())
+    }
+
+    /// Runs `steps` as one call: their requests share one deadline.
+    pub(crate) fn one_call<T>(&self, steps: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _call = self.call();
+        steps()
+    }
+
     /// Current replay state and lifetime counters of `sa`.
     pub fn query(&self, sa: &SaId) -> Result<Aevent> {
         self.getae(sa, false)
@@ -537,7 +549,8 @@ impl Handle {
     /// bitmap length): the kernel silently ignores a legacy value on an ESN
     /// SA, so this is checked first with a query and refused with
     /// `InvalidArgument`. The first timer threshold set in the process
-    /// measures the kernel's HZ on `sa` (see [`Handle::calibrate_hz`]).
+    /// learns the kernel's HZ ([`crate::hz`]); only where no source without
+    /// an SA has it, it is measured on `sa` (see [`Handle::calibrate_hz`]).
     pub fn update(&self, sa: &SaId, update: &AeUpdate) -> Result<()> {
         let _call = self.call();
         if update.is_empty() {
@@ -593,9 +606,19 @@ impl Handle {
     }
 
     fn hz_for(&self, sa: &SaId) -> Result<u32> {
-        match timer::kernel_hz() {
-            Some(hz) => Ok(hz),
-            None => self.calibrate_hz(sa),
+        if let Some(hz) = timer::kernel_hz() {
+            return Ok(hz);
+        }
+        let deadline = self.deadline.get().unwrap_or_else(|| Instant::now() + self.request_timeout);
+        match crate::hz::learn_until(deadline) {
+            Ok((hz, _)) => Ok(hz),
+            Err(why) => {
+                log::warn!(
+                    "kernel HZ not known without an SA ({why}); measuring it on the live SA {sa}, whose \
+                     timer is rewritten and restored: listeners see two update events"
+                );
+                self.calibrate_hz(sa)
+            }
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
 //! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
-//! (routing) ← [`handle`] (sockets, requests, dispatch) ← `ffi` (the C ABI).
+//! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`hz`] (HZ without
+//! a live SA) ← `ffi` (the C ABI). [`timer`] (ms and jiffies) and [`netns`]
+//! (a helper thread in another network namespace) serve them.
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -29,6 +31,8 @@ mod ffi;
 /// cbindgen:ignore
 pub mod handle;
 /// cbindgen:ignore
+pub mod hz;
+/// cbindgen:ignore
 pub mod netns;
 /// cbindgen:ignore
 pub mod sa;
@@ -40,4 +44,5 @@ pub mod wire;
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
 pub use handle::{Callback, Events, Handle, HandleBuilder};
+pub use timer::HzSource;
 pub use sa::{Mark, SaId};

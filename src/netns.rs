@@ -27,6 +27,24 @@ pub(crate) fn run_in<T: Send>(ns: BorrowedFd<'_>, work: impl FnOnce() -> Result<
     )
 }
 
+/// Runs `work` on a helper thread in a new network namespace of its own.
+/// Nothing else can see into it, and it goes away once the thread and
+/// whatever `work` opened in it are gone.
+pub(crate) fn run_in_private<T: Send>(work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    on_helper_thread(
+        || {
+            // SAFETY: a plain syscall; without CLONE_NEWUSER or CLONE_FS it
+            // is allowed in a multi-threaded process and moves only the
+            // calling (helper) thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(Error::last_os("create a private netns (unshare)"));
+            }
+            Ok(())
+        },
+        work,
+    )
+}
+
 fn on_helper_thread<T: Send>(
     enter: impl FnOnce() -> Result<()> + Send,
     work: impl FnOnce() -> Result<T> + Send,
