@@ -268,6 +268,23 @@ typedef struct xfrmsync_ae_update {
 } xfrmsync_ae_update;
 
 /*
+ A network namespace's thresholds for the SAs created in it from then on
+ (sysctls net.core.xfrm_aevent_etime and net.core.xfrm_aevent_rseqth).
+ Changing them changes no SA that exists already.
+ */
+typedef struct xfrmsync_netns_defaults {
+  /*
+   Milliseconds, a multiple of 100 (the sysctl counts 100 ms steps);
+   0: no timer events.
+   */
+  uint32_t timer_ms;
+  /*
+   Packets; 0: no events for replay-counter progress.
+   */
+  uint32_t replay_packets;
+} xfrmsync_netns_defaults;
+
+/*
  Receives one event. `event` is valid only during the call. It must
  return normally: a C++ exception or a longjmp out of it is undefined
  behaviour.
@@ -403,6 +420,22 @@ int xfrmsync_kernel_hz_source(void);
  errno when no source has HZ.
  */
 int xfrmsync_learn_kernel_hz(uint32_t *hz_out);
+
+/*
+ Reads the defaults of the network namespace at `netns_path` (e.g.
+ "/run/netns/NAME"; needs CAP_SYS_ADMIN), or of the calling thread's own
+ if it is NULL. -ENOENT where the kernel does not show them (XFRM
+ missing, or a namespace of an unprivileged user namespace).
+ */
+int xfrmsync_netns_defaults_read(const char *netns_path, struct xfrmsync_netns_defaults *out);
+
+/*
+ Sets the defaults of a network namespace (`netns_path` as for
+ `xfrmsync_netns_defaults_read`) for SAs created from now on. A timer
+ that is not a multiple of 100 ms, or that the kernel would overflow, is
+ refused with -EINVAL; both values are checked before either is written.
+ */
+int xfrmsync_netns_defaults_write(const char *netns_path, const struct xfrmsync_netns_defaults *defaults);
 
 /*
  Sets the callback for events of SAs that have none of their own; NULL

@@ -636,6 +636,69 @@ pub extern "C" fn xfrmsync_learn_kernel_hz(hz_out: *mut u32) -> c_int {
     })
 }
 
+/// A network namespace's thresholds for the SAs created in it from then on
+/// (sysctls net.core.xfrm_aevent_etime and net.core.xfrm_aevent_rseqth).
+/// Changing them changes no SA that exists already.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_netns_defaults {
+    /// Milliseconds, a multiple of 100 (the sysctl counts 100 ms steps);
+    /// 0: no timer events.
+    pub timer_ms: u32,
+    /// Packets; 0: no events for replay-counter progress.
+    pub replay_packets: u32,
+}
+
+/// NULL: the calling thread's namespace; else a path to one.
+fn netns_arg<'a>(netns_path: *const c_char) -> crate::NetnsRef<'a> {
+    use std::os::unix::ffi::OsStrExt;
+    if netns_path.is_null() {
+        return crate::NetnsRef::Current;
+    }
+    // SAFETY: non-NULL, and by contract a NUL-terminated string that lives
+    // for the call.
+    let bytes = unsafe { CStr::from_ptr(netns_path) }.to_bytes();
+    crate::NetnsRef::Path(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// Reads the defaults of the network namespace at `netns_path` (e.g.
+/// "/run/netns/NAME"; needs CAP_SYS_ADMIN), or of the calling thread's own
+/// if it is NULL. -ENOENT where the kernel does not show them (XFRM
+/// missing, or a namespace of an unprivileged user namespace).
+#[no_mangle]
+pub extern "C" fn xfrmsync_netns_defaults_read(netns_path: *const c_char, out: *mut xfrmsync_netns_defaults) -> c_int {
+    boundary(|| {
+        let read = crate::defaults::read(netns_arg(netns_path))?;
+        write_out(
+            out,
+            xfrmsync_netns_defaults {
+                timer_ms: read.timer_ms,
+                replay_packets: read.replay_packets,
+            },
+        )?;
+        Ok(0)
+    })
+}
+
+/// Sets the defaults of a network namespace (`netns_path` as for
+/// `xfrmsync_netns_defaults_read`) for SAs created from now on. A timer
+/// that is not a multiple of 100 ms, or that the kernel would overflow, is
+/// refused with -EINVAL; both values are checked before either is written.
+#[no_mangle]
+pub extern "C" fn xfrmsync_netns_defaults_write(
+    netns_path: *const c_char,
+    defaults: *const xfrmsync_netns_defaults,
+) -> c_int {
+    boundary(|| {
+        let given = required(defaults, "defaults")?;
+        let set = crate::defaults::NamespaceDefaults {
+            timer_ms: given.timer_ms,
+            replay_packets: given.replay_packets,
+        };
+        crate::defaults::write(netns_arg(netns_path), &set).map(|_| 0)
+    })
+}
+
 /// A C function and its user pointer, called from `dispatch`.
 struct CCallback {
     function: unsafe extern "C" fn(*mut c_void, *const xfrmsync_aevent),

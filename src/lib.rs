@@ -4,8 +4,9 @@
 //! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
 //! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
 //! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`hz`] (HZ without
-//! a live SA) ← `ffi` (the C ABI). [`timer`] (ms and jiffies) and [`netns`]
-//! (a helper thread in another network namespace) serve them.
+//! a live SA) ← [`defaults`] (a namespace's thresholds for new SAs) ← `ffi`
+//! (the C ABI). [`timer`] (ms and jiffies) and [`netns`] (a helper thread in
+//! another network namespace) serve them.
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -23,6 +24,8 @@
 
 /// cbindgen:ignore
 pub mod aevent;
+/// cbindgen:ignore
+pub mod defaults;
 /// cbindgen:ignore
 pub mod error;
 /// cbindgen:ignore
@@ -44,5 +47,6 @@ pub mod wire;
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
 pub use handle::{Callback, Events, Handle, HandleBuilder};
+pub use netns::NetnsRef;
 pub use timer::HzSource;
 pub use sa::{Mark, SaId};

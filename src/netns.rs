@@ -8,9 +8,37 @@
 //! root only in its own user namespace may enter a namespace it cannot
 //! leave).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
 
 use crate::error::{Error, Result};
+
+/// A network namespace to work in.
+#[derive(Debug, Clone, Copy)]
+pub enum NetnsRef<'a> {
+    /// The calling thread's own; the work runs on the calling thread.
+    Current,
+    /// The namespace at this path (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    Path(&'a Path),
+    /// The namespace this fd refers to; the fd stays the caller's.
+    Fd(BorrowedFd<'a>),
+}
+
+impl NetnsRef<'_> {
+    /// Runs `work` in this namespace. Entering another one needs
+    /// `CAP_SYS_ADMIN`.
+    pub(crate) fn run<T: Send>(self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        match self {
+            NetnsRef::Current => work(),
+            NetnsRef::Path(path) => {
+                let ns = File::open(path).map_err(|e| Error::from_io("open netns", &e))?;
+                run_in(ns.as_fd(), work)
+            }
+            NetnsRef::Fd(ns) => run_in(ns, work),
+        }
+    }
+}
 
 /// Runs `work` on a helper thread that first enters the namespace `ns`.
 pub(crate) fn run_in<T: Send>(ns: BorrowedFd<'_>, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {

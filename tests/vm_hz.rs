@@ -1,6 +1,6 @@
-//! HZ without a live SA (src/hz.rs) on a real kernel with ESP. Ignored on
-//! the host, whose kernel has no ESP; run inside the test VM after
-//! net-setup.sh:
+//! HZ without a live SA (src/hz.rs) and a namespace's defaults for new SAs
+//! (src/defaults.rs) on a real kernel with ESP. Ignored on the host, whose
+//! kernel has no ESP; run inside the test VM after net-setup.sh:
 //!
 //! ```text
 //! cargo test --test vm_hz --no-run   # then copy the binary to target/vmtest/vm_hz
@@ -12,11 +12,13 @@
 //! The tests share the process-wide HZ, so each starts from "unknown".
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use xfrmsync::defaults::{self, NamespaceDefaults};
 use xfrmsync::hz;
-use xfrmsync::{timer, Cause, Error, Handle, HzSource, SaId};
+use xfrmsync::{timer, Cause, Error, Handle, HzSource, NetnsRef, SaId};
 
 fn turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
@@ -61,6 +63,11 @@ fn in_ns(name: &str) -> Handle {
         .netns_path(format!("/run/netns/{name}"))
         .open()
         .expect("netns b exists (vmtest/guest/net-setup.sh)")
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?}");
 }
 
 /// Update events of `sa` pending on `watcher`.
@@ -132,4 +139,38 @@ fn the_live_sa_is_measured_only_as_the_last_resort() {
     assert_eq!(updates(&watcher, &sa).len(), 3, "probe, restore, set");
     assert!(logs().lock().unwrap().iter().any(|l| l.starts_with("WARN") && l.contains("live SA")));
     hz::restart_for_tests(None);
+}
+
+#[test]
+#[ignore = "needs ESP: runs inside the VM"]
+fn namespace_defaults_reach_new_sas_only() {
+    let _turn = turn();
+    // Left over from an earlier run, if any.
+    let _ = Command::new("ip").args(["netns", "del", "hzdef"]).stderr(std::process::Stdio::null()).status();
+    ip(&["netns", "add", "hzdef"]);
+    let ns = NetnsRef::Path("/run/netns/hzdef".as_ref());
+    // The null cipher takes no key: an empty one.
+    let add = |spi: &str| {
+        let sa = "xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi";
+        let mut args = vec!["-n", "hzdef"];
+        args.extend(sa.split(' '));
+        args.extend([spi, "mode", "transport", "enc", "ecb(cipher_null)", ""]);
+        ip(&args)
+    };
+    let thresholds = |handle: &Handle, spi: u32| {
+        let now = handle.query_with_thresholds(&SaId::esp("192.0.2.2".parse().unwrap(), spi)).unwrap();
+        (now.timer_threshold_ms.unwrap(), now.replay_threshold.unwrap())
+    };
+    assert_eq!(defaults::read(ns).unwrap(), NamespaceDefaults { timer_ms: 1_000, replay_packets: 2 });
+    defaults::write(ns, &NamespaceDefaults { timer_ms: 2_000, replay_packets: 7 }).unwrap();
+    add("0x100");
+    let handle = Handle::builder().netns_path("/run/netns/hzdef").events(false).open().unwrap();
+    assert_eq!(thresholds(&handle, 0x100), (2_000, 7), "a new SA takes the namespace's defaults");
+    defaults::write(ns, &NamespaceDefaults { timer_ms: 500, replay_packets: 3 }).unwrap();
+    assert_eq!(thresholds(&handle, 0x100), (2_000, 7), "an existing SA keeps its own");
+    add("0x101");
+    assert_eq!(thresholds(&handle, 0x101), (500, 3));
+    println!("defaults: SA 0x100 made at 2000 ms/7 kept them; SA 0x101 made after got 500 ms/3");
+    drop(handle);
+    ip(&["netns", "del", "hzdef"]);
 }
