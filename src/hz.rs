@@ -75,11 +75,12 @@ pub(crate) fn learn_until(deadline: Instant) -> Result<(u32, HzSource)> {
             Err(Error::Os { operation: "learn kernel HZ (no config file; probe disabled)", errno: libc::ENOENT })
         }
     })?;
-    if known.is_none() {
-        log::info!("kernel HZ {}: {}", learnt.0, learnt.1);
-        timer::remember(learnt.0, learnt.1.clone());
+    if known.is_some() {
+        return Ok(learnt);
     }
-    Ok(learnt)
+    let kept = timer::remember_unless_known(learnt.0, learnt.1);
+    log::info!("kernel HZ {}: {}", kept.0, kept.1);
+    Ok(kept)
 }
 
 /// Forgets the HZ learnt so far and takes HZ from `sources` from now on:

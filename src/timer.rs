@@ -126,10 +126,22 @@ pub(crate) fn remember_hz(hz: u32) {
     remember(hz, HzSource::LiveSa);
 }
 
-pub(crate) fn remember(hz: u32, source: HzSource) {
+fn remember(hz: u32, source: HzSource) {
     let mut recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
     KERNEL_HZ.store(hz, Ordering::Relaxed);
     *recorded = Some(source);
+}
+
+/// Keeps `hz` unless HZ became known meanwhile (declared while it was
+/// being learnt, say); returns what is kept.
+pub(crate) fn remember_unless_known(hz: u32, source: HzSource) -> (u32, HzSource) {
+    let mut recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let (Some(known), Some(known_source)) = (kernel_hz(), recorded.as_ref()) {
+        return (known, known_source.clone());
+    }
+    KERNEL_HZ.store(hz, Ordering::Relaxed);
+    *recorded = Some(source.clone());
+    (hz, source)
 }
 
 /// Back to "not known", for tests that walk the sources from the start.
@@ -199,6 +211,19 @@ mod tests {
                 assert_eq!(read * 100, ms, "HZ {hz} ms {ms}");
             }
         }
+    }
+
+    #[test]
+    fn a_declared_hz_is_not_overwritten_by_one_learnt_meanwhile() {
+        // The only test of this binary that touches the process-wide HZ.
+        forget();
+        set_kernel_hz(300).unwrap();
+        assert_eq!(remember_unless_known(250, HzSource::PrivateProbe), (300, HzSource::Declared));
+        assert_eq!(known_hz(), Some((300, HzSource::Declared)));
+        forget();
+        assert_eq!(remember_unless_known(250, HzSource::PrivateProbe), (250, HzSource::PrivateProbe));
+        assert_eq!((kernel_hz(), kernel_hz_source()), (Some(250), Some(HzSource::PrivateProbe)));
+        forget();
     }
 
     #[test]
