@@ -108,6 +108,33 @@
 #define XFRMSYNC_MAX_BITMAP_WORDS 128
 
 /*
+ `xfrmsync_kernel_hz_source`: HZ is not known yet.
+ */
+#define XFRMSYNC_HZ_SOURCE_NONE 0
+
+/*
+ HZ was declared with `xfrmsync_set_kernel_hz`.
+ */
+#define XFRMSYNC_HZ_SOURCE_DECLARED 1
+
+/*
+ HZ is CONFIG_HZ from the running kernel's config file (/proc/config.gz,
+ /boot/config-RELEASE or /usr/lib/modules/RELEASE/config).
+ */
+#define XFRMSYNC_HZ_SOURCE_KERNEL_CONFIG 2
+
+/*
+ HZ was measured on a throw-away SA in a private network namespace.
+ */
+#define XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE 3
+
+/*
+ HZ was measured on a live SA: `xfrmsync_calibrate_hz`, or a timer
+ threshold set when no other source had HZ.
+ */
+#define XFRMSYNC_HZ_SOURCE_LIVE_SA 4
+
+/*
  `xfrmsync_rule.match`: `reqid` is a criterion.
  */
 #define XFRMSYNC_MATCH_REQID 1
@@ -298,6 +325,23 @@ typedef struct xfrmsync_ae_update {
 } xfrmsync_ae_update;
 
 /*
+ A network namespace's thresholds for the SAs created in it from then on
+ (sysctls net.core.xfrm_aevent_etime and net.core.xfrm_aevent_rseqth).
+ Changing them changes no SA that exists already.
+ */
+typedef struct xfrmsync_netns_defaults {
+  /*
+   Milliseconds, a multiple of 100 (the sysctl counts 100 ms steps);
+   0: no timer events.
+   */
+  uint32_t timer_ms;
+  /*
+   Packets; 0: no events for replay-counter progress.
+   */
+  uint32_t replay_packets;
+} xfrmsync_netns_defaults;
+
+/*
  Receives one event. `event` is valid only during the call. It must
  return normally: a C++ exception or a longjmp out of it is undefined
  behaviour.
@@ -445,8 +489,9 @@ int xfrmsync_query(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *
  Sets what `update->set` names in one acknowledged XFRM_MSG_NEWAE. A replay
  value of the wrong form for the SA (legacy vs ESN, or another bitmap
  length) is refused with -EINVAL, since the kernel would silently ignore
- it. The first timer threshold set in a process measures the kernel's HZ
- on this SA (see `xfrmsync_calibrate_hz`).
+ it. The first timer threshold set in a process learns the kernel's HZ
+ (see `xfrmsync_learn_kernel_hz`), and measures it on this SA (see
+ `xfrmsync_calibrate_hz`) only where that finds no source.
  */
 int xfrmsync_update(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, const struct xfrmsync_ae_update *update);
 
@@ -472,6 +517,40 @@ int xfrmsync_set_kernel_hz(uint32_t hz);
  The kernel HZ in use for timer thresholds, 0 if not known yet.
  */
 uint32_t xfrmsync_kernel_hz(void);
+
+/*
+ Where the HZ of `xfrmsync_kernel_hz` came from: one of
+ `XFRMSYNC_HZ_SOURCE_*`.
+ */
+int xfrmsync_kernel_hz_source(void);
+
+/*
+ Learns the kernel's HZ without touching any SA of the caller: the
+ declared value, else CONFIG_HZ from the kernel's config file, else a
+ probe on a throw-away SA in a private network namespace (needs
+ CAP_SYS_ADMIN and ESP in the kernel). The first timer threshold set does
+ the same by itself, and measures on the SA only when this fails. The
+ result is kept for the process. Returns the `XFRMSYNC_HZ_SOURCE_*` it
+ came from and writes `*hz_out` (may be NULL), or the probe's negative
+ errno when no source has HZ.
+ */
+int xfrmsync_learn_kernel_hz(uint32_t *hz_out);
+
+/*
+ Reads the defaults of the network namespace at `netns_path` (e.g.
+ "/run/netns/NAME"; needs CAP_SYS_ADMIN), or of the calling thread's own
+ if it is NULL. -ENOENT where the kernel does not show them (XFRM
+ missing, or a namespace of an unprivileged user namespace).
+ */
+int xfrmsync_netns_defaults_read(const char *netns_path, struct xfrmsync_netns_defaults *out);
+
+/*
+ Sets the defaults of a network namespace (`netns_path` as for
+ `xfrmsync_netns_defaults_read`) for SAs created from now on. A timer
+ that is not a multiple of 100 ms, or that the kernel would overflow, is
+ refused with -EINVAL; both values are checked before either is written.
+ */
+int xfrmsync_netns_defaults_write(const char *netns_path, const struct xfrmsync_netns_defaults *defaults);
 
 /*
  Sets the callback for events of SAs that have none of their own; NULL

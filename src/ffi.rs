@@ -531,8 +531,9 @@ pub extern "C" fn xfrmsync_query(
 /// Sets what `update->set` names in one acknowledged XFRM_MSG_NEWAE. A replay
 /// value of the wrong form for the SA (legacy vs ESN, or another bitmap
 /// length) is refused with -EINVAL, since the kernel would silently ignore
-/// it. The first timer threshold set in a process measures the kernel's HZ
-/// on this SA (see `xfrmsync_calibrate_hz`).
+/// it. The first timer threshold set in a process learns the kernel's HZ
+/// (see `xfrmsync_learn_kernel_hz`), and measures it on this SA (see
+/// `xfrmsync_calibrate_hz`) only where that finds no source.
 #[no_mangle]
 pub extern "C" fn xfrmsync_update(
     handle: *mut xfrmsync_handle,
@@ -590,6 +591,119 @@ pub extern "C" fn xfrmsync_set_kernel_hz(hz: u32) -> c_int {
 #[no_mangle]
 pub extern "C" fn xfrmsync_kernel_hz() -> u32 {
     timer::kernel_hz().unwrap_or(0)
+}
+
+/// `xfrmsync_kernel_hz_source`: HZ is not known yet.
+pub const XFRMSYNC_HZ_SOURCE_NONE: c_int = 0;
+/// HZ was declared with `xfrmsync_set_kernel_hz`.
+pub const XFRMSYNC_HZ_SOURCE_DECLARED: c_int = 1;
+/// HZ is CONFIG_HZ from the running kernel's config file (/proc/config.gz,
+/// /boot/config-RELEASE or /usr/lib/modules/RELEASE/config).
+pub const XFRMSYNC_HZ_SOURCE_KERNEL_CONFIG: c_int = 2;
+/// HZ was measured on a throw-away SA in a private network namespace.
+pub const XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE: c_int = 3;
+/// HZ was measured on a live SA: `xfrmsync_calibrate_hz`, or a timer
+/// threshold set when no other source had HZ.
+pub const XFRMSYNC_HZ_SOURCE_LIVE_SA: c_int = 4;
+
+fn hz_source_to_c(source: Option<&timer::HzSource>) -> c_int {
+    use timer::HzSource;
+    match source {
+        None => XFRMSYNC_HZ_SOURCE_NONE,
+        Some(HzSource::Declared) => XFRMSYNC_HZ_SOURCE_DECLARED,
+        Some(HzSource::KernelConfig(_)) => XFRMSYNC_HZ_SOURCE_KERNEL_CONFIG,
+        Some(HzSource::PrivateProbe) => XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE,
+        Some(HzSource::LiveSa) => XFRMSYNC_HZ_SOURCE_LIVE_SA,
+    }
+}
+
+/// Where the HZ of `xfrmsync_kernel_hz` came from: one of
+/// `XFRMSYNC_HZ_SOURCE_*`.
+#[no_mangle]
+pub extern "C" fn xfrmsync_kernel_hz_source() -> c_int {
+    boundary(|| Ok(hz_source_to_c(timer::kernel_hz_source().as_ref())))
+}
+
+/// Learns the kernel's HZ without touching any SA of the caller: the
+/// declared value, else CONFIG_HZ from the kernel's config file, else a
+/// probe on a throw-away SA in a private network namespace (needs
+/// CAP_SYS_ADMIN and ESP in the kernel). The first timer threshold set does
+/// the same by itself, and measures on the SA only when this fails. The
+/// result is kept for the process. Returns the `XFRMSYNC_HZ_SOURCE_*` it
+/// came from and writes `*hz_out` (may be NULL), or the probe's negative
+/// errno when no source has HZ.
+#[no_mangle]
+pub extern "C" fn xfrmsync_learn_kernel_hz(hz_out: *mut u32) -> c_int {
+    boundary(|| {
+        let (hz, source) = crate::hz::kernel_hz_without_sa()?;
+        if !hz_out.is_null() {
+            write_out(hz_out, hz)?;
+        }
+        Ok(hz_source_to_c(Some(&source)))
+    })
+}
+
+/// A network namespace's thresholds for the SAs created in it from then on
+/// (sysctls net.core.xfrm_aevent_etime and net.core.xfrm_aevent_rseqth).
+/// Changing them changes no SA that exists already.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_netns_defaults {
+    /// Milliseconds, a multiple of 100 (the sysctl counts 100 ms steps);
+    /// 0: no timer events.
+    pub timer_ms: u32,
+    /// Packets; 0: no events for replay-counter progress.
+    pub replay_packets: u32,
+}
+
+/// NULL: the calling thread's namespace; else a path to one.
+fn netns_arg<'a>(netns_path: *const c_char) -> crate::NetnsRef<'a> {
+    use std::os::unix::ffi::OsStrExt;
+    if netns_path.is_null() {
+        return crate::NetnsRef::Current;
+    }
+    // SAFETY: non-NULL, and by contract a NUL-terminated string that lives
+    // for the call.
+    let bytes = unsafe { CStr::from_ptr(netns_path) }.to_bytes();
+    crate::NetnsRef::Path(std::path::Path::new(std::ffi::OsStr::from_bytes(bytes)))
+}
+
+/// Reads the defaults of the network namespace at `netns_path` (e.g.
+/// "/run/netns/NAME"; needs CAP_SYS_ADMIN), or of the calling thread's own
+/// if it is NULL. -ENOENT where the kernel does not show them (XFRM
+/// missing, or a namespace of an unprivileged user namespace).
+#[no_mangle]
+pub extern "C" fn xfrmsync_netns_defaults_read(netns_path: *const c_char, out: *mut xfrmsync_netns_defaults) -> c_int {
+    boundary(|| {
+        let read = crate::defaults::read(netns_arg(netns_path))?;
+        write_out(
+            out,
+            xfrmsync_netns_defaults {
+                timer_ms: read.timer_ms,
+                replay_packets: read.replay_packets,
+            },
+        )?;
+        Ok(0)
+    })
+}
+
+/// Sets the defaults of a network namespace (`netns_path` as for
+/// `xfrmsync_netns_defaults_read`) for SAs created from now on. A timer
+/// that is not a multiple of 100 ms, or that the kernel would overflow, is
+/// refused with -EINVAL; both values are checked before either is written.
+#[no_mangle]
+pub extern "C" fn xfrmsync_netns_defaults_write(
+    netns_path: *const c_char,
+    defaults: *const xfrmsync_netns_defaults,
+) -> c_int {
+    boundary(|| {
+        let given = required(defaults, "defaults")?;
+        let set = crate::defaults::NamespaceDefaults {
+            timer_ms: given.timer_ms,
+            replay_packets: given.replay_packets,
+        };
+        crate::defaults::write(netns_arg(netns_path), &set).map(|_| 0)
+    })
 }
 
 /// A C function and its user pointer, called from `dispatch`.

@@ -214,25 +214,10 @@ fn open_sockets() -> Result<Sockets> {
     })
 }
 
-/// Opens the sockets on a short-lived thread that enters `ns`: sockets keep
-/// the namespace they were made in, and the thread's namespace ends with it.
-/// The caller's thread never moves, so there is nothing to move back, which
-/// could fail (a process that is root only in its own user namespace may
-/// enter a namespace it cannot leave).
+/// Opens the sockets on a short-lived thread that enters `ns` (see
+/// [`crate::netns`]): sockets keep the namespace they were made in.
 fn open_sockets_in(ns: std::os::fd::BorrowedFd<'_>) -> Result<Sockets> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns only reads the fd, which `ns` keeps open for
-                // the call; it changes this helper thread alone.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(Error::last_os("enter netns"));
-                }
-                open_sockets()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(Error::Os { operation: "open sockets in netns (thread panicked)", errno: libc::EIO }))
-    })
+    crate::netns::run_in(ns, open_sockets)
 }
 
 /// Milliseconds for poll(2), rounded up so that a wait never ends early.
@@ -657,6 +642,18 @@ impl Handle {
             .map(|_| ())
     }
 
+    /// A request the caller encodes, answered by an ack: the HZ probe's
+    /// own SA (`crate::hz`).
+    pub(crate) fn request_ack(&self, operation: &'static str, encode: impl FnOnce(&mut Vec<u8>, Sender)) -> Result<()> {
+        self.request(operation, Expect::Ack, encode).map(|_| ())
+    }
+
+    /// Runs `steps` as one call: their requests share one deadline.
+    pub(crate) fn one_call<T>(&self, steps: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _call = self.call();
+        steps()
+    }
+
     /// Current replay state and lifetime counters of `sa`.
     pub fn query(&self, sa: &SaId) -> Result<Aevent> {
         self.getae(sa, false)
@@ -674,7 +671,8 @@ impl Handle {
     /// bitmap length): the kernel silently ignores a legacy value on an ESN
     /// SA, so this is checked first with a query and refused with
     /// `InvalidArgument`. The first timer threshold set in the process
-    /// measures the kernel's HZ on `sa` (see [`Handle::calibrate_hz`]).
+    /// learns the kernel's HZ ([`crate::hz`]); only where no source without
+    /// an SA has it, it is measured on `sa` (see [`Handle::calibrate_hz`]).
     pub fn update(&self, sa: &SaId, update: &AeUpdate) -> Result<()> {
         let _call = self.call();
         if update.is_empty() {
@@ -729,18 +727,31 @@ impl Handle {
         }
     }
 
-    /// The kernel's HZ, learned without touching any SA; an error when it
-    /// cannot be (declare it with [`timer::set_kernel_hz`]).
+    /// The kernel's HZ, learned without touching any SA (see [`crate::hz`]);
+    /// an error when no such source answers.
     pub fn kernel_hz(&self) -> Result<u32> {
-        timer::kernel_hz().ok_or_else(|| {
-            Error::invalid("the kernel's HZ is unknown: declare it (xfrmsync_set_kernel_hz) or set a timer on an SA first")
-        })
+        if let Some(hz) = timer::kernel_hz() {
+            return Ok(hz);
+        }
+        let _call = self.call();
+        let deadline = self.deadline.get().unwrap_or_else(|| Instant::now() + self.request_timeout);
+        crate::hz::learn_until(deadline).map(|(hz, _)| hz)
     }
 
     fn hz_for(&self, sa: &SaId) -> Result<u32> {
-        match timer::kernel_hz() {
-            Some(hz) => Ok(hz),
-            None => self.calibrate_hz(sa),
+        if let Some(hz) = timer::kernel_hz() {
+            return Ok(hz);
+        }
+        let deadline = self.deadline.get().unwrap_or_else(|| Instant::now() + self.request_timeout);
+        match crate::hz::learn_until(deadline) {
+            Ok((hz, _)) => Ok(hz),
+            Err(why) => {
+                log::warn!(
+                    "kernel HZ not known without an SA ({why}); measuring it on the live SA {sa}, whose \
+                     timer is rewritten and restored: listeners see two update events"
+                );
+                self.calibrate_hz(sa)
+            }
         }
     }
 

@@ -3,8 +3,11 @@
 //!
 //! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
 //! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
-//! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`registry`]
-//! (thresholds for SAs as they appear) ← `ffi` (the C ABI).
+//! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`hz`] (HZ without
+//! a live SA), [`defaults`] (a namespace's thresholds for new SAs) ←
+//! [`registry`] (thresholds for SAs as they appear) ← `ffi` (the C ABI).
+//! [`timer`] (ms and jiffies) and [`netns`] (a helper thread in another
+//! network namespace) serve them.
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -23,12 +26,18 @@
 /// cbindgen:ignore
 pub mod aevent;
 /// cbindgen:ignore
+pub mod defaults;
+/// cbindgen:ignore
 pub mod error;
 /// cbindgen:ignore
 pub mod events;
 mod ffi;
 /// cbindgen:ignore
 pub mod handle;
+/// cbindgen:ignore
+pub mod hz;
+/// cbindgen:ignore
+pub mod netns;
 /// cbindgen:ignore
 pub mod registry;
 /// cbindgen:ignore
@@ -41,5 +50,7 @@ pub mod wire;
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
 pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice};
+pub use netns::NetnsRef;
 pub use registry::{Registry, Rule, SaMatch, Thresholds};
+pub use timer::HzSource;
 pub use sa::{Mark, SaId};

@@ -3,12 +3,18 @@
 //! The kernel stores the value it is *set* to as jiffies (`replay_maxage`)
 //! but reports it as `replay_maxage * 10 / HZ`, in 100 ms units. So a set
 //! needs HZ, which userspace cannot read directly (`sysconf(_SC_CLK_TCK)` is
-//! USER_HZ, always 100). We measure it: set a large, known number of jiffies
-//! on an SA, read back the 100 ms count, and invert the kernel's formula.
+//! USER_HZ, always 100). [`crate::hz`] learns it from the caller or the
+//! kernel's config where it can; otherwise we measure it: set a large, known
+//! number of jiffies on an SA, read back the 100 ms count, and invert the
+//! kernel's formula.
 //! What is measured is "set units per second": should a kernel one day store
 //! milliseconds, the same measurement yields 1000 and everything still holds.
 
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::error::{Error, Result};
 
@@ -20,9 +26,41 @@ pub(crate) const CALIBRATION_JIFFIES: u32 = 1_000_000;
 /// read back wrapped, so we refuse to set it.
 const MAX_JIFFIES: u32 = u32::MAX / 10;
 
+/// HZ values we accept from anyone: a caller, a config file, a measurement.
+pub(crate) const HZ_RANGE: RangeInclusive<u32> = 1..=100_000;
+
 /// HZ is a property of the running kernel, not of a handle or namespace, so
 /// one measurement serves the whole process. 0 = not measured yet.
 static KERNEL_HZ: AtomicU32 = AtomicU32::new(0);
+/// Where `KERNEL_HZ` came from. Written together with it, under this lock;
+/// `KERNEL_HZ` stays an atomic so the hot path reads it without locking.
+static SOURCE: Mutex<Option<HzSource>> = Mutex::new(None);
+
+/// Where the HZ in use came from (see [`crate::hz`]), in the order the
+/// library tries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HzSource {
+    /// The caller declared it ([`set_kernel_hz`]).
+    Declared,
+    /// `CONFIG_HZ` of the running kernel's configuration, read from this file.
+    KernelConfig(PathBuf),
+    /// Measured on a throw-away SA in a private network namespace.
+    PrivateProbe,
+    /// Measured on one of the caller's SAs ([`crate::Handle::calibrate_hz`]),
+    /// which rewrote its timer briefly.
+    LiveSa,
+}
+
+impl fmt::Display for HzSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HzSource::Declared => f.write_str("declared by the caller"),
+            HzSource::KernelConfig(path) => write!(f, "CONFIG_HZ in {}", path.display()),
+            HzSource::PrivateProbe => f.write_str("measured on a throw-away SA in a private network namespace"),
+            HzSource::LiveSa => f.write_str("measured on a live SA"),
+        }
+    }
+}
 
 /// The kernel's HZ, if measured or set.
 pub fn kernel_hz() -> Option<u32> {
@@ -32,12 +70,23 @@ pub fn kernel_hz() -> Option<u32> {
     }
 }
 
+/// Where the HZ of [`kernel_hz`] came from, if it is known.
+pub fn kernel_hz_source() -> Option<HzSource> {
+    SOURCE.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// The HZ in use and its source, read together.
+pub(crate) fn known_hz() -> Option<(u32, HzSource)> {
+    let recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
+    Some((kernel_hz()?, recorded.clone()?))
+}
+
 /// Use `hz` instead of measuring it (for a caller that knows `CONFIG_HZ`).
 pub fn set_kernel_hz(hz: u32) -> Result<()> {
-    if !(1..=100_000).contains(&hz) {
+    if !HZ_RANGE.contains(&hz) {
         return Err(Error::invalid(format!("kernel HZ {hz} out of range")));
     }
-    KERNEL_HZ.store(hz, Ordering::Relaxed);
+    remember(hz, HzSource::Declared);
     Ok(())
 }
 
@@ -72,8 +121,34 @@ pub fn ms_to_jiffies(ms: u32, hz: u32) -> Result<u32> {
         })
 }
 
+/// What [`crate::Handle::calibrate_hz`] measured on a live SA.
 pub(crate) fn remember_hz(hz: u32) {
+    remember(hz, HzSource::LiveSa);
+}
+
+fn remember(hz: u32, source: HzSource) {
+    let mut recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
     KERNEL_HZ.store(hz, Ordering::Relaxed);
+    *recorded = Some(source);
+}
+
+/// Keeps `hz` unless HZ became known meanwhile (declared while it was
+/// being learnt, say); returns what is kept.
+pub(crate) fn remember_unless_known(hz: u32, source: HzSource) -> (u32, HzSource) {
+    let mut recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let (Some(known), Some(known_source)) = (kernel_hz(), recorded.as_ref()) {
+        return (known, known_source.clone());
+    }
+    KERNEL_HZ.store(hz, Ordering::Relaxed);
+    *recorded = Some(source.clone());
+    (hz, source)
+}
+
+/// Back to "not known", for tests that walk the sources from the start.
+pub(crate) fn forget() {
+    let mut recorded = SOURCE.lock().unwrap_or_else(PoisonError::into_inner);
+    KERNEL_HZ.store(0, Ordering::Relaxed);
+    *recorded = None;
 }
 
 #[cfg(test)]
@@ -136,6 +211,19 @@ mod tests {
                 assert_eq!(read * 100, ms, "HZ {hz} ms {ms}");
             }
         }
+    }
+
+    #[test]
+    fn a_declared_hz_is_not_overwritten_by_one_learnt_meanwhile() {
+        // The only test of this binary that touches the process-wide HZ.
+        forget();
+        set_kernel_hz(300).unwrap();
+        assert_eq!(remember_unless_known(250, HzSource::PrivateProbe), (300, HzSource::Declared));
+        assert_eq!(known_hz(), Some((300, HzSource::Declared)));
+        forget();
+        assert_eq!(remember_unless_known(250, HzSource::PrivateProbe), (250, HzSource::PrivateProbe));
+        assert_eq!((kernel_hz(), kernel_hz_source()), (Some(250), Some(HzSource::PrivateProbe)));
+        forget();
     }
 
     #[test]

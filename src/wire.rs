@@ -54,6 +54,7 @@ const IFADDRMSG_LEN: usize = 8;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 
+const XFRMA_ALG_CRYPT: u16 = 2;
 const XFRMA_SA: u16 = 6;
 const XFRMA_LTIME_VAL: u16 = 9;
 const XFRMA_REPLAY_VAL: u16 = 10;
@@ -72,6 +73,7 @@ pub const AEVENT_ID_LEN: usize = 48;
 const USERSA_INFO_LEN: usize = 224;
 const SA_INFO_ID: usize = 56;
 const SA_INFO_SADDR: usize = 80;
+const SA_INFO_LFT: usize = 96;
 const SA_INFO_CURLFT: usize = 160;
 const SA_INFO_REQID: usize = 208;
 const SA_INFO_FAMILY: usize = 212;
@@ -79,6 +81,13 @@ const SA_INFO_MODE: usize = 214;
 const SA_INFO_REPLAY_WINDOW: usize = 215;
 const SA_INFO_FLAGS: usize = 216;
 const LIFETIME_LEN: usize = 32;
+/// `struct xfrm_algo`: alg_name[64], alg_key_len (bits), then the key.
+const ALGO_NAME_LEN: usize = 64;
+/// Longest cipher key we encode; the kernel's longest (AES-256 with nonce)
+/// is 36 bytes.
+const MAX_KEY_LEN: usize = 64;
+/// `XFRM_INF`: no limit, in `struct xfrm_lifetime_cfg`.
+const XFRM_INF: u64 = u64::MAX;
 const LEGACY_REPLAY_LEN: usize = 12;
 const ESN_HEADER_LEN: usize = 24;
 
@@ -113,13 +122,18 @@ fn addr_at(buf: &[u8], at: usize, family: u16) -> Result<IpAddr> {
     }
 }
 
-fn put_addr(out: &mut Vec<u8>, addr: &IpAddr) {
+/// `xfrm_address_t`: IPv4 in the first 4 bytes.
+fn addr16(addr: &IpAddr) -> [u8; 16] {
     let mut raw = [0u8; 16];
     match addr {
         IpAddr::V4(a) => raw[..4].copy_from_slice(&a.octets()),
         IpAddr::V6(a) => raw.copy_from_slice(&a.octets()),
     }
-    out.extend_from_slice(&raw);
+    raw
+}
+
+fn put_addr(out: &mut Vec<u8>, addr: &IpAddr) {
+    out.extend_from_slice(&addr16(addr));
 }
 
 /// One netlink message, borrowed from a datagram.
@@ -735,4 +749,63 @@ pub fn decode_newaddr(msg: &NlMsg<'_>) -> Result<Option<IpAddr>> {
         }
     }
     Ok(local.or(address))
+}
+
+/// What one user → kernel `XFRM_MSG_NEWSA` installs: a transport-mode SA
+/// with one cipher and no authentication, no lifetime limits and no replay
+/// window. Enough for an SA that carries no traffic (the HZ probe's
+/// throw-away SA).
+#[derive(Debug, Clone, Copy)]
+pub struct NewSa<'a> {
+    sa: &'a SaId,
+    saddr: IpAddr,
+    cipher: &'a str,
+    key: &'a [u8],
+}
+
+impl<'a> NewSa<'a> {
+    /// `sa` gives destination, SPI and protocol (a mark or interface id goes
+    /// along); `cipher` is a name the kernel's algorithm table knows, such
+    /// as `ecb(cipher_null)`. What the kernel's structures cannot hold is
+    /// refused here, so that encoding cannot fail.
+    pub fn new(sa: &'a SaId, saddr: IpAddr, cipher: &'a str, key: &'a [u8]) -> Result<NewSa<'a>> {
+        if cipher.len() >= ALGO_NAME_LEN || cipher.contains('\0') {
+            return Err(Error::invalid(format!("cipher name {cipher:?} does not fit the kernel's 64 bytes")));
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(Error::invalid(format!("cipher key longer than {MAX_KEY_LEN} bytes")));
+        }
+        if family_of(&sa.daddr) != family_of(&saddr) {
+            return Err(Error::invalid("source and destination of an SA must be of one family"));
+        }
+        Ok(NewSa { sa, saddr, cipher, key })
+    }
+}
+
+/// `XFRM_MSG_NEWSA` with `NLM_F_ACK`. The selector is left empty: the
+/// kernel gives it the SA's family, so the SA matches no particular traffic.
+pub fn encode_newsa(out: &mut Vec<u8>, from: Sender, new: &NewSa<'_>) {
+    out.clear();
+    let start = begin(out, XFRM_MSG_NEWSA, NLM_F_ACK, from);
+    let info = out.len();
+    out.resize(info + USERSA_INFO_LEN, 0);
+    let mut put = |at: usize, bytes: &[u8]| out[info + at..info + at + bytes.len()].copy_from_slice(bytes);
+    put(SA_INFO_ID, &addr16(&new.sa.daddr));
+    put(SA_INFO_ID + 16, &new.sa.spi.to_be_bytes());
+    put(SA_INFO_ID + 20, &[new.sa.proto]);
+    put(SA_INFO_SADDR, &addr16(&new.saddr));
+    // Byte and packet limits (soft, hard) of 0 would be limits of 0; the
+    // four time limits after them mean "none" at 0.
+    for i in 0..4 {
+        put(SA_INFO_LFT + 8 * i, &XFRM_INF.to_ne_bytes());
+    }
+    put(SA_INFO_FAMILY, &family_of(&new.sa.daddr).to_ne_bytes());
+    let mut algo = [0u8; ALGO_NAME_LEN + 4 + MAX_KEY_LEN];
+    algo[..new.cipher.len()].copy_from_slice(new.cipher.as_bytes());
+    let key_bits = (new.key.len() * 8) as u32;
+    algo[ALGO_NAME_LEN..ALGO_NAME_LEN + 4].copy_from_slice(&key_bits.to_ne_bytes());
+    algo[ALGO_NAME_LEN + 4..][..new.key.len()].copy_from_slice(new.key);
+    put_attr(out, XFRMA_ALG_CRYPT, &algo[..ALGO_NAME_LEN + 4 + new.key.len()]);
+    put_identity_attrs(out, new.sa);
+    finish(out, start);
 }
