@@ -11,7 +11,9 @@
  * NULL or invalid argument; -ESRCH is an SA the kernel does not have.
  * Out-parameters are written only on success.
  *
- * Threads: the library starts no thread. A handle may be used from any
+ * Threads: the library keeps no thread of its own (opening in another
+ * namespace and learning HZ run a short-lived helper thread they join
+ * before returning). A handle may be used from any
  * thread, by one thread at a time. Callbacks run only inside
  * xfrmsync_dispatch(), on the thread that called it. From a callback you may
  * call xfrmsync_query, xfrmsync_update, xfrmsync_set_thresholds and
