@@ -202,6 +202,18 @@ fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
     registry(ptr).map(Registry::handle)
 }
 
+/// A C string argument as UTF-8 text.
+fn text<'a>(ptr: *const c_char, what: &'static str) -> Result<&'a str> {
+    if ptr.is_null() {
+        return Err(Error::invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL, and by the header's contract a NUL-terminated
+    // string that lives for the call.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+}
+
 fn handle_and_sa<'a>(handle: *const xfrmsync_handle, sa: *const xfrmsync_sa_id) -> Result<(&'a Handle, SaId)> {
     Ok((self::handle(handle)?, required(sa, "sa")?.to_rust()?))
 }
@@ -424,13 +436,7 @@ pub extern "C" fn xfrmsync_handle_new(out: *mut *mut xfrmsync_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_new_netns_path(netns_path: *const c_char, out: *mut *mut xfrmsync_handle) -> c_int {
     boundary(|| {
-        if netns_path.is_null() {
-            return Err(Error::invalid("netns path is NULL"));
-        }
-        // SAFETY: non-NULL, and by contract a NUL-terminated string.
-        let path = unsafe { CStr::from_ptr(netns_path) };
-        let path = std::str::from_utf8(path.to_bytes()).map_err(|_| Error::invalid("netns path is not UTF-8"))?;
-        publish(Handle::builder().netns_path(path).open(), out)
+        publish(Handle::builder().netns_path(text(netns_path, "netns path")?).open(), out)
     })
 }
 
@@ -906,14 +912,7 @@ impl xfrmsync_rule {
         if self.r#match & !known != 0 {
             return Err(Error::invalid(format!("unknown bits 0x{:x} in rule.match", self.r#match & !known)));
         }
-        if self.name.is_null() {
-            return Err(Error::invalid("rule name is NULL"));
-        }
-        // SAFETY: non-NULL, and by contract a NUL-terminated string.
-        let name = unsafe { CStr::from_ptr(self.name) }
-            .to_str()
-            .map_err(|_| Error::invalid("rule name is not UTF-8"))?
-            .to_owned();
+        let name = text(self.name, "rule name")?.to_owned();
         let has = |bit| self.r#match & bit != 0;
         let prefix = |raw: &[u8; 16], len: u8| -> Result<Prefix> { Prefix::new(ip_from_c(self.family, raw)?, len) };
         let direction = match self.direction {
@@ -966,12 +965,7 @@ pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const x
 pub extern "C" fn xfrmsync_rule_remove(handle: *mut xfrmsync_handle, name: *const c_char) -> c_int {
     boundary(|| {
         let registry = registry(handle)?;
-        if name.is_null() {
-            return Err(Error::invalid("rule name is NULL"));
-        }
-        // SAFETY: non-NULL, and by contract a NUL-terminated string.
-        let name = unsafe { CStr::from_ptr(name) }.to_str().map_err(|_| Error::invalid("rule name is not UTF-8"))?;
-        registry.remove_rule(name).map(c_int::from)
+        registry.remove_rule(text(name, "rule name")?).map(c_int::from)
     })
 }
 
