@@ -207,6 +207,8 @@ fn burst(count: u32, receive_buffer: Option<usize>) -> (Vec<Duration>, usize) {
         while idle_after_stop < 20 {
             match registry.dispatch() {
                 Ok(0) if stop.load(Ordering::Relaxed) => idle_after_stop += 1,
+                // More may be waiting: a daemon's poll would return at once.
+                Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(xfrmsync::Error::EventsLost) => *lost.lock().unwrap() += 1,
                 Err(e) => panic!("dispatch: {e}"),
