@@ -1,13 +1,14 @@
 //! xfrmsync: keep IPsec SA replay and lifetime counters in sync through the
 //! Linux kernel's XFRM asynchronous events (aevents).
 //!
-//! Layers, each using only those before it: [`error`] ← [`sa`] (SA identity)
-//! ← [`aevent`] (the values) ← [`wire`] (the codec, bytes only) ← [`events`]
-//! (routing) ← [`handle`] (sockets, requests, dispatch) ← [`hz`] (HZ without
-//! a live SA), [`defaults`] (a namespace's thresholds for new SAs) ←
-//! [`registry`] (thresholds for SAs as they appear) ← `ffi` (the C ABI).
-//! [`timer`] (ms and jiffies) and [`netns`] (a helper thread in another
-//! network namespace) serve them.
+//! Layers, each a folder using only those before it: [`error`] ←
+//! [`codec`] (SA identity [`sa`], the values [`aevent`], the wire codec
+//! [`wire`]: bytes only, no socket) ← [`handle`] (sockets, requests,
+//! dispatch; with [`events`] routing, [`netns`] a helper thread in another
+//! network namespace, [`timer`] ms and jiffies, [`hz`] HZ without a live SA,
+//! [`defaults`] a namespace's thresholds for new SAs) ← [`registry`]
+//! (thresholds for SAs as they appear) ← `ffi` (the C ABI). The `xfrmsync`
+//! tool and the strongSwan plugin are clients in their own folders.
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -24,28 +25,18 @@
 //! ```
 
 /// cbindgen:ignore
-pub mod aevent;
-/// cbindgen:ignore
-pub mod defaults;
+pub mod codec;
 /// cbindgen:ignore
 pub mod error;
-/// cbindgen:ignore
-pub mod events;
 mod ffi;
 /// cbindgen:ignore
 pub mod handle;
 /// cbindgen:ignore
-pub mod hz;
-/// cbindgen:ignore
-pub mod netns;
-/// cbindgen:ignore
 pub mod registry;
-/// cbindgen:ignore
-pub mod sa;
-/// cbindgen:ignore
-pub mod timer;
-/// cbindgen:ignore
-pub mod wire;
+
+// The layers' parts keep the short paths users know.
+pub use codec::{aevent, sa, wire};
+pub use handle::{defaults, events, hz, netns, timer};
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};

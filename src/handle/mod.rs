@@ -5,6 +5,13 @@
 //! means exactly "events were lost". The event socket is the one fd handed
 //! out for poll/epoll; nothing blocks on it and no thread is started.
 
+
+pub mod defaults;
+pub mod events;
+pub mod hz;
+pub mod netns;
+pub mod timer;
+
 use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -17,7 +24,6 @@ use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
 use crate::events::Router;
 use crate::sa::SaId;
-use crate::timer;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
