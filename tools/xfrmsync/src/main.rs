@@ -1,0 +1,3 @@
+mod parse;
+mod rules_file;
+fn main() {}
