@@ -81,6 +81,15 @@ pub fn reason(e: &xfrmsync::Error) -> String {
     }
 }
 
+/// An I/O error without std's " (os error N)" suffix.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(end) => text[..end].to_string(),
+        None => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,7 +91,7 @@ struct RawRule {
 /// lines included.
 pub fn load(path: &Path, hz: Option<u32>) -> Result<Vec<Rule>, String> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {}", parse::io_reason(&e)))?;
     parse(&text, hz).map_err(|e| e.report(&file))
 }
 
@@ -100,10 +100,7 @@ pub fn load(path: &Path, hz: Option<u32>) -> Result<Vec<Rule>, String> {
 pub fn parse(text: &str, hz: Option<u32>) -> Result<Vec<Rule>, RulesError> {
     let lines = LineIndex::new(text);
     let raw: RawFile = toml::from_str(text).map_err(|e| RulesError {
-        problems: vec![Problem {
-            line: e.span().map(|s| lines.line(s.start)),
-            reason: syntax_reason(e.message()),
-        }],
+        problems: vec![Problem { line: e.span().map(|s| lines.line(s.start)), reason: syntax_reason(e.message()) }],
     })?;
     let mut checker = Checker { lines: &lines, problems: Vec::new(), hz };
     let mut rules = Vec::with_capacity(raw.rule.len());
@@ -147,9 +144,7 @@ struct LineIndex {
 
 impl LineIndex {
     fn new(text: &str) -> LineIndex {
-        let starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
         LineIndex { starts }
     }
 
@@ -177,7 +172,12 @@ impl Checker<'_> {
 
     /// Checks one value with `convert`; a problem is recorded at the
     /// value's line and `None` returned.
-    fn value<T>(&mut self, key: &str, v: &Option<Spanned<Value>>, convert: impl FnOnce(&Value) -> Result<T, String>) -> Option<Option<T>> {
+    fn value<T>(
+        &mut self,
+        key: &str,
+        v: &Option<Spanned<Value>>,
+        convert: impl FnOnce(&Value) -> Result<T, String>,
+    ) -> Option<Option<T>> {
         let Some(v) = v else { return Some(None) };
         match convert(v.get_ref()) {
             Ok(t) => Some(Some(t)),
@@ -216,9 +216,8 @@ impl Checker<'_> {
         let direction = self.value("direction", &raw.direction, |v| {
             string(v).and_then(|s| s.parse::<Direction>().map_err(|e| parse::reason(&e)))
         });
-        let replay_packets = self.value("replay_packets", &raw.replay_packets, |v| {
-            threshold(v, u64::from(u32::MAX), "packets")
-        });
+        let replay_packets =
+            self.value("replay_packets", &raw.replay_packets, |v| threshold(v, u64::from(u32::MAX), "packets"));
         let hz = self.hz;
         let timer_ms = self.value("timer_ms", &raw.timer_ms, |v| timer_ms(v, hz));
 
@@ -231,10 +230,7 @@ impl Checker<'_> {
         .filter_map(|(key, absent)| absent.then_some(key))
         .collect();
         if !missing.is_empty() {
-            self.problems.push(Problem {
-                line: Some(at),
-                reason: format!("this rule lacks {}", missing.join(", ")),
-            });
+            self.problems.push(Problem { line: Some(at), reason: format!("this rule lacks {}", missing.join(", ")) });
         }
         // Families must agree, or the rule could never match.
         if let (Some(Some(s)), Some(Some(d)), Some(v)) = (src, dst, &raw.src) {
@@ -246,7 +242,10 @@ impl Checker<'_> {
             for (key, p, raw_v) in [("src", src, &raw.src), ("dst", dst, &raw.dst)] {
                 if let (Some(Some((addr, prefix))), Some(v)) = (p, raw_v) {
                     if xfrmsync::sa::SaId::esp(addr, 0).family() != f {
-                        self.problem(v.span(), format!("{key}: {prefix} is not an {} address, as family says", parse::family_name(f)));
+                        self.problem(
+                            v.span(),
+                            format!("{key}: {prefix} is not an {} address, as family says", parse::family_name(f)),
+                        );
                     }
                 }
             }
@@ -267,10 +266,7 @@ impl Checker<'_> {
                 if_id: if_id?,
                 direction: direction?,
             },
-            thresholds: Thresholds {
-                replay_packets: replay_packets??,
-                timer_ms: timer_ms??,
-            },
+            thresholds: Thresholds { replay_packets: replay_packets??, timer_ms: timer_ms?? },
         })
     }
 }
@@ -312,9 +308,9 @@ fn id_number(v: &Value, max: u64) -> Result<u32, String> {
 fn threshold(v: &Value, max: u64, unit: &str) -> Result<u32, String> {
     match v {
         Value::Integer(i) if *i < 0 => Err(format!("{i} is negative; a threshold is a count of {unit}, 0 or more")),
-        Value::Integer(i) if *i as u64 > max => Err(format!(
-            "{i} {unit} is beyond what the kernel can hold (at most {max})"
-        )),
+        Value::Integer(i) if *i as u64 > max => {
+            Err(format!("{i} {unit} is beyond what the kernel can hold (at most {max})"))
+        }
         Value::Integer(i) => Ok(*i as u32),
         other => Err(format!("expected a whole number of {unit}, found {}", type_name(other))),
     }
@@ -344,7 +340,12 @@ pub fn describe(m: &SaMatch) -> String {
         parts.push(format!("spi 0x{n:08x}"));
     }
     if let Some(p) = m.proto {
-        parts.push(format!("proto {p}"));
+        match p {
+            xfrmsync::sa::IPPROTO_ESP => parts.push("proto esp".into()),
+            xfrmsync::sa::IPPROTO_AH => parts.push("proto ah".into()),
+            xfrmsync::sa::IPPROTO_COMP => parts.push("proto comp".into()),
+            other => parts.push(format!("proto {other}")),
+        }
     }
     if let Some(f) = m.family {
         parts.push(format!("family {}", parse::family_name(f)));
@@ -531,7 +532,8 @@ timer_ms = 0
 
     #[test]
     fn missing_keys_name_the_rule_line() {
-        let text = "[[rule]]\nname = \"a\"\nreplay_packets = 1\ntimer_ms = 100\n\n[[rule]]\nname = \"b\"\ntimer_ms = 100\n";
+        let text =
+            "[[rule]]\nname = \"a\"\nreplay_packets = 1\ntimer_ms = 100\n\n[[rule]]\nname = \"b\"\ntimer_ms = 100\n";
         let (line, reason) = refused(text);
         assert_eq!(line, Some(6), "{reason}");
         assert!(reason.contains("replay_packets"), "{reason}");
@@ -558,7 +560,10 @@ timer_ms = 0
             ("reqid = 4294967296", "larger"),
             ("name = \"\"", "empty"),
         ] {
-            let text = format!("[[rule]]\nreplay_packets = 1\ntimer_ms = 100\n{key_line}\n{}", if key_line.starts_with("name") { "" } else { "name = \"r\"\n" });
+            let text = format!(
+                "[[rule]]\nreplay_packets = 1\ntimer_ms = 100\n{key_line}\n{}",
+                if key_line.starts_with("name") { "" } else { "name = \"r\"\n" }
+            );
             let (line, reason) = refused(&text);
             assert_eq!(line, Some(4), "{key_line}: {reason}");
             assert!(reason.contains(word), "{key_line}: {reason}");
