@@ -1,6 +1,5 @@
 //! `xfrmsync get [DST SPI]`: counters and thresholds of one SA, or of all.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use xfrmsync::wire::SaInfo;
@@ -25,14 +24,18 @@ pub struct Args {
     json: bool,
 }
 
-/// Whether each SA has the ESN flag, from one dump: a query does not say,
-/// and its replay structure alone does not tell (see `output::Form`).
-fn esn_flags(handle: &Handle) -> Result<HashMap<SaId, bool>, xfrmsync::Error> {
-    let mut flags = HashMap::new();
+/// Whether `sa` has the ESN flag, from a dump: a query does not say, and
+/// its replay structure alone does not tell (see `output::Form`). Found by
+/// what the kernel's lookup uses: destination, SPI and protocol.
+pub fn esn_flag(handle: &Handle, sa: &SaId) -> Result<Option<bool>, xfrmsync::Error> {
+    let mut esn = None;
     handle.dump_sas(|info: &SaInfo| {
-        flags.insert(info.sa, info.esn());
+        let s = &info.sa;
+        if (s.daddr, s.spi, s.proto) == (sa.daddr, sa.spi, sa.proto) {
+            esn = Some(info.esn());
+        }
     })?;
-    Ok(flags)
+    Ok(esn)
 }
 
 pub fn run(global: &Global, args: &Args) -> Outcome {
@@ -58,7 +61,7 @@ fn one(handle: &Handle, sa: &SaId, json: bool) -> Outcome {
     let event = handle.query_with_thresholds(sa).map_err(|e| Failure::new(format!("{sa}: {e}")))?;
     // The flag is only for the label: a failed dump leaves it unknown
     // rather than failing a query that worked.
-    let esn = esn_flags(handle).ok().and_then(|flags| flags.get(sa).copied());
+    let esn = esn_flag(handle, sa).ok().flatten();
     print(&event, esn, json);
     Ok(())
 }

@@ -45,16 +45,24 @@ struct State {
     rule: Option<(RuleSet, String)>,
     local: Vec<IpAddr>,
     /// ESN flag and direction of each SA seen, from the dump at the start
-    /// and the SA notifications after it.
-    known: HashMap<SaId, (bool, Option<u8>)>,
+    /// and the SA notifications after it. Keyed by what the kernel's lookup
+    /// uses, so that an event finds its SA whatever mark or interface id
+    /// attributes either message carried.
+    known: HashMap<Key, (bool, Option<u8>)>,
     printed: u64,
     /// --count: one dispatch may read more events than are still wanted.
     limit: Option<u64>,
 }
 
+type Key = (IpAddr, u32, u8);
+
+fn key(sa: &SaId) -> Key {
+    (sa.daddr, sa.spi, sa.proto)
+}
+
 impl State {
     fn learn(&mut self, info: &SaInfo) {
-        self.known.insert(info.sa, (info.esn(), info.direction));
+        self.known.insert(key(&info.sa), (info.esn(), info.direction));
     }
 
     fn wanted(&self, ev: &Aevent) -> bool {
@@ -62,7 +70,7 @@ impl State {
             return false;
         }
         let Some((rules, name)) = &self.rule else { return true };
-        let direction_attr = self.known.get(&ev.sa).and_then(|k| k.1);
+        let direction_attr = self.known.get(&key(&ev.sa)).and_then(|k| k.1);
         let facts = SaFacts {
             sa: ev.sa,
             saddr: Some(ev.saddr),
@@ -80,7 +88,7 @@ impl State {
         if self.done() || !self.wanted(ev) {
             return;
         }
-        let esn = self.known.get(&ev.sa).map(|k| k.0);
+        let esn = self.known.get(&key(&ev.sa)).map(|k| k.0);
         if self.json {
             output::line(&output::json(ev, esn));
         } else {
@@ -128,7 +136,8 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         _ => None,
     };
     // Before any thread starts (the handle's netns helper is one).
-    let signals = sys::Signals::take(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+    // SIGHUP keeps its default action (or nohup's SIG_IGN).
+    let signals = sys::Signals::take(&[libc::SIGINT, libc::SIGTERM])
         .map_err(|e| Failure::new(format!("taking signals: {e}")))?;
     let handle = global.open(true)?;
     let local = if rule.as_ref().is_some_and(|(set, _)| set.needs_direction()) {
@@ -171,12 +180,8 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
             return Ok(()); // --seconds passed
         }
         if signal {
-            while let Some(s) = signals.next().map_err(|e| Failure::new(format!("reading signals: {e}")))? {
-                // SIGHUP is taken too, so that closing a terminal ends the
-                // monitor cleanly rather than mid-line.
-                if matches!(s, libc::SIGINT | libc::SIGTERM | libc::SIGHUP) {
-                    return Ok(());
-                }
+            if signals.next().map_err(|e| Failure::new(format!("reading signals: {e}")))?.is_some() {
+                return Ok(());
             }
         }
         if events {
@@ -185,7 +190,7 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
                 match notice.change {
                     SaChange::New | SaChange::Updated => s.learn(&notice.info),
                     SaChange::Deleted | SaChange::Expired { hard: true } => {
-                        s.known.remove(&notice.info.sa);
+                        s.known.remove(&key(&notice.info.sa));
                     }
                     SaChange::Expired { hard: false } => {}
                 }

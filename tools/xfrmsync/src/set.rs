@@ -1,7 +1,7 @@
 //! `xfrmsync set DST SPI ...`: thresholds and values of one SA in one
 //! `XFRM_MSG_NEWAE`, so the kernel applies all of it or none.
 
-use xfrmsync::{AeUpdate, Aevent, Replay, SaId};
+use xfrmsync::{AeUpdate, Aevent, Replay};
 
 use crate::{output, parse, Failure, Global, Outcome, SaArgs};
 
@@ -53,7 +53,9 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         let now = handle.query(&sa).map_err(|e| fail(e.to_string()))?;
         let wide = |v: &Option<u64>| v.is_some_and(|v| v > u64::from(u32::MAX));
         let esn = if now.replay.is_esn() && (wide(&args.oseq) || wide(&args.seq)) {
-            esn_flag(&handle, &sa).map_err(|e| fail(format!("listing SAs for the ESN flag: {e}")))?
+            crate::get::esn_flag(&handle, &sa)
+                .map_err(|e| fail(format!("listing SAs for the ESN flag: {e}")))?
+                .ok_or_else(|| fail("gone since it was queried; nothing was changed".into()))?
         } else {
             false
         };
@@ -73,17 +75,6 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         output::line(&format!("set {}", output::event_line(&after, None).trim_start_matches("query ")));
     }
     Ok(())
-}
-
-/// Whether `sa` has the ESN flag (an SA not listed has not).
-fn esn_flag(handle: &xfrmsync::Handle, sa: &SaId) -> Result<bool, xfrmsync::Error> {
-    let mut esn = false;
-    handle.dump_sas(|info| {
-        if info.sa == *sa {
-            esn = info.esn();
-        }
-    })?;
-    Ok(esn)
 }
 
 /// The replay state to send: the SA's own with the sequence numbers given.

@@ -27,6 +27,11 @@ impl Signals {
     /// opens a signalfd for them. Call it before any thread is started (the
     /// library starts one to enter a namespace), or a signal could be
     /// delivered to a thread that still has its default action.
+    ///
+    /// Their disposition is set back to the default: the kernel discards an
+    /// ignored signal even while it is blocked, and a shell starts
+    /// background commands with SIGINT ignored, so `kill -INT` would never
+    /// reach the fd. Blocked, the default action never runs.
     pub fn take(signals: &[libc::c_int]) -> io::Result<Signals> {
         // SAFETY: sigset_t is plain data; sigemptyset initialises it before
         // any other use.
@@ -42,6 +47,13 @@ impl Signals {
         let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
+        }
+        for s in signals {
+            // SAFETY: SIG_DFL installs no handler; the signal is blocked
+            // already, so its default action cannot run.
+            if unsafe { libc::signal(*s, libc::SIG_DFL) } == libc::SIG_ERR {
+                return Err(io::Error::last_os_error());
+            }
         }
         // SAFETY: -1 asks for a new fd; `set` is valid for the call.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
