@@ -51,46 +51,49 @@ add_sa() { # add_sa NETNS SPI REQID REPLAY-ARGS...: an SA 10.9.0.1 -> 10.9.0.2
     ip -n "$ns" xfrm state add src 10.9.0.1 dst 10.9.0.2 proto esp spi "$spi" reqid "$reqid" mode transport "$@" $KEYS
 }
 
-# raw_getae NETNS DST SPI [MARK MASK]: "REPLAY_THRESH TIMER_MS" straight from
-# the kernel (XFRMA_ETIMER_THRESH is reported in 100 ms units).
+# raw_getae NETNS DST,SPI[,MARK,MASK]...: "REPLAY_THRESH TIMER_MS" of each SA
+# straight from the kernel, one line each (XFRMA_ETIMER_THRESH is reported
+# in 100 ms units). One Python for all: each start costs seconds under TCG.
 raw_getae() {
     ip netns exec "$1" python3 - "${@:2}" <<'PY'
 import ipaddress, socket, struct, sys
-dst, spi = ipaddress.ip_address(sys.argv[1]), int(sys.argv[2], 0)
-family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
 XFRM_MSG_GETAE, NLMSG_ERROR, XFRMA_MARK = 0x1f, 2, 21
 XFRMA_REPLAY_THRESH, XFRMA_ETIMER_THRESH = 11, 12
 XFRM_AE_RTHR, XFRM_AE_ETHR = 1, 8
-# struct xfrm_aevent_id: xfrm_usersa_id (daddr, spi, family, proto, pad),
-# saddr, flags, reqid: 48 bytes.
-body = struct.pack("=16s4sHBx16sII", dst.packed.ljust(16, b"\0"), struct.pack(">I", spi), family, 50,
-                   b"\0" * 16, XFRM_AE_RTHR | XFRM_AE_ETHR, 0)
-if len(sys.argv) > 3:
-    body += struct.pack("=HHII", 12, XFRMA_MARK, int(sys.argv[3], 0), int(sys.argv[4], 0))
-msg = struct.pack("=IHHII", 16 + len(body), XFRM_MSG_GETAE, 1, 1, 0) + body
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)  # NETLINK_XFRM
 s.bind((0, 0))
-s.send(msg)
-data = s.recv(65536)
-length, kind = struct.unpack_from("=IH", data)
-if kind == NLMSG_ERROR:
-    sys.exit("GETAE: errno %d" % -struct.unpack_from("=i", data, 16)[0])
-found, at = {}, 16 + 48
-while at + 4 <= length:
-    alen, atype = struct.unpack_from("=HH", data, at)
-    if alen < 4:
-        break
-    if atype in (XFRMA_REPLAY_THRESH, XFRMA_ETIMER_THRESH):
-        found[atype] = struct.unpack_from("=I", data, at + 4)[0]
-    at += (alen + 3) & ~3
-print(found[XFRMA_REPLAY_THRESH], found[XFRMA_ETIMER_THRESH] * 100)
+for seq, spec in enumerate(sys.argv[1:], 1):
+    words = spec.split(",")
+    dst, spi = ipaddress.ip_address(words[0]), int(words[1], 0)
+    family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    # struct xfrm_aevent_id: xfrm_usersa_id (daddr, spi, family, proto,
+    # pad), saddr, flags, reqid: 48 bytes.
+    body = struct.pack("=16s4sHBx16sII", dst.packed.ljust(16, b"\0"), struct.pack(">I", spi), family, 50,
+                       b"\0" * 16, XFRM_AE_RTHR | XFRM_AE_ETHR, 0)
+    if len(words) > 2:
+        body += struct.pack("=HHII", 12, XFRMA_MARK, int(words[2], 0), int(words[3], 0))
+    s.send(struct.pack("=IHHII", 16 + len(body), XFRM_MSG_GETAE, 1, seq, 0) + body)
+    data = s.recv(65536)
+    length, kind = struct.unpack_from("=IH", data)
+    if kind == NLMSG_ERROR:
+        sys.exit("GETAE %s: errno %d" % (spec, -struct.unpack_from("=i", data, 16)[0]))
+    found, at = {}, 16 + 48
+    while at + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", data, at)
+        if alen < 4:
+            break
+        if atype in (XFRMA_REPLAY_THRESH, XFRMA_ETIMER_THRESH):
+            found[atype] = struct.unpack_from("=I", data, at + 4)[0]
+        at += (alen + 3) & ~3
+    print(found[XFRMA_REPLAY_THRESH], found[XFRMA_ETIMER_THRESH] * 100)
 PY
 }
 
-# expect_thresholds NETNS JSONL "SPI:REPLAY:TIMER ..." ["SPI ..." that must
-# NOT have been given these]: checks `get --json` output and the raw GETAE.
+# expect_thresholds NETNS JSONL "SPI:REPLAY:TIMER[:DST] ...": checks the
+# `get --json` output in JSONL, then the kernel with a raw GETAE (DST is
+# 10.9.0.2 unless given; SA 0x4001 is marked 0x7/0xff).
 expect_thresholds() {
-    local ns=$1 jsonl=$2 table=$3 entry spi replay timer raw mark
+    local ns=$1 jsonl=$2 table=$3 entry spi replay timer dst specs=() want=() got
     python3 - "$jsonl" "$table" <<'PY' || return 1
 import json, sys
 got = {}
@@ -99,7 +102,7 @@ for line in open(sys.argv[1]):
     got[e["spi"]] = (e["replay_threshold"], e["timer_threshold_ms"], e["daddr"])
 bad = []
 for item in sys.argv[2].split():
-    spi, replay, timer = item.split(":")
+    spi, replay, timer = item.split(":")[:3]
     spi = int(spi, 0)
     if spi not in got:
         bad.append("0x%x: not listed" % spi)
@@ -110,12 +113,36 @@ if bad:
 PY
     for entry in $table; do
         IFS=: read -r spi replay timer dst <<<"$entry"
-        dst=${dst:-10.9.0.2}
-        mark=()
-        [[ $spi == 0x4001 ]] && mark=(0x7 0xff)
-        raw=$(raw_getae "$ns" "$dst" "$spi" "${mark[@]}") || return 1
-        [[ $raw == "$replay $timer" ]] || { echo "raw GETAE of $spi: $raw, expected $replay $timer"; return 1; }
+        spec=${dst:-10.9.0.2},$spi
+        [[ $spi == 0x4001 ]] && spec+=,0x7,0xff
+        specs+=("$spec")
+        want+=("$replay $timer")
     done
+    got=$(raw_getae "$ns" "${specs[@]}") || return 1
+    [[ $got == "$(printf '%s\n' "${want[@]}")" ]] || {
+        echo "raw GETAE of ${specs[*]}:"; echo "$got"; echo "expected:"; printf '%s\n' "${want[@]}"; return 1
+    }
+}
+
+# running PID: the process exists and is not a zombie waiting to be reaped
+# (kill -0 succeeds on those).
+running() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ ${stat##*) } != Z* ]]
+}
+
+# wait_exit PID SECONDS: the process's exit status, or 124 after killing it
+# when it has not ended in time (a hung command must not hang the suite).
+wait_exit() {
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        running "$1" || { wait "$1"; return; }
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+    return 124
 }
 
 vmtest/guest/net-setup.sh >/dev/null || { echo "tool-suite: net-setup failed"; exit 1; }
@@ -225,10 +252,10 @@ check "each refusal says the rules in force stay" \
 add_sa b 0x9001 90 replay-window 32
 check "a new SA gets the rules in force after the refusals" wait_for "$out/daemon.out" \
     '^applied replay-threshold 16 timer 3000 ms to esp dst 10.9.0.2 spi 0x00009001$' 10
-raw=$(raw_getae b 10.9.0.2 0x9001)
+raw=$(raw_getae b 10.9.0.2,0x9001)
 check "raw GETAE of the new SA: 16 packets, 3000 ms" test "$raw" = "16 3000"
 kill -TERM "$daemon"
-wait "$daemon"
+wait_exit "$daemon" 20
 rc=$?
 check "SIGTERM ends apply with status 0" bash -c "[[ $rc == 0 ]] && grep -q '^xfrmsync apply: SIGTERM: exiting' $out/daemon.out"
 
@@ -249,7 +276,7 @@ r = json.load(open(sys.argv[1]))["replay"]
 assert (r["seq_hi"], r["seq"]) == (1, 5), r' "$out/get-esn.json"
 "$X" set --netns b 10.9.0.2 0x8001 --replay-threshold 9 --seq 0x100000005 >"$out/set-wide.out" 2>&1
 rc=$?
-raw=$(raw_getae b 10.9.0.2 0x8001)
+raw=$(raw_getae b 10.9.0.2,0x8001)
 check "a wide-window SA without ESN refuses a 64-bit number, and nothing is half set" bash -c \
     "[[ $rc == 1 && '$raw' == '16 3000' ]] && grep -q '^xfrmsync: esp dst 10.9.0.2 spi 0x00008001: seq 4294967301 does not fit' $out/set-wide.out || { echo rc=$rc raw=$raw; cat $out/set-wide.out; }"
 "$X" set --netns b 10.9.0.2 0xdead --replay-threshold 1 >"$out/set-missing.out" 2>&1
@@ -265,7 +292,7 @@ check "defaults sets both sysctls in b, and only in b" bash -c "
     [[ \$(ip netns exec b cat /proc/sys/net/core/xfrm_aevent_etime) == 30 && \$(ip netns exec b cat /proc/sys/net/core/xfrm_aevent_rseqth) == 5 ]] &&
     [[ \$(ip netns exec a cat /proc/sys/net/core/xfrm_aevent_etime) == 10 && \$(ip netns exec a cat /proc/sys/net/core/xfrm_aevent_rseqth) == 2 ]] || cat $out/defaults-set.out"
 add_sa b 0x9002 91 replay-window 32
-raw=$(raw_getae b 10.9.0.2 0x9002)
+raw=$(raw_getae b 10.9.0.2,0x9002)
 check "a new SA gets the new defaults (raw GETAE)" test "$raw" = "5 3000"
 "$X" defaults --netns b --timer-ms 250 --replay-threshold 9 >"$out/defaults-bad.out" 2>&1
 rc=$?
@@ -281,9 +308,9 @@ mon_rule=$!
 sleep 2
 "$UDP" --netns /run/netns/a 10.9.0.2 9001 40 64 20 2>/dev/null
 "$UDP" --netns /run/netns/a 10.9.0.2 9002 20 64 20 2>/dev/null
-wait "$mon"
+wait_exit "$mon" 30
 rc=$?
-wait "$mon_rule"
+wait_exit "$mon_rule" 30
 check "monitor --json prints the events of the SA asked for while traffic flows" python3 - "$out/monitor.jsonl" "$rc" <<'PY'
 import json, sys
 events = [json.loads(l) for l in open(sys.argv[1])]
@@ -306,7 +333,8 @@ mon=$!
 mon_json=$!
 sleep 2
 "$X" set --netns b 10.9.0.2 0x9201 --replay-threshold 3 >/dev/null
-wait "$mon" "$mon_json"
+wait_exit "$mon" 30
+wait_exit "$mon_json" 30
 check "a 4096-bit bitmap stays short on a human line, whole in JSON" python3 - "$out/monitor-wide.txt" "$out/monitor-wide.jsonl" <<'PY'
 import json, sys
 lines = open(sys.argv[1]).read().splitlines()
@@ -317,9 +345,15 @@ assert len(event["replay"]["bitmap"]) == 128 and event["replay_form"] == "esn", 
 PY
 "$X" monitor --netns b >/dev/null 2>&1 &
 mon=$!
-sleep 1
-kill -INT "$mon"
-wait "$mon"
+# A SIGINT that arrives before the monitor has taken it is discarded (the
+# shell starts background commands with SIGINT ignored): send it until the
+# monitor ends.
+for ((i = 0; i < 40; i++)); do
+    sleep 0.5
+    running "$mon" || break
+    kill -INT "$mon"
+done
+wait_exit "$mon" 5
 rc=$?
 check "monitor ends on SIGINT with status 0" test "$rc" = 0
 
