@@ -201,7 +201,7 @@ for spi, (form, bits, flag) in want.items():
     e = by[spi]
     got = (e["replay_form"], e["seq_bits"], e["esn_flag"])
     assert got == (form, bits, flag), (hex(spi), got)
-assert by[0x8001]["replay"]["esn"] is True, "0x8001 reported in the ESN-format structure"
+assert by[0x8001]["replay"]["format"] == "esn", "0x8001 reported in the ESN-format structure"
 PY
 "$X" get --netns b 10.9.0.2 0x4001 --mark 0x7/0xff >"$out/get-one.txt" 2>&1
 check "get of one marked SA prints its thresholds" \

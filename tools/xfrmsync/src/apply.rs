@@ -62,6 +62,13 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
                 .map_err(|e| Failure::new(format!("taking signals: {e}")))?,
         )
     };
+    // HZ now (declared, CONFIG_HZ, or a probe in a private namespace; never
+    // a live SA), so that every load of the file refuses, with its line, a
+    // timer this kernel cannot hold. Without it the check is the
+    // conservative one, and the SA being set is the last resort later.
+    if let Err(e) = xfrmsync::hz::kernel_hz_without_sa() {
+        log::info!("kernel HZ not learnt before reading the rules: {e}");
+    }
     let mut rules = load(&args.file)?;
     // Only SA notifications are wanted: without aevents joined the kernel
     // does not generate them for us.

@@ -1,11 +1,13 @@
 //! `xfrmsync defaults`: the thresholds the kernel gives SAs as they are
-//! installed, per namespace (sysctls; see `sysctl_defaults`).
+//! installed, per namespace (`xfrmsync::defaults`: the sysctls).
 
-use crate::sysctl_defaults::{self, Change};
+use xfrmsync::defaults::{self, NamespaceDefaults};
+use xfrmsync::NetnsRef;
+
 use crate::{output, parse, Failure, Global, Outcome};
 
 #[derive(clap::Args)]
-#[command(after_help = "These are the sysctls net.core.xfrm_aevent_etime (kept in 100 ms units; \
+#[command(after_help = "These are the sysctls net.core.xfrm_aevent_etime (kept in 100 ms steps; \
                         shown and set here in milliseconds) and net.core.xfrm_aevent_rseqth, of \
                         the namespace. The kernel gives them to SAs when they are installed: SAs \
                         that exist keep their thresholds (use `set` or `apply` for those). \
@@ -24,14 +26,26 @@ pub struct Args {
 }
 
 pub fn run(global: &Global, args: &Args) -> Outcome {
-    let netns = global.netns_path();
+    let path = global.netns_path();
+    let netns = path.as_deref().map_or(NetnsRef::Current, NetnsRef::Path);
     let where_ = global.where_();
-    if args.timer_ms.is_some() || args.replay_threshold.is_some() {
-        let change = Change { timer_ms: args.timer_ms, replay_packets: args.replay_threshold };
-        sysctl_defaults::write(netns.as_deref(), change)
-            .map_err(|e| Failure::new(format!("{where_}: setting the defaults: {e}")))?;
-    }
-    let now = sysctl_defaults::read(netns.as_deref()).map_err(|e| Failure::new(format!("{where_}: {e}")))?;
+    let now = defaults::read(netns).map_err(|e| Failure::new(format!("{where_}: {e}")))?;
+    let now = if args.timer_ms.is_some() || args.replay_threshold.is_some() {
+        // The library writes both; the one not given is written back as it
+        // was read. It checks both before writing either.
+        let wanted = NamespaceDefaults {
+            timer_ms: args.timer_ms.unwrap_or(now.timer_ms),
+            replay_packets: args.replay_threshold.unwrap_or(now.replay_packets),
+        };
+        defaults::write(netns, &wanted).map_err(|e| {
+            // Values are checked before anything is written.
+            let changed = if matches!(e, xfrmsync::Error::InvalidArgument(_)) { "; nothing was changed" } else { "" };
+            Failure::new(format!("{where_}: setting the defaults: {}{changed}", parse::reason(&e)))
+        })?;
+        defaults::read(netns).map_err(|e| Failure::new(format!("{where_}: set, but reading back: {e}")))?
+    } else {
+        now
+    };
     if args.json {
         let value = serde_json::json!({
             "netns": global.netns,
@@ -41,9 +55,10 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         output::line(&value.to_string());
     } else {
         output::line(&format!(
-            "{where_}: new SAs get timer {} ms (net.core.xfrm_aevent_etime = {}), replay-threshold {} packets (net.core.xfrm_aevent_rseqth = {})",
+            "{where_}: new SAs get timer {} ms (net.core.xfrm_aevent_etime = {}), replay-threshold {} packets \
+             (net.core.xfrm_aevent_rseqth = {})",
             now.timer_ms,
-            now.timer_ms / u64::from(sysctl_defaults::ETIME_UNIT_MS),
+            now.timer_ms / 100,
             now.replay_packets,
             now.replay_packets
         ));

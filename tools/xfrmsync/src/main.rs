@@ -14,7 +14,6 @@ mod parse;
 mod rules_file;
 mod set;
 mod sys;
-mod sysctl_defaults;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -45,9 +44,10 @@ pub struct Global {
     /// names it) or a path (/proc/PID/ns/net)
     #[arg(long, global = true, value_name = "NAME|PATH", help_heading = "Global options")]
     netns: Option<String>,
-    /// The kernel's CONFIG_HZ, when known. Without it the first timer
-    /// threshold set measures HZ on that SA (its timer is restored; listeners
-    /// see two update events)
+    /// The kernel's CONFIG_HZ, which timer thresholds need. Without it the
+    /// library reads CONFIG_HZ from the kernel's config or measures it on a
+    /// throw-away SA in a private namespace, and only when both fail on the
+    /// SA being set (its timer is restored; listeners see two update events)
     #[arg(long, global = true, value_name = "HZ", help_heading = "Global options")]
     kernel_hz: Option<u32>,
     /// Also print the library's log messages of level info (-v) or debug (-vv)

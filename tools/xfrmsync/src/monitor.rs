@@ -137,8 +137,8 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
     };
     // Before any thread starts (the handle's netns helper is one).
     // SIGHUP keeps its default action (or nohup's SIG_IGN).
-    let signals = sys::Signals::take(&[libc::SIGINT, libc::SIGTERM])
-        .map_err(|e| Failure::new(format!("taking signals: {e}")))?;
+    let signals =
+        sys::Signals::take(&[libc::SIGINT, libc::SIGTERM]).map_err(|e| Failure::new(format!("taking signals: {e}")))?;
     let handle = global.open(true)?;
     let local = if rule.as_ref().is_some_and(|(set, _)| set.needs_direction()) {
         handle
@@ -179,10 +179,8 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         if !events && !signal {
             return Ok(()); // --seconds passed
         }
-        if signal {
-            if signals.next().map_err(|e| Failure::new(format!("reading signals: {e}")))?.is_some() {
-                return Ok(());
-            }
+        if signal && signals.next().map_err(|e| Failure::new(format!("reading signals: {e}")))?.is_some() {
+            return Ok(());
         }
         if events {
             let dispatched = handle.dispatch_with(&mut |_: &Handle, notice: &SaNotice| {
