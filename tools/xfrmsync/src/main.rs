@@ -45,8 +45,8 @@ pub struct Global {
     #[arg(long, global = true, value_name = "NAME|PATH", help_heading = "Global options")]
     netns: Option<String>,
     /// The kernel's CONFIG_HZ, which timer thresholds need. Without it the
-    /// library reads CONFIG_HZ from the kernel's config or measures it on a
-    /// throw-away SA in a private namespace, and only when both fail on the
+    /// library reads CONFIG_HZ from the kernel's config, else measures HZ on
+    /// a throw-away SA in a private namespace, and only if both fail on the
     /// SA being set (its timer is restored; listeners see two update events)
     #[arg(long, global = true, value_name = "HZ", help_heading = "Global options")]
     kernel_hz: Option<u32>,
