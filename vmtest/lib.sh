@@ -11,8 +11,11 @@
 
 VMTEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO_ROOT=$(cd "$VMTEST_DIR/.." && pwd -P)
+# shellcheck disable=SC2034 # used by the scripts that source this file
 VM_KERNELS="5.10 6.1 6.12 sid"
+# shellcheck disable=SC2034
 UDP_SEND=$REPO_ROOT/target/vmtest/udp-send
+# shellcheck disable=SC2034
 XFRM_PROBE=$REPO_ROOT/target/vmtest/xfrm-probe
 
 build_guest_tool() { # name

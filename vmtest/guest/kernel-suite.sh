@@ -22,6 +22,9 @@ for bin in target/ctest/kernel_test target/ctest/watch target/release/examples/w
     [[ -x $bin ]] || fail "$bin missing: run scripts/test (it builds everything before booting)"
 done
 echo "kernel-suite: kernel $kernel, CONFIG_HZ=$hz"
+# This run's facts only: a run that stops early leaves none, not an old file.
+series=${XFRMSYNC_VM_KERNEL:-$kernel}
+rm -f "target/vmtest/facts-$series.txt"
 
 vmtest/guest/net-setup.sh >/dev/null
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 target/ctest/kernel_test target/vmtest/udp-send "$hz"
@@ -65,7 +68,6 @@ echo "examples: $passed passed, $failed failed"
 
 # Kernel facts. Each program checks what it observes against what this
 # kernel's version should do, and prints "fact:" lines.
-series=${XFRMSYNC_VM_KERNEL:-$kernel}
 log=target/vmtest/facts-$series.log
 : >"$log"
 facts_failed=()
