@@ -148,6 +148,17 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	xfrmsync_on_applied(h, on_applied, NULL);
+	/* As `xfrmsync apply` does: learn HZ before the first SA needs it, so
+	 * that no SA waits for the probe. */
+	{
+		uint32_t hz = 0;
+		int source = xfrmsync_learn_kernel_hz(&hz);
+
+		if (source < 0)
+			printf("kernel HZ unknown (%s)\n", xfrmsync_last_error());
+		else
+			printf("kernel HZ %u (source %d)\n", hz, source);
+	}
 	for (; i < argc; i++) {
 		xfrmsync_rule rule;
 

@@ -11,7 +11,20 @@
  *  "raw_replay":32,"raw_etimer_100ms":20,"lib_replay":32,"lib_timer_ms":2000}
  *
  * A field the kernel did not answer is null. Exit 0 if every SA could be
- * read both ways, 1 otherwise. */
+ * read both ways, 1 otherwise.
+ *
+ *   sa_thresholds --expect REQID:REPLAY:TIMER_MS[:COUNT]...
+ *
+ * prints nothing but what is wrong, and exits 1 if anything is: every SA of
+ * each REQID must have these thresholds in the raw answer (the timer in
+ * 100 ms units) and in the library's; with COUNT, there must be exactly
+ * COUNT such SAs.
+ *
+ *   sa_thresholds --spis REQID [ADDR]
+ *
+ * prints the SPIs of REQID's SAs (those with ADDR as source or
+ * destination), sorted, on one line. The guest suites poll with these two
+ * (no Python in their loops: under TCG its start costs seconds). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -173,11 +186,48 @@ static void json_num(const char *key, long v, int last)
 		printf("\"%s\":%ld%s", key, v, last ? "" : ",");
 }
 
-int main(void)
+struct expect {
+	unsigned reqid, replay, timer_ms;
+	int count; /* -1: any */
+	int seen;
+};
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv)
 {
 	static struct sa sas[MAX_SAS];
+	static struct expect expects[16];
+	static uint32_t spis[MAX_SAS];
 	xfrmsync_handle *h;
-	int fd, n, i, bad = 0;
+	int fd, n, i, bad = 0, n_expect = 0, n_spis = 0, mode_spis = 0;
+	unsigned spis_reqid = 0;
+	char spis_addr[INET6_ADDRSTRLEN] = "";
+
+	if (argc > 1 && !strcmp(argv[1], "--expect")) {
+		for (i = 2; i < argc && n_expect < 16; i++) {
+			struct expect *e = &expects[n_expect++];
+
+			e->count = -1;
+			if (sscanf(argv[i], "%u:%u:%u:%d", &e->reqid, &e->replay, &e->timer_ms, &e->count) < 3) {
+				fprintf(stderr, "sa_thresholds: bad expectation %s\n", argv[i]);
+				return 2;
+			}
+		}
+	} else if (argc > 2 && !strcmp(argv[1], "--spis")) {
+		mode_spis = 1;
+		spis_reqid = strtoul(argv[2], NULL, 0);
+		if (argc > 3)
+			snprintf(spis_addr, sizeof(spis_addr), "%s", argv[3]);
+	} else if (argc > 1) {
+		fprintf(stderr, "usage: sa_thresholds [--expect REQID:REPLAY:TIMER_MS[:COUNT]... | --spis REQID [ADDR]]\n");
+		return 2;
+	}
 
 	if (xfrmsync_handle_new(&h) < 0) {
 		fprintf(stderr, "sa_thresholds: xfrmsync_handle_new: %s\n", xfrmsync_last_error());
@@ -197,6 +247,12 @@ int main(void)
 			continue; /* larval (SPI allocation pending): no aevents */
 		addr_str(sa->info.family, &sa->info.saddr, src, sizeof(src));
 		addr_str(sa->info.family, &sa->info.id.daddr, dst, sizeof(dst));
+		if (mode_spis) {
+			if (sa->info.reqid == spis_reqid &&
+			    (!spis_addr[0] || !strcmp(spis_addr, src) || !strcmp(spis_addr, dst)))
+				spis[n_spis++] = ntohl(sa->info.id.spi);
+			continue;
+		}
 		rc = raw_getae(fd, sa, &raw_replay, &raw_etimer);
 		if (rc < 0) {
 			fprintf(stderr, "sa_thresholds: raw GETAE of SPI 0x%08x: %s\n",
@@ -221,6 +277,25 @@ int main(void)
 			if (ev.present & XFRMSYNC_HAS_TIMER_THRESHOLD)
 				lib_timer = ev.timer_threshold_ms;
 		}
+		if (n_expect) {
+			int k;
+
+			for (k = 0; k < n_expect; k++) {
+				struct expect *e = &expects[k];
+
+				if (e->reqid != sa->info.reqid)
+					continue;
+				e->seen++;
+				if (raw_replay != (long)e->replay || raw_etimer != (long)(e->timer_ms / 100) ||
+				    lib_replay != (long)e->replay || lib_timer != (long)e->timer_ms) {
+					printf("reqid %u SA 0x%08x %s->%s: raw %ld packets/%ldx100 ms, library %ld packets/%ld ms; "
+					       "want %u/%u ms\n", e->reqid, ntohl(sa->info.id.spi), src, dst, raw_replay,
+					       raw_etimer, lib_replay, lib_timer, e->replay, e->timer_ms);
+					bad = 1;
+				}
+			}
+			continue;
+		}
 		printf("{\"src\":\"%s\",\"dst\":\"%s\",\"spi\":\"0x%08x\",\"proto\":%u,\"reqid\":%u,"
 		       "\"mark\":\"0x%x/0x%x\",\"add_time\":%llu,",
 		       src, dst, ntohl(sa->info.id.spi), sa->info.id.proto, sa->info.reqid,
@@ -230,6 +305,21 @@ int main(void)
 		json_num("lib_replay", lib_replay, 0);
 		json_num("lib_timer_ms", lib_timer, 1);
 		printf("}\n");
+	}
+	if (mode_spis) {
+		qsort(spis, n_spis, sizeof(spis[0]), cmp_u32);
+		for (i = 0; i < n_spis; i++)
+			printf("%s0x%08x", i ? " " : "", spis[i]);
+		printf("\n");
+	}
+	for (i = 0; i < n_expect; i++) {
+		if (expects[i].count >= 0 && expects[i].seen != expects[i].count) {
+			printf("reqid %u: %d SAs, expected %d\n", expects[i].reqid, expects[i].seen, expects[i].count);
+			bad = 1;
+		} else if (!expects[i].seen) {
+			printf("reqid %u: no SA\n", expects[i].reqid);
+			bad = 1;
+		}
 	}
 	xfrmsync_handle_free(h);
 	close(fd);
