@@ -3,20 +3,31 @@
  *
  * Each CHILD_SA's inbound and outbound SA is registered with one libxfrmsync
  * handle (xfrmsync_register_sa) under the thresholds its child config gets
- * from charon.plugins.xfrmsync: the library applies them at once if the SA
- * exists, and again whenever the kernel adds an SA of that identity, which
- * covers outbound SAs installed after the hook and SAs re-added under the
- * same identity. Hooks:
+ * from charon.plugins.xfrmsync. The library applies them at once if the SA
+ * exists, and whenever the kernel announces an SA of that identity (its
+ * NEWSA/UPDSA notification, read by xfrmsync_dispatch from charon's
+ * watcher). So registering before the install makes the gap between an
+ * SA's install and its thresholds that of the watcher's reaction. Hooks:
  *
+ *  - child_state_change(CHILD_INSTALLING): raised just before a new
+ *    CHILD_SA's SAs are installed (first install and rekey, IKEv1 and
+ *    IKEv2). The inbound SPI is allocated; the outbound one is the peer's:
+ *    in the selected proposal for the initiator, in the SA payload of the
+ *    peer's request for the responder (whose selected proposal carries its
+ *    own SPI by then), which the message hook keeps per IKE_SA. Both are
+ *    registered ahead of the install.
+ *  - child_state_change(CHILD_UPDATING): raised before a MOBIKE (or NAT)
+ *    address update, with the IKE_SA's new addresses already set: SAs
+ *    whose identity changes are registered under the new one ahead of
+ *    kernel-netlink's update_sa, which deletes each SA and adds it again
+ *    from GETSA attributes (no thresholds).
  *  - child_state_change(CHILD_INSTALLED): raised after the SAs and policies
- *    of a new CHILD_SA are in the kernel (first install and rekey, IKEv1 and
- *    IKEv2), and after a MOBIKE address update (kernel-netlink deletes each
- *    SA and adds it again from GETSA attributes, which carry no thresholds).
- *    It is raised before the state is stored, so a CHILD_SA still in
- *    CHILD_UPDATING is coming back from an update: SAs whose identity
- *    changed are registered anew, the others get their thresholds directly.
- *  - child_updown(up) and child_rekey(old, new): the same, idempotent by
- *    SA identity (nothing happens if the state change handled it).
+ *    are in the kernel, and after an update. It is raised before the state
+ *    is stored: a CHILD_SA still in CHILD_UPDATING comes back from an
+ *    update. Registers what is not registered yet (idempotent by SA
+ *    identity); after an update it also sets the thresholds of each SA
+ *    directly, as a safety net for an SA re-added under its old identity.
+ *  - child_updown(up) and child_rekey(old, new): the same, idempotent.
  *  - child_updown(down) and child_state_change(CHILD_DESTROYING): the
  *    registrations end, so that an SPI used again later by another
  *    CHILD_SA never inherits them.
@@ -37,6 +48,7 @@
 #include <string.h>
 
 #include <daemon.h>
+#include <encoding/payloads/sa_payload.h>
 #include <collections/hashtable.h>
 #include <threading/mutex.h>
 #include <processing/watcher.h>
@@ -94,6 +106,12 @@ struct private_xfrmsync_listener_t {
 	hashtable_t *sas;
 
 	/**
+	 * IKE_SA unique ID => the ESP/AH SPI (network order) of the SA payload
+	 * in the peer's last request
+	 */
+	hashtable_t *peer_spis;
+
+	/**
 	 * The namespace's defaults, for a threshold that is not configured
 	 */
 	xfrmsync_netns_defaults defaults;
@@ -122,6 +140,8 @@ typedef struct {
 	/** thresholds registered */
 	uint32_t replay_packets;
 	uint32_t timer_ms;
+	/** registered ahead of the install, not installed yet */
+	bool installing;
 } entry_t;
 
 static u_int sa_hash(const void *key)
@@ -171,8 +191,8 @@ static char *sa_str(const xfrmsync_sa_id *sa, char *buf, size_t len)
 /**
  * The identity of one of a CHILD_SA's SAs
  */
-static bool sa_id_of(ike_sa_t *ike_sa, child_sa_t *child_sa, bool inbound,
-					 xfrmsync_sa_id *sa)
+static bool sa_id_of(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
+					 child_sa_t *child_sa, bool inbound, xfrmsync_sa_id *sa)
 {
 	child_cfg_t *cfg = child_sa->get_config(child_sa);
 	host_t *dst;
@@ -192,6 +212,22 @@ static bool sa_id_of(ike_sa_t *ike_sa, child_sa_t *child_sa, bool inbound,
 			return FALSE;
 	}
 	sa->spi = ntohl(child_sa->get_spi(child_sa, inbound));
+	if (!sa->spi && !inbound)
+	{	/* before the install: the peer's SPI is in the selected proposal if
+		 * we initiated; as responder that carries our own SPI, and the
+		 * peer's was in its request */
+		proposal_t *proposal = child_sa->get_proposal(child_sa);
+		uint32_t spi = proposal ? proposal->get_spi(proposal) : 0;
+
+		if (spi && spi == child_sa->get_spi(child_sa, TRUE))
+		{
+			this->mutex->lock(this->mutex);
+			spi = (uintptr_t)this->peer_spis->get(this->peer_spis,
+						(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
+			this->mutex->unlock(this->mutex);
+		}
+		sa->spi = ntohl(spi);
+	}
 	dst = inbound ? ike_sa->get_my_host(ike_sa)
 				  : ike_sa->get_other_host(ike_sa);
 	if (!sa->spi || !dst)
@@ -279,7 +315,8 @@ static void forget(private_xfrmsync_listener_t *this, entry_t *entry, int dir)
  * thresholds again after an update (readd)
  */
 static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
-				  child_sa_t *child_sa, bool readd, const char *hook)
+				  child_sa_t *child_sa, bool installing, bool readd,
+				  const char *hook)
 {
 	xfrmsync_sa_id ids[2];
 	bool have[2];
@@ -293,8 +330,8 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 	{
 		return;
 	}
-	have[DIR_IN] = sa_id_of(ike_sa, child_sa, TRUE, &ids[DIR_IN]);
-	have[DIR_OUT] = sa_id_of(ike_sa, child_sa, FALSE, &ids[DIR_OUT]);
+	have[DIR_IN] = sa_id_of(this, ike_sa, child_sa, TRUE, &ids[DIR_IN]);
+	have[DIR_OUT] = sa_id_of(this, ike_sa, child_sa, FALSE, &ids[DIR_OUT]);
 	if (!have[DIR_IN] && !have[DIR_OUT])
 	{
 		return;
@@ -312,6 +349,7 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 		this->children->put(this->children, (void*)(uintptr_t)unique_id,
 							entry);
 	}
+	entry->installing = installing;
 	for (dir = DIR_IN; dir <= DIR_OUT; dir++)
 	{
 		if (!have[dir])
@@ -336,26 +374,31 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 			}
 			continue;
 		}
-		/* a new SA, or a new identity after an update: register the new one
-		 * first, so it gets its thresholds as soon as possible */
-		rc = xfrmsync_register_sa(this->handle, &ids[dir], replay, timer);
-		if (rc < 0)
-		{
-			DBG1(DBG_KNL, "xfrmsync: registering %s failed: %s",
-				 sa_str(&ids[dir], buf, sizeof(buf)), xfrmsync_last_error());
-		}
+		/* a new SA, or a new identity after an update: end the old
+		 * registration, then register the new identity (in the table
+		 * first, so that on_applied knows the SA while registering) */
 		if (entry->registered[dir] &&
 			!sa_identical(&entry->sa[dir], &ids[dir]))
 		{
 			forget(this, entry, dir);
 		}
-		entry->sa[dir] = ids[dir];
-		entry->registered[dir] = rc >= 0;
-		if (rc >= 0)
+		else if (entry->registered[dir])
 		{
-			this->sas->put(this->sas, &entry->sa[dir], entry);
-			snprintf(done[dir], sizeof(done[dir]), "%.8x", ids[dir].spi);
+			this->sas->remove(this->sas, &entry->sa[dir]);
 		}
+		entry->sa[dir] = ids[dir];
+		this->sas->put(this->sas, &entry->sa[dir], entry);
+		rc = xfrmsync_register_sa(this->handle, &ids[dir], replay, timer);
+		if (rc < 0)
+		{
+			DBG1(DBG_KNL, "xfrmsync: registering %s failed: %s",
+				 sa_str(&ids[dir], buf, sizeof(buf)), xfrmsync_last_error());
+			this->sas->remove(this->sas, &entry->sa[dir]);
+			entry->registered[dir] = FALSE;
+			continue;
+		}
+		entry->registered[dir] = TRUE;
+		snprintf(done[dir], sizeof(done[dir]), "%.8x", ids[dir].spi);
 	}
 	entry->replay_packets = replay;
 	entry->timer_ms = timer;
@@ -391,19 +434,81 @@ static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
 	this->mutex->unlock(this->mutex);
 }
 
+METHOD(listener_t, message_hook, bool,
+	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, message_t *message,
+	bool incoming, bool plain)
+{
+	sa_payload_t *sa_payload;
+	linked_list_t *proposals;
+	proposal_t *proposal;
+	uint32_t spi = 0;
+
+	if (!incoming || !plain || !message->get_request(message))
+	{
+		return TRUE;
+	}
+	sa_payload = (sa_payload_t*)message->get_payload(message,
+											PLV2_SECURITY_ASSOCIATION);
+	if (!sa_payload)
+	{
+		sa_payload = (sa_payload_t*)message->get_payload(message,
+											PLV1_SECURITY_ASSOCIATION);
+	}
+	if (!sa_payload)
+	{
+		return TRUE;
+	}
+	proposals = sa_payload->get_proposals(sa_payload);
+	if (proposals->get_first(proposals, (void**)&proposal) == SUCCESS &&
+		(proposal->get_protocol(proposal) == PROTO_ESP ||
+		 proposal->get_protocol(proposal) == PROTO_AH))
+	{
+		spi = proposal->get_spi(proposal);
+	}
+	proposals->destroy_offset(proposals, offsetof(proposal_t, destroy));
+	if (spi)
+	{
+		this->mutex->lock(this->mutex);
+		this->peer_spis->put(this->peer_spis,
+					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa),
+					(void*)(uintptr_t)spi);
+		this->mutex->unlock(this->mutex);
+	}
+	return TRUE;
+}
+
+METHOD(listener_t, ike_state_change, bool,
+	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, ike_sa_state_t state)
+{
+	if (state == IKE_DESTROYING)
+	{
+		this->mutex->lock(this->mutex);
+		this->peer_spis->remove(this->peer_spis,
+					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
+		this->mutex->unlock(this->mutex);
+	}
+	return TRUE;
+}
+
 METHOD(listener_t, child_state_change, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *child_sa,
 	child_sa_state_t state)
 {
+	bool updated;
+
 	switch (state)
 	{
+		case CHILD_INSTALLING:
+			track(this, ike_sa, child_sa, TRUE, FALSE, "installing");
+			break;
+		case CHILD_UPDATING:
+			track(this, ike_sa, child_sa, FALSE, FALSE, "updating");
+			break;
 		case CHILD_INSTALLED:
-			/* raised before the state is stored: CHILD_UPDATING means the
-			 * SAs were just updated (MOBIKE, NAT mapping change) */
-			track(this, ike_sa, child_sa,
-				  child_sa->get_state(child_sa) == CHILD_UPDATING,
-				  child_sa->get_state(child_sa) == CHILD_UPDATING ?
-					"updated" : "installed");
+			/* raised before the state is stored */
+			updated = child_sa->get_state(child_sa) == CHILD_UPDATING;
+			track(this, ike_sa, child_sa, FALSE, updated,
+				  updated ? "updated" : "installed");
 			break;
 		case CHILD_DESTROYING:
 			untrack(this, child_sa);
@@ -420,7 +525,7 @@ METHOD(listener_t, child_updown, bool,
 {
 	if (up)
 	{
-		track(this, ike_sa, child_sa, FALSE, "up");
+		track(this, ike_sa, child_sa, FALSE, FALSE, "up");
 	}
 	else
 	{
@@ -433,7 +538,7 @@ METHOD(listener_t, child_rekey, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *old,
 	child_sa_t *new)
 {
-	track(this, ike_sa, new, FALSE, "rekeyed");
+	track(this, ike_sa, new, FALSE, FALSE, "rekeyed");
 	return TRUE;
 }
 
@@ -471,10 +576,22 @@ static void on_event(void *data, const xfrmsync_aevent *event)
 static void on_applied(void *data, const xfrmsync_sa_id *sa,
 					   uint32_t replay_packets, uint32_t timer_ms, int result)
 {
+	private_xfrmsync_listener_t *this = data;
+	entry_t *entry;
 	char buf[128];
 
 	if (result < 0)
 	{
+		entry = this->sas->get(this->sas, sa);
+		if (result == -EINVAL && entry && entry->installing)
+		{	/* registered ahead of the install: the inbound SA is still the
+			 * kernel's larval SA of the SPI allocation, which takes no
+			 * thresholds; the library applies them when the kernel
+			 * announces the installed SA */
+			DBG2(DBG_KNL, "xfrmsync: %s is not installed yet",
+				 sa_str(sa, buf, sizeof(buf)));
+			return;
+		}
 		DBG1(DBG_KNL, "xfrmsync: thresholds %u packets/%u ms for %s failed: "
 			 "%s", replay_packets, timer_ms, sa_str(sa, buf, sizeof(buf)),
 			 strerror(-result));
@@ -550,6 +667,7 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	enumerator->destroy(enumerator);
 	this->children->destroy(this->children);
 	this->sas->destroy(this->sas);
+	this->peer_spis->destroy(this->peer_spis);
 	xfrmsync_handle_free(this->handle);
 	this->mutex->destroy(this->mutex);
 	free(this);
@@ -618,6 +736,8 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 	INIT(this,
 		.public = {
 			.listener = {
+				.message = _message_hook,
+				.ike_state_change = _ike_state_change,
 				.child_state_change = _child_state_change,
 				.child_updown = _child_updown,
 				.child_rekey = _child_rekey,
@@ -631,6 +751,8 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		.children = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
 									 32),
 		.sas = hashtable_create(sa_hash, sa_equals, 32),
+		.peer_spis = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
+									  8),
 		/* the kernel's own defaults, if the sysctls cannot be read */
 		.defaults = { .timer_ms = 1000, .replay_packets = 2 },
 	);

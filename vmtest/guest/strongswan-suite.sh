@@ -71,7 +71,7 @@ printf 'swanctl {\n    load = random nonce\n}\n' >"$RUN/swanctl-strongswan.conf"
 # --- network -----------------------------------------------------------------
 # swa: sw-a 10.10.0.1/24, inner 192.168.101.1 and .2 on lo
 # swb: sw-b 10.10.0.2/24, inner 192.168.102.1 and .2 on lo
-modprobe -a veth xfrm_user esp4 authenc 2>/dev/null || fatal "modprobe veth xfrm_user esp4 authenc"
+modprobe -a veth xfrm_user esp4 authenc sch_netem 2>/dev/null || fatal "modprobe veth xfrm_user esp4 authenc sch_netem"
 mkdir -p /run/netns
 for n in swa swb; do ip netns del $n 2>/dev/null; done
 ip netns add swa && ip netns add swb || fatal "ip netns add"
@@ -274,7 +274,7 @@ done
 until_ok 10 "installed CHILD_SAs have their thresholds on both sides: net (defaults) 32 packets/2000 ms, busy (override) 5 packets/1000 ms" \
     "$NET:2" "$BUSY:2"
 for side in a b; do
-    n=$(grep -c "xfrmsync: CHILD_SA .* (\(installed\|up\))" "$OUT/charon-$side-plugin.log")
+    n=$(grep -c "xfrmsync: CHILD_SA .* (\(installing\|installed\|up\))" "$OUT/charon-$side-plugin.log")
     ((n >= 2)) && ok "charon $side logged the plugin's thresholds for both CHILD_SAs" ||
         not_ok "charon $side: $n plugin log lines for installed CHILD_SAs"
 done
@@ -306,23 +306,30 @@ done
 until_ok 10 "rekeyed CHILD_SAs have their thresholds on both sides" "$NET:2" "$BUSY:2"
 
 phase collision
+# Both sides start rekeying net while each other's request is still on its
+# way (2 s of netem delay each way), so each receives a CREATE_CHILD_SA for
+# a CHILD_SA it is rekeying itself: a rekey collision (RFC 7296 2.8.1). The
+# loser's new CHILD_SA is redundant and deleted moments later.
 old_net=$(spis a $NET_REQID)
+tc -n swa qdisc add dev sw-a root netem delay 2000ms && tc -n swb qdisc add dev sw-b root netem delay 2000ms ||
+    not_ok "netem delay on the veth pair (module sch_netem)"
 sw a --rekey --child net >"$OUT/collision-a.log" 2>&1 &
 ra=$!
 sw b --rekey --child net >"$OUT/collision-b.log" 2>&1 &
 wait "$ra" "$!"
-deadline=$((SECONDS + 40)); while ((SECONDS < deadline)); do
+deadline=$((SECONDS + 60)); while ((SECONDS < deadline)); do
     new_net=$(spis a $NET_REQID)
     [[ $(wc -w <<<"$new_net") -eq 2 && -z $(comm -12 <(tr ' ' '\n' <<<"$old_net" | sort) <(tr ' ' '\n' <<<"$new_net" | sort)) ]] && break
-    sleep 0.2
+    sleep 0.5
 done
-sleep 1 # a redundant CHILD_SA of a collision is deleted a moment later
+tc -n swa qdisc del dev sw-a root
+tc -n swb qdisc del dev sw-b root
 if grep -q "collision" "$OUT/charon-a-plugin.log" "$OUT/charon-b-plugin.log"; then
-    echo "# rekey collision observed: $(grep -h -m2 collision "$OUT/charon-a-plugin.log" "$OUT/charon-b-plugin.log" | cut -c1-120 | tr '\n' '|')"
+    ok "rekey collision: $(grep -h collision "$OUT/charon-a-plugin.log" "$OUT/charon-b-plugin.log" | sed 's/^[0-9:.]* [0-9]*\[[A-Z]*\] //' | sort -u | head -3 | tr '\n' ';')"
 else
-    echo "# both sides rekeyed net at once, but the timing made no collision this time"
+    not_ok "both sides rekeyed net at once, but neither charon logged a rekey collision"
 fi
-until_ok 10 "after both sides rekeyed net at once: net $old_net -> $new_net, every SA has its thresholds" "$NET:2" "$BUSY:2"
+until_ok 10 "after the rekey collision: net $old_net -> $new_net, every SA has its thresholds" "$NET:2" "$BUSY:2"
 
 # --- 4. MOBIKE -------------------------------------------------------------------
 phase mobike
