@@ -273,6 +273,32 @@ for child in net busy; do
 done
 until_ok 10 "installed CHILD_SAs have their thresholds on both sides: net (defaults) 32 packets/2000 ms, busy (override) 5 packets/1000 ms" \
     "$NET:2" "$BUSY:2"
+# The same through the command-line tool, where it is built (branch tool;
+# `xfrmsync get --json`: one JSON object per SA, the library's event
+# fields).
+CLI=${XFRMSYNC_CLI:-target/release/xfrmsync}
+if [[ -x $CLI ]]; then
+    for side in a b; do
+        if ip netns exec "sw$side" "$CLI" get --json >"$OUT/xfrmsync-get-$side.jsonl" 2>&1 &&
+            python3 - "$OUT/xfrmsync-get-$side.jsonl" "$NET" "$BUSY" <<'PY'
+import json, sys
+sas = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for spec in sys.argv[2:]:
+    reqid, replay, timer = map(int, spec.split(":"))
+    mine = [s for s in sas if s.get("reqid") == reqid]
+    assert len(mine) == 2, f"reqid {reqid}: {len(mine)} SAs"
+    for s in mine:
+        assert (s.get("replay_threshold"), s.get("timer_threshold_ms")) == (replay, timer), s
+PY
+        then
+            ok "sw$side: \`xfrmsync get --json\` shows the same thresholds"
+        else
+            not_ok "sw$side: \`xfrmsync get --json\`: $(tail -3 "$OUT/xfrmsync-get-$side.jsonl")"
+        fi
+    done
+else
+    echo "# not checked through \`xfrmsync get\`: $CLI is not built here (the tool is on branch tool)"
+fi
 for side in a b; do
     n=$(grep -c "xfrmsync: CHILD_SA .* (\(installing\|installed\|up\))" "$OUT/charon-$side-plugin.log")
     ((n >= 2)) && ok "charon $side logged the plugin's thresholds for both CHILD_SAs" ||
