@@ -12,6 +12,8 @@ install belongs to the last phase started before it. Each MONITOR (one per
 network namespace) is read on its own. Prints, per phase with installs:
 count, median and worst gap; exits 1 if an SA of a phase never got its
 thresholds while it existed (one deleted before is counted apart).
+With several MONITORs it prints each one's lines (prefixed with its file
+name) and then those of all of them together ("all:").
 """
 import json
 import sys
@@ -77,18 +79,30 @@ def main(argv):
                 name = n
         return name
 
+    paths = monitors.split(",")
+    events = {path: load(path) for path in paths}
+    bad = 0
+    groups = [([p], p.rsplit("/", 1)[-1].removesuffix(".jsonl") + ":") for p in paths] if len(paths) > 1 else []
+    groups.append((paths, "all:" if len(paths) > 1 else ""))
+    for group, label in groups:
+        bad |= report(group, label, events, phases, phase_of, reqids)
+    return bad
+
+
+def report(paths, label, events, phases, phase_of, reqids):
     result = {name: [] for _, name in phases}
     missing = {name: [] for _, name in phases}
     deleted = {name: 0 for _, name in phases}
     lost = 0
-    for path in monitors.split(","):
-        lost += gaps_of(load(path), phase_of, reqids, result, missing, deleted)
+    for path in paths:
+        lost += gaps_of(events[path], phase_of, reqids, result, missing, deleted)
     bad = 0
+    prefix = f"{label} " if label else ""
     for _, name in phases:
         g = result[name]
         if not (g or deleted[name] or missing[name]):
             continue
-        line = f"gap {name}: {len(g)} SAs"
+        line = f"{prefix}gap {name}: {len(g)} SAs"
         if g:
             line += f", median {median(g):.1f} ms, worst {max(g):.1f} ms"
         if deleted[name]:
@@ -98,7 +112,7 @@ def main(argv):
             bad = 1
         print(line)
     if lost:
-        print(f"gap: the monitor lost notifications {lost} times; gaps may be missing")
+        print(f"{prefix}gap: the monitor lost notifications {lost} times; gaps may be missing")
     return bad
 
 
