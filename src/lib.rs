@@ -35,7 +35,7 @@ pub mod handle;
 pub mod registry;
 
 // The layers' parts keep the short paths users know.
-pub use codec::{aevent, sa, wire};
+pub use codec::{aevent, sa, view, wire};
 pub use handle::{defaults, events, hz, netns, timer};
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
@@ -45,3 +45,4 @@ pub use netns::NetnsRef;
 pub use registry::{Registry, Rule, SaMatch, Thresholds};
 pub use timer::HzSource;
 pub use sa::{Mark, SaId};
+pub use view::{AeventView, ReplayView};

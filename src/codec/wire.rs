@@ -344,33 +344,10 @@ fn decode_usersa_id(buf: &[u8]) -> Result<SaId> {
     })
 }
 
-/// Decodes an `XFRM_MSG_NEWAE` (event or query answer).
+/// Decodes an `XFRM_MSG_NEWAE` (event or query answer) into an owned
+/// value: [`crate::view::AeventView`] read in place, then copied.
 pub fn decode_aevent(msg: &NlMsg<'_>) -> Result<Aevent> {
-    let payload = msg.payload;
-    if payload.len() < AEVENT_ID_LEN {
-        return Err(Error::Malformed("xfrm_aevent_id truncated"));
-    }
-    let mut sa = decode_usersa_id(payload)?;
-    let family = u16_at(payload, 20)?;
-    let attrs = decode_sa_attrs(&payload[AEVENT_ID_LEN..])?;
-    sa.mark = attrs.mark;
-    sa.if_id = attrs.if_id;
-    Ok(Aevent {
-        sa,
-        saddr: addr_at(payload, USERSA_ID_LEN, family)?,
-        flags: u32_at(payload, 40)?,
-        reqid: u32_at(payload, 44)?,
-        replay: attrs
-            .replay
-            .ok_or(Error::Malformed("aevent without replay state"))?,
-        lifetime: attrs
-            .lifetime
-            .ok_or(Error::Malformed("aevent without lifetime counters"))?,
-        replay_threshold: attrs.replay_threshold,
-        timer_threshold_ms: attrs.etimer_100ms.map(|units| units.saturating_mul(100)),
-        nlmsg_seq: msg.seq,
-        nlmsg_pid: msg.port_id,
-    })
+    crate::view::AeventView::parse(msg).map(|view| view.to_aevent())
 }
 
 /// The SA carried by `NEWSA`/`UPDSA`/`EXPIRE`/`GETSA` answers and `DELSA`
@@ -524,22 +501,24 @@ pub struct Ack<'a> {
     pub errno: i32,
     /// The kernel's extended-ack text, when it sent one.
     pub ext_ack: Option<&'a str>,
-    /// Header of the request this answers.
+    /// Header of the request this answers, as echoed; 0 where the echo was
+    /// cut short (the errno is still reported then).
     pub request_kind: u16,
     pub request_seq: u32,
 }
 
 pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
     let p = msg.payload;
-    if p.len() < 4 + NLMSG_HDRLEN {
-        return Err(Error::Malformed("nlmsgerr truncated"));
-    }
-    let error = i32::from_ne_bytes(bytes::<4>(p, 0)?);
-    let request_len = u32_at(p, 4)? as usize;
-    let request_kind = u16_at(p, 8)?;
-    let request_seq = u32_at(p, 12)?;
+    // The errno is what matters: it is reported even when the echoed
+    // request behind it is cut short (the outer header's seq already says
+    // which request this answers).
+    let error = i32::from_ne_bytes(bytes::<4>(p, 0).map_err(|_| Error::Malformed("nlmsgerr without its errno"))?);
+    let echoed_whole = p.len() >= 4 + NLMSG_HDRLEN;
+    let request_len = if echoed_whole { u32_at(p, 4)? as usize } else { 0 };
+    let request_kind = if echoed_whole { u16_at(p, 8)? } else { 0 };
+    let request_seq = if echoed_whole { u32_at(p, 12)? } else { 0 };
     let mut ext_ack = None;
-    if msg.flags & NLM_F_ACK_TLVS != 0 {
+    if echoed_whole && msg.flags & NLM_F_ACK_TLVS != 0 {
         // Success acks and capped errors echo only the request header.
         let echoed = if error == 0 || msg.flags & NLM_F_CAPPED != 0 {
             NLMSG_HDRLEN
@@ -548,7 +527,8 @@ pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
         };
         let tlvs = p.get(4 + align4(echoed)..).unwrap_or(&[]);
         for attr in Attrs::new(tlvs) {
-            let (kind, payload) = attr?;
+            // Broken extended-ack attributes lose their text, not the errno.
+            let Ok((kind, payload)) = attr else { break };
             if kind == NLMSGERR_ATTR_MSG {
                 let text = payload.split(|b| *b == 0).next().unwrap_or(&[]);
                 ext_ack = std::str::from_utf8(text).ok().filter(|t| !t.is_empty());
