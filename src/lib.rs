@@ -40,7 +40,7 @@ pub use handle::{defaults, events, hz, netns, timer};
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
-pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice};
+pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice, ViewCallback};
 pub use netns::NetnsRef;
 pub use registry::{Registry, Rule, SaMatch, Thresholds};
 pub use timer::HzSource;

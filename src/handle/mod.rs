@@ -8,6 +8,7 @@
 
 pub mod defaults;
 pub mod events;
+pub(crate) mod fasthash;
 pub mod hz;
 pub mod netns;
 pub mod timer;
@@ -24,11 +25,16 @@ use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
 use crate::events::Router;
 use crate::sa::SaId;
+use crate::view::AeventView;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
 /// and gets the handle, so it may query and configure SAs through it.
 pub type Callback = crate::events::Callback<Handle>;
+
+/// A callback for events read in place (see [`AeventView`]): nothing is
+/// copied for it, which makes it the fastest way to consume events.
+pub type ViewCallback = crate::events::ViewCallback<Handle>;
 
 /// Netlink multicast datagrams of this group are single small messages;
 /// 32 KiB leaves room for anything a kernel sends on it.
@@ -385,11 +391,35 @@ struct EventReader {
     pos: usize,
 }
 
-/// What the event socket carries: aevents, and SA notifications when the
-/// handle watches SAs.
-enum Item {
-    Aevent(Aevent),
+/// What the event socket carries: aevents (read in place), and SA
+/// notifications when the handle watches SAs.
+enum Item<'a> {
+    Aevent(AeventView<'a>),
     Sa(SaNotice),
+    /// Anything else the kernel may send there: passed over.
+    Skip,
+}
+
+/// The item one message of the event socket is.
+fn item(bytes: &[u8]) -> Result<Item<'_>> {
+    let (msg, _) = wire::parse_message(bytes)?;
+    let change = match msg.kind {
+        wire::XFRM_MSG_NEWAE => return AeventView::parse(&msg).map(Item::Aevent),
+        wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
+        wire::XFRM_MSG_NEWSA => SaChange::New,
+        wire::XFRM_MSG_UPDSA => SaChange::Updated,
+        wire::XFRM_MSG_DELSA => SaChange::Deleted,
+        wire::XFRM_MSG_EXPIRE => SaChange::Expired { hard: false },
+        _ => return Ok(Item::Skip),
+    };
+    let info = wire::decode_sa_message(&msg)?;
+    let change = match change {
+        SaChange::Expired { .. } => SaChange::Expired {
+            hard: info.hard_expire.unwrap_or(false),
+        },
+        other => other,
+    };
+    Ok(Item::Sa(SaNotice { change, info }))
 }
 
 /// An SA came, changed or went (`XFRMNLGRP_SA`, `XFRMNLGRP_EXPIRE`).
@@ -412,36 +442,25 @@ pub enum SaChange {
 }
 
 impl EventReader {
-    /// The next event left in the datagram already read, if any.
-    fn next_buffered(&mut self) -> Result<Option<Item>> {
-        while self.pos < self.len {
-            let parsed = wire::parse_message(&self.buf[self.pos..self.len]);
-            // Advance before decoding, so a bad message is reported once
-            // and the next call goes on behind it.
-            self.pos = match &parsed {
-                Ok((_, consumed)) => self.pos + consumed,
-                Err(_) => self.len,
-            };
-            let (msg, _) = parsed?;
-            let change = match msg.kind {
-                wire::XFRM_MSG_NEWAE => return wire::decode_aevent(&msg).map(|e| Some(Item::Aevent(e))),
-                wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
-                wire::XFRM_MSG_NEWSA => SaChange::New,
-                wire::XFRM_MSG_UPDSA => SaChange::Updated,
-                wire::XFRM_MSG_DELSA => SaChange::Deleted,
-                wire::XFRM_MSG_EXPIRE => SaChange::Expired { hard: false },
-                _ => continue,
-            };
-            let info = wire::decode_sa_message(&msg)?;
-            let change = match change {
-                SaChange::Expired { .. } => SaChange::Expired {
-                    hard: info.hard_expire.unwrap_or(false),
-                },
-                other => other,
-            };
-            return Ok(Some(Item::Sa(SaNotice { change, info })));
+    /// Where the next message left in the datagram already read lies, if
+    /// any. The position moves past it first, so a bad message is reported
+    /// once and the next call goes on behind it; a message whose framing is
+    /// broken ends the datagram.
+    fn next_message(&mut self) -> Result<Option<std::ops::Range<usize>>> {
+        if self.pos >= self.len {
+            return Ok(None);
         }
-        Ok(None)
+        let start = self.pos;
+        match wire::parse_message(&self.buf[start..self.len]) {
+            Ok((msg, consumed)) => {
+                self.pos = start + consumed;
+                Ok(Some(start..start + wire::NLMSG_HDRLEN + msg.payload.len()))
+            }
+            Err(e) => {
+                self.pos = self.len;
+                Err(e)
+            }
+        }
     }
 
     /// Reads one datagram without blocking; `false` when there is none.
@@ -479,13 +498,16 @@ impl EventReader {
     /// is drained. Never blocks. SA notifications are passed over.
     fn next(&mut self) -> Result<Option<Aevent>> {
         loop {
-            match self.next_buffered()? {
-                Some(Item::Aevent(event)) => return Ok(Some(event)),
-                Some(Item::Sa(_)) => continue,
-                None => {}
-            }
-            if !self.read_datagram()? {
-                return Ok(None);
+            match self.next_message()? {
+                Some(range) => match item(&self.buf[range])? {
+                    Item::Aevent(view) => return Ok(Some(view.to_aevent())),
+                    Item::Sa(_) | Item::Skip => continue,
+                },
+                None => {
+                    if !self.read_datagram()? {
+                        return Ok(None);
+                    }
+                }
             }
         }
     }
@@ -870,6 +892,26 @@ impl Handle {
         Ok(())
     }
 
+    /// Like [`Handle::on_sa_event`], with the event read in place: no owned
+    /// [`Aevent`] (and no 128-word bitmap) is built for it. Replaces the
+    /// SA's callback of either kind.
+    pub fn on_sa_event_view(&self, sa: SaId, callback: Option<ViewCallback>) -> Result<()> {
+        self.router
+            .try_borrow_mut()
+            .map_err(|_| Error::Busy("callbacks cannot change inside dispatch"))?
+            .set_sa_view(sa, callback);
+        Ok(())
+    }
+
+    /// Like [`Handle::on_event`], with the event read in place.
+    pub fn on_event_view(&self, callback: Option<ViewCallback>) -> Result<()> {
+        self.router
+            .try_borrow_mut()
+            .map_err(|_| Error::Busy("callbacks cannot change inside dispatch"))?
+            .set_any_view(callback);
+        Ok(())
+    }
+
     /// Reads pending events and runs their callbacks; returns how many
     /// events were read. Never blocks, and reads at most the dispatch limit
     /// of datagrams (each of the kernel's events comes in its own), so that
@@ -904,11 +946,13 @@ impl Handle {
         let mut count = 0;
         let mut lost = false;
         loop {
-            // The reader is released before a callback runs.
-            let item = {
+            // Reading takes the reader mutably; decoding and the callbacks
+            // share it, so a callback may still use the event socket's
+            // settings (subscribe, watch_sas, the receive buffer).
+            let range = {
                 let mut reader = self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?;
-                match reader.next_buffered()? {
-                    Some(item) => item,
+                match reader.next_message()? {
+                    Some(range) => range,
                     // A datagram is always finished, so no event waits in
                     // our buffer where poll cannot see it.
                     None if datagrams_left == 0 => break,
@@ -934,11 +978,19 @@ impl Handle {
                     }
                 }
             };
-            match &item {
-                Item::Aevent(event) => {
-                    router.route(self, event);
+            let notice = {
+                let reader = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
+                match item(&reader.buf[range])? {
+                    Item::Aevent(view) => {
+                        router.route(self, &view);
+                        None
+                    }
+                    Item::Sa(notice) => Some(notice),
+                    Item::Skip => continue,
                 }
-                Item::Sa(notice) => on_sa(self, notice),
+            };
+            if let Some(notice) = notice {
+                on_sa(self, &notice);
             }
             count += 1;
         }
