@@ -13,7 +13,7 @@ kernel=$(uname -r)
 # reads CONFIG_HZ from the booted kernel's config file and passes it in.
 hz=${XFRMSYNC_EXPECTED_HZ:-}
 [[ -n $hz ]] || fail "XFRMSYNC_EXPECTED_HZ not set: run through scripts/test"
-for bin in target/ctest/kernel_test target/ctest/watch target/release/examples/watch target/vmtest/udp-send \
+for bin in target/ctest/kernel_test target/ctest/misuse_test target/ctest/watch target/release/examples/watch target/vmtest/udp-send \
     target/vmtest/vm_events; do
     [[ -x $bin ]] || fail "$bin missing: run scripts/test (it builds everything before booting)"
 done
@@ -21,6 +21,9 @@ echo "kernel-suite: kernel $kernel, CONFIG_HZ=$hz"
 
 vmtest/guest/net-setup.sh >/dev/null
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 target/ctest/kernel_test target/vmtest/udp-send "$hz"
+# C API misuse with live events (c-tests/misuse_test.c, AddressSanitizer):
+# re-entry, freeing a handle inside its callback, two threads, events left.
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 target/ctest/misuse_test --vm
 # The Rust API, and no allocation while dispatching (tests/vm_events.rs).
 target/vmtest/vm_events --ignored --test-threads=1 --nocapture
 
