@@ -45,9 +45,10 @@ fn head<'a, const N: usize>(payload: &'a [u8], err: &'static str) -> Result<&'a 
     payload
         .get(..N)
         .and_then(|b| b.try_into().ok())
-        .ok_or(Error::Malformed(err))
+        .ok_or_else(|| Error::Malformed(err))
 }
 
+#[inline]
 fn first_u32(payload: &[u8], err: &'static str) -> Result<u32> {
     head::<4>(payload, err).map(|b| u32::from_ne_bytes(*b))
 }
@@ -68,10 +69,12 @@ pub struct ReplayView<'a>(Raw<'a>);
 
 impl<'a> ReplayView<'a> {
     /// Whether the state has the ESN-format structure.
+    #[inline]
     pub fn is_esn(&self) -> bool {
         matches!(self.0, Raw::Esn(..))
     }
 
+    #[inline]
     pub fn oseq(&self) -> u32 {
         match self.0 {
             Raw::Legacy(r) => u32_at(r, 0),
@@ -79,6 +82,7 @@ impl<'a> ReplayView<'a> {
         }
     }
 
+    #[inline]
     pub fn seq(&self) -> u32 {
         match self.0 {
             Raw::Legacy(r) => u32_at(r, 4),
@@ -87,6 +91,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// 0 for the legacy form.
+    #[inline]
     pub fn oseq_hi(&self) -> u32 {
         match self.0 {
             Raw::Legacy(_) => 0,
@@ -95,6 +100,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// 0 for the legacy form.
+    #[inline]
     pub fn seq_hi(&self) -> u32 {
         match self.0 {
             Raw::Legacy(_) => 0,
@@ -103,6 +109,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// The ESN form's window; 0 for the legacy form.
+    #[inline]
     pub fn replay_window(&self) -> u32 {
         match self.0 {
             Raw::Legacy(_) => 0,
@@ -110,15 +117,18 @@ impl<'a> ReplayView<'a> {
         }
     }
 
+    #[inline]
     pub fn oseq64(&self) -> u64 {
         (u64::from(self.oseq_hi()) << 32) | u64::from(self.oseq())
     }
 
+    #[inline]
     pub fn seq64(&self) -> u64 {
         (u64::from(self.seq_hi()) << 32) | u64::from(self.seq())
     }
 
     /// Bitmap words: 1 for the legacy form, `bmp_len` for ESN.
+    #[inline]
     pub fn bitmap_len(&self) -> usize {
         match self.0 {
             Raw::Legacy(_) => 1,
@@ -127,6 +137,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// Word `i` of the bitmap, `None` past its end.
+    #[inline]
     pub fn bitmap_word(&self, i: usize) -> Option<u32> {
         match self.0 {
             Raw::Legacy(r) => (i == 0).then(|| u32_at(r, 8)),
@@ -137,6 +148,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// The bitmap's words in order.
+    #[inline]
     pub fn bitmap_words(&self) -> impl Iterator<Item = u32> + 'a {
         let (legacy, words): (Option<u32>, &'a [u8]) = match self.0 {
             Raw::Legacy(r) => (Some(u32_at(r, 8)), &[]),
@@ -150,6 +162,7 @@ impl<'a> ReplayView<'a> {
     }
 
     /// The owned value (the ESN bitmap copied into its fixed array).
+    #[inline]
     pub fn to_replay(&self) -> Replay {
         match self.0 {
             Raw::Legacy(r) => Replay::Legacy(LegacyReplay {
@@ -199,10 +212,12 @@ pub struct AeventView<'a> {
     nlmsg_pid: u32,
 }
 
+#[inline]
 fn legacy(payload: &[u8]) -> Result<Raw<'_>> {
     head::<LEGACY_LEN>(payload, "XFRMA_REPLAY_VAL shorter than xfrm_replay_state").map(Raw::Legacy)
 }
 
+#[inline]
 fn esn(payload: &[u8]) -> Result<Raw<'_>> {
     let header = head::<ESN_HEADER_LEN>(payload, "XFRMA_REPLAY_ESN_VAL shorter than its header")?;
     let bmp_len = u32_at(header, 0) as usize;
@@ -211,7 +226,7 @@ fn esn(payload: &[u8]) -> Result<Raw<'_>> {
     }
     let words = payload
         .get(ESN_HEADER_LEN..ESN_HEADER_LEN + 4 * bmp_len)
-        .ok_or(Error::Malformed("ESN bmp_len past the end of its attribute"))?;
+        .ok_or_else(|| Error::Malformed("ESN bmp_len past the end of its attribute"))?;
     Ok(Raw::Esn(header, words))
 }
 
@@ -221,6 +236,7 @@ impl<'a> AeventView<'a> {
     /// address family, an attribute running past the message or shorter
     /// than its structure, an ESN `bmp_len` above 128 or past its attribute,
     /// no replay state or no lifetime counters.
+    #[inline]
     pub fn parse(msg: &NlMsg<'a>) -> Result<AeventView<'a>> {
         let payload = msg.payload;
         let id: &'a [u8; AEVENT_ID_LEN] = head(payload, "xfrm_aevent_id truncated")?;
@@ -257,8 +273,8 @@ impl<'a> AeventView<'a> {
         }
         Ok(AeventView {
             id,
-            replay: ReplayView(replay.ok_or(Error::Malformed("aevent without replay state"))?),
-            lifetime: lifetime.ok_or(Error::Malformed("aevent without lifetime counters"))?,
+            replay: ReplayView(replay.ok_or_else(|| Error::Malformed("aevent without replay state"))?),
+            lifetime: lifetime.ok_or_else(|| Error::Malformed("aevent without lifetime counters"))?,
             replay_threshold,
             etimer_100ms,
             mark,
@@ -269,10 +285,12 @@ impl<'a> AeventView<'a> {
     }
 
     /// `AF_INET` or `AF_INET6` (checked by `parse`).
+    #[inline]
     pub fn family(&self) -> u16 {
         u16::from_ne_bytes([self.id[20], self.id[21]])
     }
 
+    #[inline]
     fn addr(&self, at: usize) -> IpAddr {
         let raw: [u8; 16] = self.id[at..at + 16].try_into().expect("16 bytes");
         if i32::from(self.family()) == libc::AF_INET {
@@ -282,20 +300,24 @@ impl<'a> AeventView<'a> {
         }
     }
 
+    #[inline]
     pub fn daddr(&self) -> IpAddr {
         self.addr(0)
     }
 
     /// In host byte order.
+    #[inline]
     pub fn spi(&self) -> u32 {
         u32::from_be_bytes([self.id[16], self.id[17], self.id[18], self.id[19]])
     }
 
+    #[inline]
     pub fn proto(&self) -> u8 {
         self.id[22]
     }
 
     /// The SA's identity, as events are routed by it.
+    #[inline]
     pub fn sa(&self) -> SaId {
         SaId {
             daddr: self.daddr(),
@@ -306,27 +328,33 @@ impl<'a> AeventView<'a> {
         }
     }
 
+    #[inline]
     pub fn saddr(&self) -> IpAddr {
         self.addr(24)
     }
 
     /// The raw `XFRM_AE_*` flags.
+    #[inline]
     pub fn flags(&self) -> u32 {
         u32_at(self.id, 40)
     }
 
+    #[inline]
     pub fn reqid(&self) -> u32 {
         u32_at(self.id, 44)
     }
 
+    #[inline]
     pub fn cause(&self) -> Option<Cause> {
         Cause::from_flags(self.flags())
     }
 
+    #[inline]
     pub fn replay(&self) -> ReplayView<'a> {
         self.replay
     }
 
+    #[inline]
     pub fn lifetime(&self) -> Lifetime {
         Lifetime {
             bytes: u64_at(self.lifetime, 0),
@@ -337,24 +365,29 @@ impl<'a> AeventView<'a> {
     }
 
     /// Packets; present in the answer to a query that asked for it.
+    #[inline]
     pub fn replay_threshold(&self) -> Option<u32> {
         self.replay_threshold
     }
 
     /// Milliseconds (the kernel reports 100 ms steps).
+    #[inline]
     pub fn timer_threshold_ms(&self) -> Option<u32> {
         self.etimer_100ms.map(|units| units.saturating_mul(100))
     }
 
+    #[inline]
     pub fn nlmsg_seq(&self) -> u32 {
         self.nlmsg_seq
     }
 
+    #[inline]
     pub fn nlmsg_pid(&self) -> u32 {
         self.nlmsg_pid
     }
 
     /// The owned event, for keeping.
+    #[inline]
     pub fn to_aevent(&self) -> Aevent {
         Aevent {
             sa: self.sa(),

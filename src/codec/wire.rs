@@ -95,20 +95,24 @@ const fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
+#[inline]
 fn bytes<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N]> {
     buf.get(at..at + N)
         .and_then(|b| b.try_into().ok())
-        .ok_or(Error::Malformed("field past the end of its buffer"))
+        .ok_or_else(|| Error::Malformed("field past the end of its buffer"))
 }
 
+#[inline]
 fn u16_at(buf: &[u8], at: usize) -> Result<u16> {
     bytes::<2>(buf, at).map(u16::from_ne_bytes)
 }
 
+#[inline]
 fn u32_at(buf: &[u8], at: usize) -> Result<u32> {
     bytes::<4>(buf, at).map(u32::from_ne_bytes)
 }
 
+#[inline]
 fn u64_at(buf: &[u8], at: usize) -> Result<u64> {
     bytes::<8>(buf, at).map(u64::from_ne_bytes)
 }
@@ -153,6 +157,7 @@ pub struct Messages<'a> {
 }
 
 impl<'a> Messages<'a> {
+    #[inline]
     pub fn new(datagram: &'a [u8]) -> Messages<'a> {
         Messages { rest: datagram }
     }
@@ -161,6 +166,7 @@ impl<'a> Messages<'a> {
 impl<'a> Iterator for Messages<'a> {
     type Item = Result<NlMsg<'a>>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
@@ -179,6 +185,7 @@ impl<'a> Iterator for Messages<'a> {
     }
 }
 
+#[inline]
 pub(crate) fn parse_message(buf: &[u8]) -> Result<(NlMsg<'_>, usize)> {
     if buf.len() < NLMSG_HDRLEN {
         return Err(Error::Malformed("netlink header truncated"));
@@ -206,6 +213,7 @@ pub struct Attrs<'a> {
 }
 
 impl<'a> Attrs<'a> {
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Attrs<'a> {
         Attrs { rest: buf }
     }
@@ -214,6 +222,7 @@ impl<'a> Attrs<'a> {
 impl<'a> Iterator for Attrs<'a> {
     type Item = Result<(u16, &'a [u8])>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
@@ -338,7 +347,7 @@ fn decode_usersa_id(buf: &[u8]) -> Result<SaId> {
     Ok(SaId {
         daddr: addr_at(buf, 0, family)?,
         spi: u32::from_be_bytes(bytes::<4>(buf, 16)?),
-        proto: *buf.get(22).ok_or(Error::Malformed("xfrm_usersa_id truncated"))?,
+        proto: *buf.get(22).ok_or_else(|| Error::Malformed("xfrm_usersa_id truncated"))?,
         mark: Mark::NONE,
         if_id: 0,
     })
@@ -416,7 +425,7 @@ pub fn decode_sa_message(msg: &NlMsg<'_>) -> Result<SaInfo> {
             let hard = *msg
                 .payload
                 .get(USERSA_INFO_LEN)
-                .ok_or(Error::Malformed("xfrm_user_expire truncated"))?;
+                .ok_or_else(|| Error::Malformed("xfrm_user_expire truncated"))?;
             let attrs = msg.payload.get(USERSA_INFO_LEN + 8..).unwrap_or(&[]);
             let mut info = decode_usersa_info(msg.payload, attrs)?;
             info.hard_expire = Some(hard != 0);
@@ -710,8 +719,8 @@ pub fn encode_getaddr_dump(out: &mut Vec<u8>, from: Sender) {
 /// The address of an `RTM_NEWADDR`: `IFA_LOCAL` where the interface has one
 /// (point-to-point), else `IFA_ADDRESS`.
 pub fn decode_newaddr(msg: &NlMsg<'_>) -> Result<Option<IpAddr>> {
-    let family = u16::from(*msg.payload.first().ok_or(Error::Malformed("ifaddrmsg truncated"))?);
-    let attrs = msg.payload.get(IFADDRMSG_LEN..).ok_or(Error::Malformed("ifaddrmsg truncated"))?;
+    let family = u16::from(*msg.payload.first().ok_or_else(|| Error::Malformed("ifaddrmsg truncated"))?);
+    let attrs = msg.payload.get(IFADDRMSG_LEN..).ok_or_else(|| Error::Malformed("ifaddrmsg truncated"))?;
     let (mut local, mut address) = (None, None);
     for attr in Attrs::new(attrs) {
         let (kind, payload) = attr?;
