@@ -479,7 +479,14 @@ pub fn decode_sa_request(buf: &[u8]) -> Result<SaInfo> {
 /// returns the new length. Refuses a message that carries either already.
 pub fn append_thresholds(buf: &mut [u8], replay_packets: u32, etimer_jiffies: u32) -> Result<usize> {
     let (msg, _) = parse_message(buf)?;
-    let attrs = msg.payload.get(USERSA_INFO_LEN..).unwrap_or(&[]);
+    if !matches!(msg.kind, XFRM_MSG_NEWSA | XFRM_MSG_UPDSA) {
+        return Err(Error::invalid(format!("message type {} is neither XFRM_MSG_NEWSA nor XFRM_MSG_UPDSA", msg.kind)));
+    }
+    // Attributes appended to a message shorter than its xfrm_usersa_info
+    // would land inside the structure (found by fuzzing).
+    let Some(attrs) = msg.payload.get(USERSA_INFO_LEN..) else {
+        return Err(Error::invalid("the message is shorter than its xfrm_usersa_info"));
+    };
     for attr in Attrs::new(attrs) {
         let (kind, _) = attr?;
         if matches!(kind, XFRMA_REPLAY_THRESH | XFRMA_ETIMER_THRESH) {
