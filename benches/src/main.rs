@@ -259,6 +259,25 @@ fn memory(sizes: &[usize]) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--only-dispatch") {
+        // For callgrind: register the callbacks, then dispatch ROUNDS times
+        // (0: the baseline to subtract).
+        let rounds: usize = args[1].parse().expect("rounds");
+        let stream = Stream::build(Kind::Mixed, SAS);
+        let (_kernel, handle) = fake::handle();
+        for i in 0..SAS {
+            handle.on_sa_event_view(stream.sa(i), Some(Box::new(|_, ev| {
+                black_box(ev.replay().seq64());
+            }))).unwrap();
+        }
+        for _ in 0..rounds {
+            for msg in stream.messages() {
+                black_box(handle.dispatch_datagram(msg).unwrap());
+            }
+        }
+        println!("events {}", stream.len() * rounds);
+        return;
+    }
     if args.first().map(String::as_str) == Some("--only") {
         // For callgrind: build the stream, then run one decoder ROUNDS times
         // ("none" runs none: the baseline to subtract).

@@ -26,12 +26,14 @@ fn fold(a: u64, b: u64) -> u64 {
 #[derive(Clone, Copy)]
 pub(crate) struct SaHasher {
     state: u64,
+    seed: u64,
 }
 
 impl Default for SaHasher {
     #[inline]
     fn default() -> Self {
-        SaHasher { state: seed() }
+        let seed = seed();
+        SaHasher { state: seed, seed }
     }
 }
 
@@ -95,7 +97,7 @@ impl Hasher for SaHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        fold(self.state, K ^ seed())
+        fold(self.state, K ^ self.seed)
     }
 }
 

@@ -1003,6 +1003,13 @@ impl Handle {
         bytes: &[u8],
         on_sa: &mut dyn FnMut(&Handle, &SaNotice),
     ) -> Result<bool> {
+        // Events, the hot path, are read in place and routed without
+        // passing through `Item` (whose SA notice is large to move).
+        let (msg, _) = wire::parse_message(bytes)?;
+        if msg.kind == wire::XFRM_MSG_NEWAE {
+            router.route(self, &AeventView::parse(&msg)?);
+            return Ok(true);
+        }
         match item(bytes)? {
             Item::Aevent(view) => {
                 router.route(self, &view);
