@@ -18,8 +18,11 @@
  * xfrmsync_dispatch(), on the thread that called it. From a callback you may
  * call xfrmsync_query, xfrmsync_update, xfrmsync_set_thresholds and
  * xfrmsync_calibrate_hz on the same handle; xfrmsync_dispatch,
- * xfrmsync_on_event and xfrmsync_on_sa_event on it return -EBUSY there, and
- * xfrmsync_handle_free must not be called there. Callbacks must return
+ * xfrmsync_on_event, xfrmsync_on_sa_event, xfrmsync_rule_add,
+ * xfrmsync_rule_remove and xfrmsync_(un)register_sa on it return -EBUSY
+ * there. xfrmsync_handle_free may be called there: the handle is freed when
+ * the call that ran the callback returns, no further callback of it runs,
+ * and calls on it give -EINVAL until then. Callbacks must return
  * normally: a C++ exception or a longjmp out of one is undefined behaviour.
  * Distinct handles are independent. The last-error message is per thread.
  *
@@ -444,8 +447,12 @@ int xfrmsync_handle_new_netns_path(const char *netns_path, struct xfrmsync_handl
 int xfrmsync_handle_new_netns_fd(int netns_fd, struct xfrmsync_handle **out);
 
 /*
- Closes the handle's sockets and frees it. NULL is a no-op. Never call it
- from inside a callback of the same handle.
+ Closes the handle's sockets and frees it. NULL is a no-op. Events still
+ pending are dropped with it. From inside one of the handle's own
+ callbacks it is safe too: the handle is then freed when the call that
+ ran the callback (xfrmsync_dispatch, xfrmsync_rule_add, ...) returns;
+ until then no further callback of it runs and calls on it give -EINVAL.
+ Either way the caller must not use the pointer afterwards.
  */
 void xfrmsync_handle_free(struct xfrmsync_handle *handle);
 

@@ -4,11 +4,13 @@
 
 #![allow(non_camel_case_types)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::aevent::{AeUpdate, Aevent, EsnReplay, LegacyReplay, Lifetime, Replay, MAX_BITMAP_WORDS};
 use crate::error::{Error, Result};
@@ -16,6 +18,7 @@ use crate::handle::Handle;
 use crate::registry::{Direction, Prefix, Registry, Rule, SaMatch, Thresholds};
 use crate::sa::{Mark, SaId};
 use crate::timer;
+use crate::view::AeventView;
 
 /// Event cause: a replay counter moved by the replay threshold (`XFRM_AE_CR`).
 pub const XFRMSYNC_CAUSE_REPLAY: u32 = 16;
@@ -192,10 +195,57 @@ fn required<'a, T>(ptr: *const T, what: &'static str) -> Result<&'a T> {
     unsafe { ptr.as_ref() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
 }
 
-/// Behind every `xfrmsync_handle` is a registry: a handle that also gives
-/// SAs their thresholds once rules exist, and costs nothing before.
+/// What an `xfrmsync_handle` points to: a registry (a handle that also
+/// gives SAs their thresholds once rules exist, and costs nothing before),
+/// and what makes freeing it from inside one of its own callbacks safe.
+struct CHandle {
+    registry: Registry,
+    /// Calls in progress on this handle that may run its callbacks (more
+    /// than one when a callback calls in again).
+    active: Cell<u32>,
+    /// `xfrmsync_handle_free` was called while such a call was in progress:
+    /// the outermost one frees the handle when it returns. Until then no
+    /// callback of the handle runs and calls on it fail with -EINVAL.
+    closing: Arc<AtomicBool>,
+}
+
+fn chandle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a CHandle> {
+    let c = required(ptr.cast::<CHandle>(), "handle")?;
+    if c.closing.load(Ordering::Relaxed) {
+        return Err(Error::invalid("the handle was freed from inside one of its callbacks"));
+    }
+    Ok(c)
+}
+
 fn registry<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Registry> {
-    required(ptr.cast::<Registry>(), "handle")
+    chandle(ptr).map(|c| &c.registry)
+}
+
+/// Marks a call that may run the handle's callbacks; the last one to end
+/// frees a handle that was freed meanwhile from inside a callback.
+struct Active(*mut CHandle);
+
+impl Active {
+    fn enter<'a>(ptr: *mut xfrmsync_handle) -> Result<(Active, &'a CHandle)> {
+        let c = chandle(ptr)?;
+        c.active.set(c.active.get() + 1);
+        Ok((Active(ptr.cast()), c))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // SAFETY: the handle stays allocated while `active` counts this call:
+        // xfrmsync_handle_free only marks it then.
+        let c = unsafe { &*self.0 };
+        let left = c.active.get() - 1;
+        c.active.set(left);
+        if left == 0 && c.closing.load(Ordering::Relaxed) {
+            // SAFETY: from Box::into_raw in `publish`; the caller gave it up
+            // with xfrmsync_handle_free, and no call on it is in progress.
+            drop(unsafe { Box::from_raw(self.0) });
+        }
+    }
 }
 
 fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
@@ -367,6 +417,44 @@ impl xfrmsync_aevent {
         }
     }
 
+    /// Fills an event from one read in place. Only the bitmap words the
+    /// event has are written; `dirty` (how many the previous event wrote)
+    /// says which words past them to clear, so every word past `bmp_len`
+    /// reads 0 without clearing all 128 each time.
+    fn fill(&mut self, ev: &AeventView<'_>, dirty: &mut usize) {
+        let flags = ev.flags();
+        self.sa = xfrmsync_sa_id::from_rust(&ev.sa());
+        self.saddr = ip_to_c(&ev.saddr());
+        self.reqid = ev.reqid();
+        self.flags = flags;
+        self.cause = flags & (XFRMSYNC_CAUSE_REPLAY | XFRMSYNC_CAUSE_TIMER | XFRMSYNC_CAUSE_UPDATE);
+        let replay = ev.replay();
+        let r = &mut self.replay;
+        r.esn = u32::from(replay.is_esn());
+        r.oseq = replay.oseq();
+        r.seq = replay.seq();
+        r.oseq_hi = replay.oseq_hi();
+        r.seq_hi = replay.seq_hi();
+        r.replay_window = replay.replay_window();
+        let words = replay.bitmap_len();
+        r.bmp_len = words as u32;
+        for (dst, word) in r.bmp.iter_mut().zip(replay.bitmap_words()) {
+            *dst = word;
+        }
+        if *dirty > words {
+            r.bmp[words..*dirty].fill(0);
+        }
+        *dirty = words;
+        self.lifetime = xfrmsync_lifetime::from_rust(&ev.lifetime());
+        let (replay_threshold, timer_threshold_ms) = (ev.replay_threshold(), ev.timer_threshold_ms());
+        self.present = if replay_threshold.is_some() { XFRMSYNC_HAS_REPLAY_THRESHOLD } else { 0 }
+            | if timer_threshold_ms.is_some() { XFRMSYNC_HAS_TIMER_THRESHOLD } else { 0 };
+        self.replay_threshold = replay_threshold.unwrap_or(0);
+        self.timer_threshold_ms = timer_threshold_ms.unwrap_or(0);
+        self.nlmsg_seq = ev.nlmsg_seq();
+        self.nlmsg_pid = ev.nlmsg_pid();
+    }
+
     fn to_rust(self) -> Result<Aevent> {
         let has = |bit| self.present & bit != 0;
         Ok(Aevent {
@@ -419,7 +507,12 @@ fn publish(built: Result<Handle>, out: *mut *mut xfrmsync_handle) -> Result<c_in
     if out.is_null() {
         return Err(Error::invalid("output pointer is NULL"));
     }
-    let raw = Box::into_raw(Box::new(Registry::new(built?))).cast::<xfrmsync_handle>();
+    let handle = CHandle {
+        registry: Registry::new(built?),
+        active: Cell::new(0),
+        closing: Arc::new(AtomicBool::new(false)),
+    };
+    let raw = Box::into_raw(Box::new(handle)).cast::<xfrmsync_handle>();
     write_out(out, raw)?;
     Ok(0)
 }
@@ -455,17 +548,29 @@ pub extern "C" fn xfrmsync_handle_new_netns_fd(netns_fd: c_int, out: *mut *mut x
     })
 }
 
-/// Closes the handle's sockets and frees it. NULL is a no-op. Never call it
-/// from inside a callback of the same handle.
+/// Closes the handle's sockets and frees it. NULL is a no-op. Events still
+/// pending are dropped with it. From inside one of the handle's own
+/// callbacks it is safe too: the handle is then freed when the call that
+/// ran the callback (xfrmsync_dispatch, xfrmsync_rule_add, ...) returns;
+/// until then no further callback of it runs and calls on it give -EINVAL.
+/// Either way the caller must not use the pointer afterwards.
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_free(handle: *mut xfrmsync_handle) {
     if handle.is_null() {
         return;
     }
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: a non-NULL handle came from Box::into_raw in `publish`, and
-        // the caller gives up its pointer here.
-        drop(unsafe { Box::from_raw(handle.cast::<Registry>()) });
+        let c = handle.cast::<CHandle>();
+        // SAFETY: a non-NULL handle came from Box::into_raw in `publish` and
+        // is alive until freed here or by the last `Active` call on it.
+        let in_callback = unsafe { (*c).active.get() } > 0;
+        if in_callback {
+            // SAFETY: as above; the last `Active` frees it.
+            unsafe { (*c).closing.store(true, Ordering::Relaxed) };
+        } else {
+            // SAFETY: as above, and the caller gives up its pointer here.
+            drop(unsafe { Box::from_raw(c) });
+        }
     }));
 }
 
@@ -712,10 +817,16 @@ pub extern "C" fn xfrmsync_netns_defaults_write(
     })
 }
 
-/// A C function and its user pointer, called from `dispatch`.
+/// A C function and its user pointer, called from `dispatch` with events
+/// read in place and written into one event struct it keeps.
 struct CCallback {
     function: unsafe extern "C" fn(*mut c_void, *const xfrmsync_aevent),
     user_data: *mut c_void,
+    /// The handle's: once it is being freed, the callback no longer runs.
+    closing: Arc<AtomicBool>,
+    event: Box<xfrmsync_aevent>,
+    /// Bitmap words the last event wrote into `event`.
+    dirty: usize,
 }
 
 // SAFETY: the header makes the caller responsible for `user_data` being
@@ -723,19 +834,28 @@ struct CCallback {
 unsafe impl Send for CCallback {}
 
 impl CCallback {
-    fn boxed(function: xfrmsync_event_cb, user_data: *mut c_void) -> Option<crate::Callback> {
-        let cb = CCallback {
+    fn boxed(function: xfrmsync_event_cb, user_data: *mut c_void, closing: &Arc<AtomicBool>) -> Option<crate::ViewCallback> {
+        let mut cb = CCallback {
             function: function?,
             user_data,
+            closing: closing.clone(),
+            // SAFETY: xfrmsync_aevent is plain integers and arrays, for
+            // which all-zero bytes are a valid value.
+            event: Box::new(unsafe { std::mem::zeroed() }),
+            dirty: 0,
         };
-        Some(Box::new(move |_: &Handle, event: &Aevent| cb.call(event)))
+        Some(Box::new(move |_: &Handle, event: &AeventView<'_>| cb.call(event)))
     }
 
-    fn call(&self, event: &Aevent) {
-        let c_event = xfrmsync_aevent::from_rust(event);
+    fn call(&mut self, event: &AeventView<'_>) {
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        self.event.fill(event, &mut self.dirty);
         // SAFETY: the caller registered a function taking these arguments;
-        // `c_event` lives until it returns.
-        unsafe { (self.function)(self.user_data, &c_event) }
+        // the event lives until it returns (and is only read meanwhile: a
+        // nested dispatch, which could call this again, is refused).
+        unsafe { (self.function)(self.user_data, &*self.event) }
     }
 }
 
@@ -744,8 +864,10 @@ impl CCallback {
 #[no_mangle]
 pub extern "C" fn xfrmsync_on_event(handle: *mut xfrmsync_handle, callback: xfrmsync_event_cb, user_data: *mut c_void) -> c_int {
     boundary(|| {
-        self::handle(handle)?
-            .on_event(CCallback::boxed(callback, user_data))
+        let c = chandle(handle)?;
+        c.registry
+            .handle()
+            .on_event_view(CCallback::boxed(callback, user_data, &c.closing))
             .map(|_| 0)
     })
 }
@@ -760,8 +882,9 @@ pub extern "C" fn xfrmsync_on_sa_event(
     user_data: *mut c_void,
 ) -> c_int {
     boundary(|| {
-        let (handle, sa) = handle_and_sa(handle, sa)?;
-        handle.on_sa_event(sa, CCallback::boxed(callback, user_data)).map(|_| 0)
+        let (handle_ref, sa) = handle_and_sa(handle, sa)?;
+        let closing = &chandle(handle)?.closing;
+        handle_ref.on_sa_event_view(sa, CCallback::boxed(callback, user_data, closing)).map(|_| 0)
     })
 }
 
@@ -782,7 +905,8 @@ pub extern "C" fn xfrmsync_on_sa_event(
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {
-        let count = registry(handle)?.dispatch()?;
+        let (_active, c) = Active::enter(handle)?;
+        let count = c.registry.dispatch()?;
         Ok(c_int::try_from(count).unwrap_or(c_int::MAX))
     })
 }
@@ -954,8 +1078,8 @@ impl xfrmsync_rule {
 #[no_mangle]
 pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const xfrmsync_rule) -> c_int {
     boundary(|| {
-        let registry = registry(handle)?;
-        registry.add_rule(required(rule, "rule")?.to_rust()?).map(|_| 0)
+        let (_active, c) = Active::enter(handle)?;
+        c.registry.add_rule(required(rule, "rule")?.to_rust()?).map(|_| 0)
     })
 }
 
@@ -964,8 +1088,8 @@ pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const x
 #[no_mangle]
 pub extern "C" fn xfrmsync_rule_remove(handle: *mut xfrmsync_handle, name: *const c_char) -> c_int {
     boundary(|| {
-        let registry = registry(handle)?;
-        registry.remove_rule(text(name, "rule name")?).map(c_int::from)
+        let (_active, c) = Active::enter(handle)?;
+        c.registry.remove_rule(text(name, "rule name")?).map(c_int::from)
     })
 }
 
@@ -979,10 +1103,10 @@ pub extern "C" fn xfrmsync_register_sa(
     timer_ms: u32,
 ) -> c_int {
     boundary(|| {
-        let registry = registry(handle)?;
+        let (_active, c) = Active::enter(handle)?;
         let sa = required(sa, "sa")?.to_rust()?;
         let thresholds = Thresholds { replay_packets, timer_ms };
-        registry.register_sa(sa, Some(thresholds)).map(|_| 0)
+        c.registry.register_sa(sa, Some(thresholds)).map(|_| 0)
     })
 }
 
@@ -990,8 +1114,8 @@ pub extern "C" fn xfrmsync_register_sa(
 #[no_mangle]
 pub extern "C" fn xfrmsync_unregister_sa(handle: *mut xfrmsync_handle, sa: *const xfrmsync_sa_id) -> c_int {
     boundary(|| {
-        let registry = registry(handle)?;
-        registry.register_sa(required(sa, "sa")?.to_rust()?, None).map(|_| 0)
+        let (_active, c) = Active::enter(handle)?;
+        c.registry.register_sa(required(sa, "sa")?.to_rust()?, None).map(|_| 0)
     })
 }
 
@@ -1013,10 +1137,15 @@ pub type xfrmsync_applied_cb = Option<
 #[no_mangle]
 pub extern "C" fn xfrmsync_on_applied(handle: *mut xfrmsync_handle, callback: xfrmsync_applied_cb, user_data: *mut c_void) -> c_int {
     boundary(|| {
-        let registry = registry(handle)?;
+        let c = chandle(handle)?;
+        let registry = &c.registry;
+        let closing = c.closing.clone();
         let callback = callback.map(|function| {
             let user = UserData(user_data);
             Box::new(move |_: &Handle, applied: &crate::registry::Applied<'_>| {
+                if closing.load(Ordering::Relaxed) {
+                    return;
+                }
                 let sa = xfrmsync_sa_id::from_rust(applied.sa);
                 let result = applied.result.as_ref().map_or_else(|e| -e.errno(), |_| 0);
                 let t = applied.thresholds;

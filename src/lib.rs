@@ -35,13 +35,14 @@ pub mod handle;
 pub mod registry;
 
 // The layers' parts keep the short paths users know.
-pub use codec::{aevent, sa, wire};
+pub use codec::{aevent, sa, view, wire};
 pub use handle::{defaults, events, hz, netns, timer};
 
 pub use aevent::{AeUpdate, Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay};
 pub use error::{Error, Result};
-pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice};
+pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice, ViewCallback};
 pub use netns::NetnsRef;
 pub use registry::{Registry, Rule, SaMatch, Thresholds};
 pub use timer::HzSource;
 pub use sa::{Mark, SaId};
+pub use view::{AeventView, ReplayView};

@@ -3,4 +3,5 @@
 
 pub mod aevent;
 pub mod sa;
+pub mod view;
 pub mod wire;

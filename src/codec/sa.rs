@@ -28,7 +28,7 @@ impl Mark {
 /// One SA as the kernel finds it: destination address, SPI, protocol, and
 /// the mark it was installed with. `if_id` is carried for routing events of
 /// SAs bound to an XFRM interface; the kernel's aevent lookup ignores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SaId {
     pub daddr: IpAddr,
     /// In host byte order, as `ip xfrm` prints it.
@@ -36,6 +36,25 @@ pub struct SaId {
     pub proto: u8,
     pub mark: Mark,
     pub if_id: u32,
+}
+
+/// Every field, in few wide words: events are routed by this hash, once
+/// per event.
+impl std::hash::Hash for SaId {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let tail = (u64::from(self.if_id) << 8) | u64::from(self.proto);
+        match self.daddr {
+            IpAddr::V4(a) => state.write_u64((u64::from(self.spi) << 32) | u64::from(u32::from(a))),
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                state.write_u64(bits as u64);
+                state.write_u64((bits >> 64) as u64 ^ (u64::from(self.spi) << 32) ^ 1);
+            }
+        }
+        state.write_u64((u64::from(self.mark.value) << 32) | u64::from(self.mark.mask));
+        state.write_u64(tail);
+    }
 }
 
 impl SaId {

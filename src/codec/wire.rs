@@ -95,20 +95,24 @@ const fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
+#[inline]
 fn bytes<const N: usize>(buf: &[u8], at: usize) -> Result<[u8; N]> {
     buf.get(at..at + N)
         .and_then(|b| b.try_into().ok())
-        .ok_or(Error::Malformed("field past the end of its buffer"))
+        .ok_or_else(|| Error::Malformed("field past the end of its buffer"))
 }
 
+#[inline]
 fn u16_at(buf: &[u8], at: usize) -> Result<u16> {
     bytes::<2>(buf, at).map(u16::from_ne_bytes)
 }
 
+#[inline]
 fn u32_at(buf: &[u8], at: usize) -> Result<u32> {
     bytes::<4>(buf, at).map(u32::from_ne_bytes)
 }
 
+#[inline]
 fn u64_at(buf: &[u8], at: usize) -> Result<u64> {
     bytes::<8>(buf, at).map(u64::from_ne_bytes)
 }
@@ -153,6 +157,7 @@ pub struct Messages<'a> {
 }
 
 impl<'a> Messages<'a> {
+    #[inline]
     pub fn new(datagram: &'a [u8]) -> Messages<'a> {
         Messages { rest: datagram }
     }
@@ -161,6 +166,7 @@ impl<'a> Messages<'a> {
 impl<'a> Iterator for Messages<'a> {
     type Item = Result<NlMsg<'a>>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
@@ -179,6 +185,7 @@ impl<'a> Iterator for Messages<'a> {
     }
 }
 
+#[inline]
 pub(crate) fn parse_message(buf: &[u8]) -> Result<(NlMsg<'_>, usize)> {
     if buf.len() < NLMSG_HDRLEN {
         return Err(Error::Malformed("netlink header truncated"));
@@ -206,6 +213,7 @@ pub struct Attrs<'a> {
 }
 
 impl<'a> Attrs<'a> {
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Attrs<'a> {
         Attrs { rest: buf }
     }
@@ -214,6 +222,7 @@ impl<'a> Attrs<'a> {
 impl<'a> Iterator for Attrs<'a> {
     type Item = Result<(u16, &'a [u8])>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
@@ -338,39 +347,16 @@ fn decode_usersa_id(buf: &[u8]) -> Result<SaId> {
     Ok(SaId {
         daddr: addr_at(buf, 0, family)?,
         spi: u32::from_be_bytes(bytes::<4>(buf, 16)?),
-        proto: *buf.get(22).ok_or(Error::Malformed("xfrm_usersa_id truncated"))?,
+        proto: *buf.get(22).ok_or_else(|| Error::Malformed("xfrm_usersa_id truncated"))?,
         mark: Mark::NONE,
         if_id: 0,
     })
 }
 
-/// Decodes an `XFRM_MSG_NEWAE` (event or query answer).
+/// Decodes an `XFRM_MSG_NEWAE` (event or query answer) into an owned
+/// value: [`crate::view::AeventView`] read in place, then copied.
 pub fn decode_aevent(msg: &NlMsg<'_>) -> Result<Aevent> {
-    let payload = msg.payload;
-    if payload.len() < AEVENT_ID_LEN {
-        return Err(Error::Malformed("xfrm_aevent_id truncated"));
-    }
-    let mut sa = decode_usersa_id(payload)?;
-    let family = u16_at(payload, 20)?;
-    let attrs = decode_sa_attrs(&payload[AEVENT_ID_LEN..])?;
-    sa.mark = attrs.mark;
-    sa.if_id = attrs.if_id;
-    Ok(Aevent {
-        sa,
-        saddr: addr_at(payload, USERSA_ID_LEN, family)?,
-        flags: u32_at(payload, 40)?,
-        reqid: u32_at(payload, 44)?,
-        replay: attrs
-            .replay
-            .ok_or(Error::Malformed("aevent without replay state"))?,
-        lifetime: attrs
-            .lifetime
-            .ok_or(Error::Malformed("aevent without lifetime counters"))?,
-        replay_threshold: attrs.replay_threshold,
-        timer_threshold_ms: attrs.etimer_100ms.map(|units| units.saturating_mul(100)),
-        nlmsg_seq: msg.seq,
-        nlmsg_pid: msg.port_id,
-    })
+    crate::view::AeventView::parse(msg).map(|view| view.to_aevent())
 }
 
 /// The SA carried by `NEWSA`/`UPDSA`/`EXPIRE`/`GETSA` answers and `DELSA`
@@ -439,7 +425,7 @@ pub fn decode_sa_message(msg: &NlMsg<'_>) -> Result<SaInfo> {
             let hard = *msg
                 .payload
                 .get(USERSA_INFO_LEN)
-                .ok_or(Error::Malformed("xfrm_user_expire truncated"))?;
+                .ok_or_else(|| Error::Malformed("xfrm_user_expire truncated"))?;
             let attrs = msg.payload.get(USERSA_INFO_LEN + 8..).unwrap_or(&[]);
             let mut info = decode_usersa_info(msg.payload, attrs)?;
             info.hard_expire = Some(hard != 0);
@@ -493,7 +479,14 @@ pub fn decode_sa_request(buf: &[u8]) -> Result<SaInfo> {
 /// returns the new length. Refuses a message that carries either already.
 pub fn append_thresholds(buf: &mut [u8], replay_packets: u32, etimer_jiffies: u32) -> Result<usize> {
     let (msg, _) = parse_message(buf)?;
-    let attrs = msg.payload.get(USERSA_INFO_LEN..).unwrap_or(&[]);
+    if !matches!(msg.kind, XFRM_MSG_NEWSA | XFRM_MSG_UPDSA) {
+        return Err(Error::invalid(format!("message type {} is neither XFRM_MSG_NEWSA nor XFRM_MSG_UPDSA", msg.kind)));
+    }
+    // Attributes appended to a message shorter than its xfrm_usersa_info
+    // would land inside the structure (found by fuzzing).
+    let Some(attrs) = msg.payload.get(USERSA_INFO_LEN..) else {
+        return Err(Error::invalid("the message is shorter than its xfrm_usersa_info"));
+    };
     for attr in Attrs::new(attrs) {
         let (kind, _) = attr?;
         if matches!(kind, XFRMA_REPLAY_THRESH | XFRMA_ETIMER_THRESH) {
@@ -524,22 +517,24 @@ pub struct Ack<'a> {
     pub errno: i32,
     /// The kernel's extended-ack text, when it sent one.
     pub ext_ack: Option<&'a str>,
-    /// Header of the request this answers.
+    /// Header of the request this answers, as echoed; 0 where the echo was
+    /// cut short (the errno is still reported then).
     pub request_kind: u16,
     pub request_seq: u32,
 }
 
 pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
     let p = msg.payload;
-    if p.len() < 4 + NLMSG_HDRLEN {
-        return Err(Error::Malformed("nlmsgerr truncated"));
-    }
-    let error = i32::from_ne_bytes(bytes::<4>(p, 0)?);
-    let request_len = u32_at(p, 4)? as usize;
-    let request_kind = u16_at(p, 8)?;
-    let request_seq = u32_at(p, 12)?;
+    // The errno is what matters: it is reported even when the echoed
+    // request behind it is cut short (the outer header's seq already says
+    // which request this answers).
+    let error = i32::from_ne_bytes(bytes::<4>(p, 0).map_err(|_| Error::Malformed("nlmsgerr without its errno"))?);
+    let echoed_whole = p.len() >= 4 + NLMSG_HDRLEN;
+    let request_len = if echoed_whole { u32_at(p, 4)? as usize } else { 0 };
+    let request_kind = if echoed_whole { u16_at(p, 8)? } else { 0 };
+    let request_seq = if echoed_whole { u32_at(p, 12)? } else { 0 };
     let mut ext_ack = None;
-    if msg.flags & NLM_F_ACK_TLVS != 0 {
+    if echoed_whole && msg.flags & NLM_F_ACK_TLVS != 0 {
         // Success acks and capped errors echo only the request header.
         let echoed = if error == 0 || msg.flags & NLM_F_CAPPED != 0 {
             NLMSG_HDRLEN
@@ -548,7 +543,8 @@ pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
         };
         let tlvs = p.get(4 + align4(echoed)..).unwrap_or(&[]);
         for attr in Attrs::new(tlvs) {
-            let (kind, payload) = attr?;
+            // Broken extended-ack attributes lose their text, not the errno.
+            let Ok((kind, payload)) = attr else { break };
             if kind == NLMSGERR_ATTR_MSG {
                 let text = payload.split(|b| *b == 0).next().unwrap_or(&[]);
                 ext_ack = std::str::from_utf8(text).ok().filter(|t| !t.is_empty());
@@ -730,8 +726,8 @@ pub fn encode_getaddr_dump(out: &mut Vec<u8>, from: Sender) {
 /// The address of an `RTM_NEWADDR`: `IFA_LOCAL` where the interface has one
 /// (point-to-point), else `IFA_ADDRESS`.
 pub fn decode_newaddr(msg: &NlMsg<'_>) -> Result<Option<IpAddr>> {
-    let family = u16::from(*msg.payload.first().ok_or(Error::Malformed("ifaddrmsg truncated"))?);
-    let attrs = msg.payload.get(IFADDRMSG_LEN..).ok_or(Error::Malformed("ifaddrmsg truncated"))?;
+    let family = u16::from(*msg.payload.first().ok_or_else(|| Error::Malformed("ifaddrmsg truncated"))?);
+    let attrs = msg.payload.get(IFADDRMSG_LEN..).ok_or_else(|| Error::Malformed("ifaddrmsg truncated"))?;
     let (mut local, mut address) = (None, None);
     for attr in Attrs::new(attrs) {
         let (kind, payload) = attr?;

@@ -8,6 +8,7 @@
 
 pub mod defaults;
 pub mod events;
+pub(crate) mod fasthash;
 pub mod hz;
 pub mod netns;
 pub mod timer;
@@ -24,11 +25,16 @@ use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
 use crate::events::Router;
 use crate::sa::SaId;
+use crate::view::AeventView;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
 /// and gets the handle, so it may query and configure SAs through it.
 pub type Callback = crate::events::Callback<Handle>;
+
+/// A callback for events read in place (see [`AeventView`]): nothing is
+/// copied for it, which makes it the fastest way to consume events.
+pub type ViewCallback = crate::events::ViewCallback<Handle>;
 
 /// Netlink multicast datagrams of this group are single small messages;
 /// 32 KiB leaves room for anything a kernel sends on it.
@@ -128,11 +134,11 @@ impl HandleBuilder {
             .requests
             .get_address(&mut address)
             .map_err(|e| Error::from_io("read request socket address", &e))?;
-        self.assemble(sockets, address.port_number())
+        self.assemble(sockets, address.port_number(), true)
     }
 
     /// Builds a handle on sockets the caller made, for tests that put a fake
-    /// kernel behind a socket pair. `port_id` is what the handle's requests
+    /// kernel behind a socket pair (joining groups does nothing on them). `port_id` is what the handle's requests
     /// carry as their sender (a kernel socket's own port id in real use).
     #[doc(hidden)]
     pub fn open_with_sockets(self, requests: OwnedFd, events: OwnedFd, port_id: u32) -> Result<Handle> {
@@ -145,7 +151,7 @@ impl HandleBuilder {
                 route: None,
             }
         };
-        self.assemble(sockets, port_id)
+        self.assemble(sockets, port_id, false)
     }
 
     fn check(&self) -> Result<()> {
@@ -158,7 +164,9 @@ impl HandleBuilder {
         Ok(())
     }
 
-    fn assemble(self, sockets: Sockets, port_id: u32) -> Result<Handle> {
+    /// `netlink`: the sockets are the kernel's (else a socket pair with a
+    /// fake behind it, which has no multicast groups to join).
+    fn assemble(self, sockets: Sockets, port_id: u32, netlink: bool) -> Result<Handle> {
         let Sockets { requests, events, route } = sockets;
         // Both options are best effort: without them errors still arrive,
         // just with the request echoed and no explanatory text.
@@ -187,6 +195,7 @@ impl HandleBuilder {
             deadline: Cell::new(None),
             request_timeout: self.request_timeout,
             dispatch_limit: Cell::new(self.dispatch_limit),
+            netlink,
         };
         if let Some(bytes) = self.receive_buffer {
             handle.set_receive_buffer(bytes)?;
@@ -385,11 +394,35 @@ struct EventReader {
     pos: usize,
 }
 
-/// What the event socket carries: aevents, and SA notifications when the
-/// handle watches SAs.
-enum Item {
-    Aevent(Aevent),
+/// What the event socket carries: aevents (read in place), and SA
+/// notifications when the handle watches SAs.
+enum Item<'a> {
+    Aevent(AeventView<'a>),
     Sa(SaNotice),
+    /// Anything else the kernel may send there: passed over.
+    Skip,
+}
+
+/// The item one message of the event socket is.
+fn item(bytes: &[u8]) -> Result<Item<'_>> {
+    let (msg, _) = wire::parse_message(bytes)?;
+    let change = match msg.kind {
+        wire::XFRM_MSG_NEWAE => return AeventView::parse(&msg).map(Item::Aevent),
+        wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
+        wire::XFRM_MSG_NEWSA => SaChange::New,
+        wire::XFRM_MSG_UPDSA => SaChange::Updated,
+        wire::XFRM_MSG_DELSA => SaChange::Deleted,
+        wire::XFRM_MSG_EXPIRE => SaChange::Expired { hard: false },
+        _ => return Ok(Item::Skip),
+    };
+    let info = wire::decode_sa_message(&msg)?;
+    let change = match change {
+        SaChange::Expired { .. } => SaChange::Expired {
+            hard: info.hard_expire.unwrap_or(false),
+        },
+        other => other,
+    };
+    Ok(Item::Sa(SaNotice { change, info }))
 }
 
 /// An SA came, changed or went (`XFRMNLGRP_SA`, `XFRMNLGRP_EXPIRE`).
@@ -412,36 +445,25 @@ pub enum SaChange {
 }
 
 impl EventReader {
-    /// The next event left in the datagram already read, if any.
-    fn next_buffered(&mut self) -> Result<Option<Item>> {
-        while self.pos < self.len {
-            let parsed = wire::parse_message(&self.buf[self.pos..self.len]);
-            // Advance before decoding, so a bad message is reported once
-            // and the next call goes on behind it.
-            self.pos = match &parsed {
-                Ok((_, consumed)) => self.pos + consumed,
-                Err(_) => self.len,
-            };
-            let (msg, _) = parsed?;
-            let change = match msg.kind {
-                wire::XFRM_MSG_NEWAE => return wire::decode_aevent(&msg).map(|e| Some(Item::Aevent(e))),
-                wire::NLMSG_OVERRUN => return Err(Error::EventsLost),
-                wire::XFRM_MSG_NEWSA => SaChange::New,
-                wire::XFRM_MSG_UPDSA => SaChange::Updated,
-                wire::XFRM_MSG_DELSA => SaChange::Deleted,
-                wire::XFRM_MSG_EXPIRE => SaChange::Expired { hard: false },
-                _ => continue,
-            };
-            let info = wire::decode_sa_message(&msg)?;
-            let change = match change {
-                SaChange::Expired { .. } => SaChange::Expired {
-                    hard: info.hard_expire.unwrap_or(false),
-                },
-                other => other,
-            };
-            return Ok(Some(Item::Sa(SaNotice { change, info })));
+    /// Where the next message left in the datagram already read lies, if
+    /// any. The position moves past it first, so a bad message is reported
+    /// once and the next call goes on behind it; a message whose framing is
+    /// broken ends the datagram.
+    fn next_message(&mut self) -> Result<Option<std::ops::Range<usize>>> {
+        if self.pos >= self.len {
+            return Ok(None);
         }
-        Ok(None)
+        let start = self.pos;
+        match wire::parse_message(&self.buf[start..self.len]) {
+            Ok((msg, consumed)) => {
+                self.pos = start + consumed;
+                Ok(Some(start..start + wire::NLMSG_HDRLEN + msg.payload.len()))
+            }
+            Err(e) => {
+                self.pos = self.len;
+                Err(e)
+            }
+        }
     }
 
     /// Reads one datagram without blocking; `false` when there is none.
@@ -479,13 +501,16 @@ impl EventReader {
     /// is drained. Never blocks. SA notifications are passed over.
     fn next(&mut self) -> Result<Option<Aevent>> {
         loop {
-            match self.next_buffered()? {
-                Some(Item::Aevent(event)) => return Ok(Some(event)),
-                Some(Item::Sa(_)) => continue,
-                None => {}
-            }
-            if !self.read_datagram()? {
-                return Ok(None);
+            match self.next_message()? {
+                Some(range) => match item(&self.buf[range])? {
+                    Item::Aevent(view) => return Ok(Some(view.to_aevent())),
+                    Item::Sa(_) | Item::Skip => continue,
+                },
+                None => {
+                    if !self.read_datagram()? {
+                        return Ok(None);
+                    }
+                }
             }
         }
     }
@@ -520,6 +545,8 @@ pub struct Handle {
     deadline: Cell<Option<Instant>>,
     request_timeout: Duration,
     dispatch_limit: Cell<usize>,
+    /// On netlink sockets (not a test's socket pair): groups can be joined.
+    netlink: bool,
 }
 
 impl Handle {
@@ -557,6 +584,9 @@ impl Handle {
 
     /// Join or leave `XFRMNLGRP_AEVENTS`.
     pub fn subscribe(&self, join: bool) -> Result<()> {
+        if !self.netlink {
+            return Ok(());
+        }
         let events = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
         let result = if join {
             events.socket.add_membership(wire::XFRMNLGRP_AEVENTS)
@@ -870,6 +900,26 @@ impl Handle {
         Ok(())
     }
 
+    /// Like [`Handle::on_sa_event`], with the event read in place: no owned
+    /// [`Aevent`] (and no 128-word bitmap) is built for it. Replaces the
+    /// SA's callback of either kind.
+    pub fn on_sa_event_view(&self, sa: SaId, callback: Option<ViewCallback>) -> Result<()> {
+        self.router
+            .try_borrow_mut()
+            .map_err(|_| Error::Busy("callbacks cannot change inside dispatch"))?
+            .set_sa_view(sa, callback);
+        Ok(())
+    }
+
+    /// Like [`Handle::on_event`], with the event read in place.
+    pub fn on_event_view(&self, callback: Option<ViewCallback>) -> Result<()> {
+        self.router
+            .try_borrow_mut()
+            .map_err(|_| Error::Busy("callbacks cannot change inside dispatch"))?
+            .set_any_view(callback);
+        Ok(())
+    }
+
     /// Reads pending events and runs their callbacks; returns how many
     /// events were read. Never blocks, and reads at most the dispatch limit
     /// of datagrams (each of the kernel's events comes in its own), so that
@@ -904,11 +954,13 @@ impl Handle {
         let mut count = 0;
         let mut lost = false;
         loop {
-            // The reader is released before a callback runs.
-            let item = {
+            // Reading takes the reader mutably; decoding and the callbacks
+            // share it, so a callback may still use the event socket's
+            // settings (subscribe, watch_sas, the receive buffer).
+            let range = {
                 let mut reader = self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?;
-                match reader.next_buffered()? {
-                    Some(item) => item,
+                match reader.next_message()? {
+                    Some(range) => range,
                     // A datagram is always finished, so no event waits in
                     // our buffer where poll cannot see it.
                     None if datagrams_left == 0 => break,
@@ -934,16 +986,60 @@ impl Handle {
                     }
                 }
             };
-            match &item {
-                Item::Aevent(event) => {
-                    router.route(self, event);
-                }
-                Item::Sa(notice) => on_sa(self, notice),
-            }
-            count += 1;
+            let reader = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
+            count += usize::from(self.deliver(&mut router, &reader.buf[range], on_sa)?);
         }
         if lost {
             return Err(Error::EventsLost);
+        }
+        Ok(count)
+    }
+
+    /// Hands one message to its callback: an aevent, read in place, to the
+    /// router; an SA notice to `on_sa`. Returns whether it was an event.
+    fn deliver(
+        &self,
+        router: &mut Router<Handle>,
+        bytes: &[u8],
+        on_sa: &mut dyn FnMut(&Handle, &SaNotice),
+    ) -> Result<bool> {
+        // Events, the hot path, are read in place and routed without
+        // passing through `Item` (whose SA notice is large to move).
+        let (msg, _) = wire::parse_message(bytes)?;
+        if msg.kind == wire::XFRM_MSG_NEWAE {
+            router.route(self, &AeventView::parse(&msg)?);
+            return Ok(true);
+        }
+        match item(bytes)? {
+            Item::Aevent(view) => {
+                router.route(self, &view);
+            }
+            Item::Sa(notice) => on_sa(self, &notice),
+            Item::Skip => return Ok(false),
+        };
+        Ok(true)
+    }
+
+    /// Runs the messages of `datagram` through what `dispatch` does with a
+    /// datagram it has read (decoding in place, routing, callbacks), without
+    /// a socket: for benchmarks of the event path. Returns the events.
+    #[doc(hidden)]
+    pub fn dispatch_datagram(&self, datagram: &[u8]) -> Result<usize> {
+        if self.dispatching.replace(true) {
+            return Err(Error::Busy("dispatch called from inside dispatch"));
+        }
+        let _done = Restore {
+            cell: &self.dispatching,
+            value: false,
+        };
+        let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
+        let mut count = 0;
+        let mut at = 0;
+        while at < datagram.len() {
+            let (msg, consumed) = wire::parse_message(&datagram[at..])?;
+            let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
+            count += usize::from(self.deliver(&mut router, bytes, &mut |_, _| {})?);
+            at += consumed;
         }
         Ok(count)
     }
@@ -952,6 +1048,9 @@ impl Handle {
     /// (`XFRMNLGRP_SA`, `XFRMNLGRP_EXPIRE`); [`Handle::dispatch_with`] hands
     /// their notifications over, [`Handle::dispatch`] passes them by.
     pub fn watch_sas(&self, join: bool) -> Result<()> {
+        if !self.netlink {
+            return Ok(());
+        }
         let events = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
         for group in [wire::XFRMNLGRP_SA, wire::XFRMNLGRP_EXPIRE] {
             let result = if join {

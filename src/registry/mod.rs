@@ -14,9 +14,9 @@
 //! registry does not know what it had before.
 
 pub mod rules;
+mod table;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::error::{Error, Result};
@@ -25,6 +25,9 @@ use crate::sa::SaId;
 use crate::wire::{self, SaInfo};
 
 pub use rules::{Direction, Prefix, Rule, RuleSet, SaFacts, SaMatch, Source, Thresholds};
+
+/// Applications sent per batch of [`Handle::set_thresholds_many`] calls.
+const APPLY_CHUNK: usize = 4096;
 
 /// What the registry knows of an SA it has seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +59,7 @@ pub type AppliedCallback = Box<dyn FnMut(&Handle, &Applied<'_>) + Send>;
 #[derive(Default)]
 struct State {
     rules: RuleSet,
-    tracked: HashMap<SaId, Tracked>,
+    tracked: table::Table,
     local: Vec<IpAddr>,
     watching: bool,
     on_applied: Option<AppliedCallback>,
@@ -133,9 +136,7 @@ impl Registry {
                     Err(Error::Kernel { errno, .. }) if errno == libc::ESRCH || errno == libc::EINVAL => Ok(()),
                     other => {
                         if other.is_ok() {
-                            if let Some(tracked) = self.state()?.tracked.get_mut(&sa) {
-                                tracked.applied = Some(t);
-                            }
+                            self.state()?.tracked.set_applied(&sa, t);
                         }
                         self.report(&[(sa, t)], vec![Some(other)])
                     }
@@ -156,7 +157,7 @@ impl Registry {
 
     /// What the registry knows of `sa`.
     pub fn tracked(&self, sa: &SaId) -> Option<Tracked> {
-        self.state.borrow().tracked.get(sa).copied()
+        self.state.borrow().tracked.get(sa)
     }
 
     /// How many SAs the registry tracks.
@@ -203,12 +204,11 @@ impl Registry {
             if state.rules.needs_direction() {
                 state.local = self.handle.local_addresses()?;
             }
-            let mut present = HashSet::with_capacity(state.tracked.len());
-            self.handle.dump_sas(|info| {
-                present.insert(info.sa);
-                observe(&mut state, SaChange::New, true, info, &mut pending);
-            })?;
-            state.tracked.retain(|sa, _| present.contains(sa));
+            // Mark and sweep: what the dump lists is marked seen, the rest
+            // forgotten, only once the whole dump arrived.
+            state.tracked.begin_sweep();
+            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending))?;
+            state.tracked.sweep_unseen();
         }
         self.apply(pending)
     }
@@ -249,6 +249,15 @@ impl Registry {
     }
 
     fn apply(&self, pending: Vec<(SaId, Thresholds)>) -> Result<()> {
+        // In slices, so that what a resync of a million SAs keeps in flight
+        // stays small.
+        for chunk in pending.chunks(APPLY_CHUNK) {
+            self.apply_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn apply_chunk(&self, pending: &[(SaId, Thresholds)]) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
@@ -261,8 +270,8 @@ impl Registry {
         {
             let mut state = self.state()?;
             for ((sa, thresholds), result) in pending.iter().zip(&results) {
-                if let (Some(Ok(())), Some(tracked)) = (result, state.tracked.get_mut(sa)) {
-                    tracked.applied = Some(*thresholds);
+                if let Some(Ok(())) = result {
+                    state.tracked.set_applied(sa, *thresholds);
                 }
             }
         }
@@ -334,23 +343,25 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
     let facts = facts_of(info, &state.local);
     let add_time = info.lifetime.map_or(0, |l| l.add_time);
     let wanted = state.rules.resolve(&facts).map(|(_, t)| t);
-    let tracked = state.tracked.entry(info.sa).or_insert(Tracked {
-        reqid: info.reqid,
-        esn: info.esn(),
-        direction: facts.direction,
-        applied: None,
-        add_time,
-    });
-    if tracked.add_time != add_time || change == SaChange::Updated || !listed {
-        // Another SA under the same identity, or one replaced in place.
-        *tracked = Tracked {
-            reqid: info.reqid,
-            esn: info.esn(),
-            direction: facts.direction,
-            applied: None,
-            add_time,
-        };
-    }
+    let tracked = match state.tracked.get(&info.sa) {
+        Some(known) if listed && change != SaChange::Updated && state.tracked.same_install(&info.sa, add_time) => {
+            state.tracked.seen(&info.sa);
+            known
+        }
+        // New, another SA under the same identity, one replaced in place,
+        // or an announced install (see above).
+        _ => {
+            let fresh = Tracked {
+                reqid: info.reqid,
+                esn: info.esn(),
+                direction: facts.direction,
+                applied: None,
+                add_time,
+            };
+            state.tracked.set(&info.sa, &fresh);
+            fresh
+        }
+    };
     if let Some(wanted) = wanted {
         if tracked.applied != Some(wanted) {
             pending.push((info.sa, wanted));

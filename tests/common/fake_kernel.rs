@@ -36,7 +36,14 @@ pub enum Fault {
     /// Never answers; sends an answer with a wrong seq every 100 ms instead,
     /// this many times.
     Stale(u32),
+    /// Answers with the next datagrams queued by [`FakeKernel::script`],
+    /// as they are, except that a message whose seq is [`REQUEST_SEQ`]
+    /// gets the request's. Nothing is applied.
+    Script,
 }
+
+/// In a scripted answer: "the seq of the request this answers".
+pub const REQUEST_SEQ: u32 = u32::MAX;
 
 /// The fake's one SA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +87,7 @@ struct Shared {
     state: SaState,
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
+    scripts: VecDeque<Vec<Vec<u8>>>,
 }
 
 pub struct FakeKernel {
@@ -169,6 +177,7 @@ impl FakeKernel {
             state,
             faults: VecDeque::new(),
             seen: Vec::new(),
+            scripts: VecDeque::new(),
         }));
         let requests = Arc::new(kernel_requests);
         let events = kernel_events.try_clone().unwrap();
@@ -192,6 +201,18 @@ impl FakeKernel {
     /// What the next requests meet, in order; after these, `Pass`.
     pub fn faults(&self, faults: &[Fault]) {
         self.shared.lock().unwrap().faults.extend(faults);
+    }
+
+    /// The next request is answered with `datagrams` (see [`Fault::Script`]).
+    pub fn script(&self, datagrams: Vec<Vec<u8>>) {
+        let mut s = self.shared.lock().unwrap();
+        s.faults.push_back(Fault::Script);
+        s.scripts.push_back(datagrams);
+    }
+
+    /// Puts one datagram, whatever it holds, on the event socket.
+    pub fn send_event_datagram(&self, datagram: &[u8]) -> bool {
+        send(&self.events, datagram, libc::MSG_DONTWAIT)
     }
 
     pub fn state(&self) -> SaState {
@@ -262,6 +283,24 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
             s.seen.push(seen);
             s.faults.pop_front().unwrap_or(Fault::Pass)
         };
+        if fault == Fault::Script {
+            let script = shared.lock().unwrap().scripts.pop_front().unwrap_or_default();
+            for mut datagram in script {
+                let mut at = 0;
+                while at + 16 <= datagram.len() {
+                    let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap()) as usize;
+                    if datagram[at + 8..at + 12] == REQUEST_SEQ.to_ne_bytes() {
+                        datagram[at + 8..at + 12].copy_from_slice(&msg.seq.to_ne_bytes());
+                    }
+                    if len < 16 {
+                        break;
+                    }
+                    at += (len + 3) & !3;
+                }
+                send(requests, &datagram, 0);
+            }
+            continue;
+        }
         let mut answer = Vec::new();
         match fault {
             Fault::Errno(errno) => error(&mut answer, errno, datagram, msg.seq),
@@ -275,6 +314,7 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
                 }
                 continue;
             }
+            Fault::Script => unreachable!("answered above"),
             Fault::Pass | Fault::Silent | Fault::Delay(_) => {
                 let mut s = shared.lock().unwrap();
                 if msg.kind == wire::XFRM_MSG_GETAE {

@@ -17,8 +17,8 @@ kernel=$(uname -r)
 # reads CONFIG_HZ from the booted kernel's config file and passes it in.
 hz=${XFRMSYNC_EXPECTED_HZ:-}
 [[ -n $hz ]] || fail "XFRMSYNC_EXPECTED_HZ not set: run through scripts/test"
-for bin in target/ctest/kernel_test target/ctest/watch target/release/examples/watch target/vmtest/udp-send \
-    target/vmtest/vm_events target/ctest/sa_dir_test target/vmtest/xfrm-probe; do
+for bin in target/ctest/kernel_test target/ctest/misuse_test target/ctest/watch target/release/examples/watch \
+    target/vmtest/udp-send target/vmtest/vm_events target/ctest/sa_dir_test target/vmtest/xfrm-probe; do
     [[ -x $bin ]] || fail "$bin missing: run scripts/test (it builds everything before booting)"
 done
 echo "kernel-suite: kernel $kernel, CONFIG_HZ=$hz"
@@ -28,6 +28,9 @@ rm -f "target/vmtest/facts-$series.txt"
 
 vmtest/guest/net-setup.sh >/dev/null
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 target/ctest/kernel_test target/vmtest/udp-send "$hz"
+# C API misuse with live events (c-tests/misuse_test.c, AddressSanitizer):
+# re-entry, freeing a handle inside its callback, two threads, events left.
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 target/ctest/misuse_test --vm
 # The Rust API, and no allocation while dispatching (tests/vm_events.rs), on
 # a fresh scenario: kernel_test leaves SA 0x5001 with a 10 s timer threshold
 # and two packets not yet reported, so its timer event comes about 10 s after

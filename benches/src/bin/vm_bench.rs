@@ -1,0 +1,326 @@
+//! The bench's real-kernel parts (issue 9), run as root inside the test VM
+//! by scripts/bench-vm (built on the host; the guest sees its files):
+//!
+//!   vm_bench many N       thresholds on N SAs: batched (Handle::
+//!                         set_thresholds_many, 64 NEWAE a datagram) against
+//!                         one request and one ACK per SA
+//!   vm_bench storm SECS   1,000 SAs with replay threshold 1 under traffic:
+//!                         events/s, the receive buffer that sees no ENOBUFS,
+//!                         overruns with a small buffer and the resync after
+//!                         them, and how long one dispatch call takes
+//!   vm_bench send SECS    (internal) the traffic, run in namespace xa
+//!
+//! Prints figures; asserts no timing. The SAs use the null cipher, so what
+//! is measured is the XFRM and netlink path, not crypto.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xfrmsync::{Error, Handle, SaId};
+
+const STORM_SAS: usize = 1000;
+const PORT0: u16 = 20000;
+
+fn sh(script: &str) {
+    let status = Command::new("bash").args(["-ec", script]).status().expect("bash");
+    assert!(status.success(), "failed: {script}");
+}
+
+/// `ip -batch` from lines, in namespace `ns`.
+fn ip_batch(ns: &str, lines: &str) {
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("ip");
+    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "ip -batch in {ns} failed");
+}
+
+fn sa_line(i: usize) -> String {
+    format!(
+        "xfrm state add src 10.99.0.1 dst 10.99.0.2 proto esp spi 0x{:x} reqid {} mode transport replay-window 32 \
+         enc ecb(cipher_null) \"\"\n",
+        0x10000 + i,
+        1000 + i
+    )
+}
+
+fn sa(i: usize) -> SaId {
+    SaId::esp("10.99.0.2".parse().unwrap(), 0x10000 + i as u32)
+}
+
+fn learn_hz() {
+    if let Some(hz) = std::env::var("XFRMSYNC_EXPECTED_HZ").ok().and_then(|v| v.parse().ok()) {
+        xfrmsync::timer::set_kernel_hz(hz).unwrap();
+    }
+}
+
+fn many(n: usize) {
+    learn_hz();
+    sh("modprobe -a xfrm_user esp4 crypto_null; ip netns del xm 2>/dev/null || true; ip netns add xm");
+    let lines: String = (0..n).map(sa_line).collect();
+    let t = Instant::now();
+    ip_batch("xm", &lines);
+    println!("{n} SAs added with ip -batch in {:.1} s", t.elapsed().as_secs_f64());
+    let handle = Handle::builder().netns_path("/run/netns/xm").events(false).open().unwrap();
+    let sas: Vec<SaId> = (0..n).map(sa).collect();
+    // Warm up (HZ, caches) on a few SAs, then time each way twice, with
+    // values that differ each time so every request changes the SA.
+    for sa in sas.iter().take(10) {
+        handle.set_thresholds(sa, 3, 1000).unwrap();
+    }
+    let mut single_best = f64::MAX;
+    let mut batched_best = f64::MAX;
+    for round in 0..2u32 {
+        let t = Instant::now();
+        for sa in &sas {
+            handle.set_thresholds(sa, 10 + round, 2000).unwrap();
+        }
+        single_best = single_best.min(t.elapsed().as_secs_f64());
+        let items: Vec<(SaId, u32, u32)> = sas.iter().map(|sa| (*sa, 20 + round, 3000)).collect();
+        let mut failed = 0;
+        let t = Instant::now();
+        handle.set_thresholds_many(&items, |_, r| failed += usize::from(r.is_err())).unwrap();
+        batched_best = batched_best.min(t.elapsed().as_secs_f64());
+        assert_eq!(failed, 0);
+    }
+    let check = handle.query_with_thresholds(&sas[n / 2]).unwrap();
+    assert_eq!(check.replay_threshold, Some(21), "the batched values are the SA's now");
+    println!("| way | SAs/s | time for {n} SAs |");
+    println!("|---|---|---|");
+    println!("| one request and one ACK per SA (set_thresholds) | {:.0} | {:.2} s |", n as f64 / single_best, single_best);
+    println!("| batched, 64 NEWAE a datagram (set_thresholds_many) | {:.0} | {:.2} s |", n as f64 / batched_best, batched_best);
+    println!("RATIO batched/single {:.1}x (goal >= 10x)", single_best / batched_best);
+    sh("ip netns del xm");
+}
+
+/// Namespaces xa (sender) and xb (receiver), a veth between them, 1,000
+/// SAs on both sides with policies sending UDP port 20000+i through SA i,
+/// and in xb replay threshold 1 for every SA (the namespace default).
+fn storm_setup() {
+    sh("modprobe -a veth xfrm_user esp4 crypto_null
+        for n in xa xb; do ip netns del $n 2>/dev/null || true; ip netns add $n; done
+        ip link add xa-veth netns xa type veth peer name xb-veth netns xb
+        ip -n xa addr add 10.99.0.1/24 dev xa-veth; ip -n xa link set xa-veth up; ip -n xa link set lo up
+        ip -n xb addr add 10.99.0.2/24 dev xb-veth; ip -n xb link set xb-veth up; ip -n xb link set lo up
+        ip netns exec xb sysctl -qw net.core.xfrm_aevent_rseqth=1");
+    for (ns, dir) in [("xa", "out"), ("xb", "in")] {
+        let mut lines = String::new();
+        for i in 0..STORM_SAS {
+            lines.push_str(&sa_line(i));
+            lines.push_str(&format!(
+                "xfrm policy add src 10.99.0.1 dst 10.99.0.2 proto udp dport {} dir {dir} \
+                 tmpl src 10.99.0.1 dst 10.99.0.2 proto esp reqid {} mode transport\n",
+                PORT0 as usize + i,
+                1000 + i
+            ));
+        }
+        ip_batch(ns, &lines);
+    }
+}
+
+fn sender(seconds: f64) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", "xa"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["send", &seconds.to_string()])
+        .spawn()
+        .expect("sender")
+}
+
+/// Round robin over the 1,000 ports, as fast as it goes.
+fn send(seconds: f64) {
+    let s = UdpSocket::bind("10.99.0.1:0").unwrap();
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let payload = [0u8; 32];
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for i in 0..STORM_SAS {
+            let _ = s.send_to(&payload, (Ipv4Addr::new(10, 99, 0, 2), PORT0 + i as u16));
+            sent += 1;
+        }
+    }
+    eprintln!("sender: {sent} packets in {seconds} s");
+}
+
+/// The kernel's drop count of the netlink socket with port `port`
+/// (/proc/net/netlink of the namespace the caller is in).
+fn kernel_drops(handle: &Handle) -> u64 {
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: getsockname into a sockaddr_nl of the right size.
+    unsafe { libc::getsockname(handle.event_fd(), (&mut addr as *mut libc::sockaddr_nl).cast(), &mut len) };
+    let text = std::process::Command::new("ip")
+        .args(["netns", "exec", "xb", "cat", "/proc/net/netlink"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 8 && f[2] == addr.nl_pid.to_string() {
+            return f[8].parse().unwrap_or(0);
+        }
+    }
+    0
+}
+
+struct Run {
+    events: u64,
+    seconds: f64,
+    overruns: u64,
+    max_call: Duration,
+    calls: u64,
+    resyncs: u64,
+    stale: usize,
+    drops: u64,
+}
+
+/// One storm phase: traffic for `seconds`, a handle on xb with `rcvbuf`
+/// and `limit`, per-SA state from events; after each overrun (ENOBUFS)
+/// every SA is queried again when `resync`. At the end, traffic stopped and
+/// the socket drained, every SA's state is compared with the kernel's.
+fn phase(seconds: f64, rcvbuf: usize, limit: usize, resync: bool) -> Run {
+    let handle = Handle::builder()
+        .netns_path("/run/netns/xb")
+        .receive_buffer(rcvbuf)
+        .dispatch_limit(limit)
+        .open()
+        .unwrap();
+    let state: Arc<Vec<AtomicU64>> = Arc::new((0..STORM_SAS).map(|_| AtomicU64::new(0)).collect());
+    let delivered = Arc::new(AtomicU64::new(0));
+    for i in 0..STORM_SAS {
+        let (state, delivered) = (state.clone(), delivered.clone());
+        handle
+            .on_sa_event_view(
+                sa(i),
+                Some(Box::new(move |_, ev| {
+                    state[i].fetch_max(ev.replay().seq64(), Ordering::Relaxed);
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                })),
+            )
+            .unwrap();
+    }
+    let query_all = |handle: &Handle| {
+        for i in 0..STORM_SAS {
+            if let Ok(now) = handle.query(&sa(i)) {
+                state[i].fetch_max(now.replay.seq64(), Ordering::Relaxed);
+            }
+        }
+    };
+    let mut child = sender(seconds);
+    let (mut overruns, mut max_call, mut calls, mut resyncs) = (0, Duration::ZERO, 0, 0);
+    let start = Instant::now();
+    let mut p = libc::pollfd { fd: handle.event_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pump = |until: Instant, overruns: &mut u64, resyncs: &mut u64| {
+        while Instant::now() < until {
+            // SAFETY: one pollfd.
+            if unsafe { libc::poll(&mut p, 1, 20) } <= 0 {
+                continue;
+            }
+            let t = Instant::now();
+            let r = handle.dispatch();
+            max_call = max_call.max(t.elapsed());
+            calls += 1;
+            match r {
+                Ok(_) => {}
+                Err(Error::EventsLost) => {
+                    *overruns += 1;
+                    if resync {
+                        query_all(&handle);
+                        *resyncs += 1;
+                    }
+                }
+                Err(e) => panic!("dispatch: {e}"),
+            }
+        }
+    };
+    pump(start + Duration::from_secs_f64(seconds), &mut overruns, &mut resyncs);
+    let traffic_time = start.elapsed().as_secs_f64();
+    let events_during = delivered.load(Ordering::Relaxed);
+    child.wait().unwrap();
+    // Traffic over: what is still queued, and the last timer events.
+    pump(Instant::now() + Duration::from_millis(1500), &mut overruns, &mut resyncs);
+    let mut stale = 0;
+    for i in 0..STORM_SAS {
+        let now = handle.query(&sa(i)).unwrap();
+        if now.replay.seq64() != state[i].load(Ordering::Relaxed) {
+            stale += 1;
+        }
+    }
+    let drops = kernel_drops(&handle);
+    Run { events: events_during, seconds: traffic_time, overruns, max_call, calls, resyncs, stale, drops }
+}
+
+fn storm(seconds: f64) {
+    learn_hz();
+    storm_setup();
+    println!("1,000 SAs in namespace xb with replay threshold 1, UDP round robin over them from xa, {seconds} s a run\n");
+    println!("| receive buffer | dispatch limit | events/s to callbacks | ENOBUFS seen | kernel drops | longest dispatch call | calls | SAs stale at the end |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let row = |rcvbuf: usize, limit: usize, r: &Run| {
+        println!(
+            "| {} KiB | {} | {:.0} | {} | {} | {:.2} ms | {} | {} |",
+            rcvbuf >> 10,
+            if limit == usize::MAX { "none".to_string() } else { limit.to_string() },
+            r.events as f64 / r.seconds,
+            r.overruns,
+            r.drops,
+            r.max_call.as_secs_f64() * 1e3,
+            r.calls,
+            r.stale
+        );
+    };
+    // Throughput and promptness, with and without the bound, on a buffer
+    // large enough to lose nothing.
+    let big = 32 << 20;
+    let bounded = phase(seconds, big, 128, true);
+    row(big, 128, &bounded);
+    let unbounded = phase(seconds, big, usize::MAX, true);
+    row(big, usize::MAX, &unbounded);
+    println!(
+        "RATIO storm: {:.0} events/s with the bound, {:.0} without; longest call {:.2} ms bounded vs {:.2} ms unbounded",
+        bounded.events as f64 / bounded.seconds,
+        unbounded.events as f64 / unbounded.seconds,
+        bounded.max_call.as_secs_f64() * 1e3,
+        unbounded.max_call.as_secs_f64() * 1e3
+    );
+    // The receive buffer needed: the smallest of these that saw no ENOBUFS.
+    let mut needed = None;
+    for kib in [16usize, 64, 256, 1024, 4096] {
+        let r = phase(seconds, kib << 10, 128, true);
+        row(kib << 10, 128, &r);
+        if r.overruns == 0 && needed.is_none() {
+            needed = Some(kib);
+        }
+    }
+    match needed {
+        Some(kib) => println!("RATIO storm: receive buffer needed for no ENOBUFS: {kib} KiB (SO_RCVBUFFORCE; the kernel doubles it)"),
+        None => println!("RATIO storm: even 4 MiB saw ENOBUFS"),
+    }
+    // A deliberately small buffer: every overrun must be seen and resynced.
+    let small = phase(seconds, 8 << 10, 128, true);
+    row(8 << 10, 128, &small);
+    println!(
+        "RATIO storm small buffer: {} overruns reported (kernel counted {} drops), {} resyncs, {} SAs stale of {STORM_SAS} after the last",
+        small.overruns, small.drops, small.resyncs, small.stale
+    );
+    sh("ip netns del xa; ip netns del xb");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("many") => many(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(10_000)),
+        Some("storm") => storm(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(5.0)),
+        Some("send") => send(args[1].parse().unwrap()),
+        _ => {
+            eprintln!("usage: vm_bench many N | storm SECONDS");
+            std::process::exit(2);
+        }
+    }
+}

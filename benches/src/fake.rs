@@ -1,0 +1,207 @@
+//! A kernel stand-in behind socket pairs, for what needs no real kernel:
+//! the dispatch path through a socket, and a registry tracking many SAs
+//! (it answers a GETSA dump with N SAs and acknowledges every NEWAE).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use xfrmsync::{Handle, Registry, Rule, SaMatch, Thresholds};
+
+use crate::alloc;
+use crate::corpus::{datagrams, Stream};
+
+fn pair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    for fd in fds {
+        let big: libc::c_int = 64 << 20;
+        for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+            // SAFETY: an int option on our fd.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&big as *const libc::c_int).cast(), 4);
+            }
+        }
+    }
+    // SAFETY: both fds are new and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn send(fd: &OwnedFd, bytes: &[u8]) {
+    // SAFETY: pointer and length of `bytes`.
+    let n = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+    assert_eq!(n, bytes.len() as isize, "send: {}", std::io::Error::last_os_error());
+}
+
+#[allow(dead_code)] // the request end stays open for the handle
+pub struct Kernel {
+    pub requests: OwnedFd,
+    pub events: OwnedFd,
+}
+
+/// A handle on socket pairs; the other ends are the "kernel".
+pub fn handle() -> (Kernel, Handle) {
+    let (user_req, kernel_req) = pair();
+    let (user_ev, kernel_ev) = pair();
+    let handle = Handle::builder()
+        .events(false)
+        .dispatch_limit(1 << 20)
+        .open_with_sockets(user_req, user_ev, 0x4242)
+        .unwrap();
+    (Kernel { requests: kernel_req, events: kernel_ev }, handle)
+}
+
+/// Every event of `stream` as a datagram of its own on the event socket,
+/// sent by a thread while `Handle::dispatch` reads them: events, time, and
+/// allocations per event.
+pub fn through_socket(kernel: &Kernel, handle: &Handle, stream: &Stream) -> (Duration, usize, f64) {
+    let msgs: Vec<Vec<u8>> = stream.messages().map(<[u8]>::to_vec).collect();
+    let fd = kernel.events.try_clone().unwrap();
+    let best = (0..3)
+        .map(|_| {
+            let total = msgs.len();
+            let msgs = msgs.clone();
+            let fd = fd.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                for m in &msgs {
+                    send(&fd, m);
+                }
+            });
+            let start = Instant::now();
+            let before = alloc::count();
+            let mut got = 0;
+            let mut p = libc::pollfd { fd: handle.event_fd(), events: libc::POLLIN, revents: 0 };
+            while got < total {
+                // SAFETY: one pollfd.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+                got += handle.dispatch().unwrap();
+            }
+            let t = start.elapsed();
+            let allocs = (alloc::count() - before) as f64 / got as f64;
+            writer.join().unwrap();
+            (t, got, allocs)
+        })
+        .min_by_key(|r| r.0)
+        .unwrap();
+    // The writer thread's own sends allocate nothing; what is counted is the
+    // reading side.
+    best
+}
+
+/// NEWSA template: the first SA the corpus saw added.
+fn newsa_template() -> Vec<u8> {
+    let d = datagrams("events-sa-add.bin").remove(0);
+    let len = u32::from_ne_bytes(d[..4].try_into().unwrap()) as usize;
+    d[..len].to_vec()
+}
+
+const MSG_DAADR: usize = 16 + 56;
+const MSG_SPI: usize = 16 + 72;
+
+fn header(out: &mut Vec<u8>, len: u32, kind: u16, flags: u16, seq: u32) {
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+}
+
+/// Serves `n` SAs: a GETSA dump lists them, every NEWAE is acknowledged.
+fn serve_registry(fd: OwnedFd, n: usize) {
+    let template = newsa_template();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        // SAFETY: our buffer.
+        let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if got <= 0 {
+            return;
+        }
+        let mut at = 0;
+        let got = got as usize;
+        while at + 16 <= got {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
+            match kind {
+                0x12 => {
+                    let mut out = Vec::with_capacity(32 << 10);
+                    for i in 0..n {
+                        let start = out.len();
+                        out.extend_from_slice(&template);
+                        let m = &mut out[start..];
+                        m[6..8].copy_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
+                        m[8..12].copy_from_slice(&seq.to_ne_bytes());
+                        m[MSG_DAADR..MSG_DAADR + 4].copy_from_slice(&(0x0a00_0000u32 | (i as u32 & 0xff_ffff)).to_be_bytes());
+                        m[MSG_SPI..MSG_SPI + 4].copy_from_slice(&(0x1000_0000 + i as u32).to_be_bytes());
+                        out.resize((out.len() + 3) & !3, 0);
+                        if out.len() > 28 << 10 {
+                            send(&fd, &out);
+                            out.clear();
+                        }
+                    }
+                    if !out.is_empty() {
+                        send(&fd, &out);
+                    }
+                    let mut done = Vec::new();
+                    header(&mut done, 20, 3, 2, seq);
+                    done.extend_from_slice(&0i32.to_ne_bytes());
+                    send(&fd, &done);
+                }
+                _ => {
+                    // An ack, capped: errno 0 and the request's header.
+                    let mut ack = Vec::new();
+                    header(&mut ack, 36, 2, 0x100, seq);
+                    ack.extend_from_slice(&0i32.to_ne_bytes());
+                    ack.extend_from_slice(&buf[at..at + 16]);
+                    send(&fd, &ack);
+                }
+            }
+            at += (len.max(16) + 3) & !3;
+        }
+    }
+}
+
+pub struct Memory {
+    /// Heap bytes live after the registry tracks the SAs, less before.
+    pub live: usize,
+    /// Highest heap use while it listed them and applied thresholds.
+    pub peak: usize,
+    pub rss: usize,
+}
+
+/// A registry on a fake kernel with `n` SAs: one rule for all of them, so
+/// it lists every SA (GETSA dump), tracks each, and applies thresholds to
+/// each (batched NEWAE).
+pub fn registry_memory(n: usize) -> Memory {
+    xfrmsync::timer::set_kernel_hz(250).ok();
+    let (user_req, kernel_req) = pair();
+    let (user_ev, _kernel_ev) = pair();
+    let server = std::thread::spawn(move || serve_registry(kernel_req, n));
+    let handle = Handle::builder()
+        .events(false)
+        .request_timeout(Duration::from_secs(30))
+        .open_with_sockets(user_req, user_ev, 0x4343)
+        .unwrap();
+    let registry = Registry::new(handle);
+    let (live0, rss0) = (alloc::live(), alloc::rss());
+    alloc::reset_peak();
+    registry
+        .add_rule(Rule {
+            name: "all".into(),
+            matches: SaMatch::default(),
+            thresholds: Thresholds { replay_packets: 5, timer_ms: 1000 },
+        })
+        .expect("the rule applies on the fake kernel");
+    assert_eq!(registry.tracked_count(), n);
+    let sa = xfrmsync::SaId::esp(std::net::Ipv4Addr::from(0x0a00_0000u32 | 7).into(), 0x1000_0007);
+    assert!(registry.tracked(&sa).and_then(|t| t.applied).is_some(), "thresholds applied and remembered");
+    let m = Memory {
+        live: (alloc::live() - live0).max(0) as usize,
+        peak: (alloc::peak() - live0).max(0) as usize,
+        rss: alloc::rss().saturating_sub(rss0),
+    };
+    drop(registry);
+    let _ = server.join();
+    m
+}
