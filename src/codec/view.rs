@@ -14,18 +14,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::aevent::{Aevent, Cause, EsnReplay, LegacyReplay, Lifetime, Replay, MAX_BITMAP_WORDS};
 use crate::error::{Error, Result};
 use crate::sa::{Mark, SaId};
-use crate::wire::{Attrs, NlMsg, AEVENT_ID_LEN};
-
-const XFRMA_LTIME_VAL: u16 = 9;
-const XFRMA_REPLAY_VAL: u16 = 10;
-const XFRMA_REPLAY_THRESH: u16 = 11;
-const XFRMA_ETIMER_THRESH: u16 = 12;
-const XFRMA_MARK: u16 = 21;
-const XFRMA_REPLAY_ESN_VAL: u16 = 23;
-const XFRMA_IF_ID: u16 = 31;
-const LEGACY_LEN: usize = 12;
-const ESN_HEADER_LEN: usize = 24;
-const LIFETIME_LEN: usize = 32;
+// The layouts are the wire codec's: one meaning, one place.
+use crate::wire::{
+    Attrs, NlMsg, AEVENT_ID_LEN, ESN_HEADER_LEN, LEGACY_REPLAY_LEN as LEGACY_LEN, LIFETIME_LEN, XFRMA_ETIMER_THRESH,
+    XFRMA_IF_ID, XFRMA_LTIME_VAL, XFRMA_MARK, XFRMA_REPLAY_ESN_VAL, XFRMA_REPLAY_THRESH, XFRMA_REPLAY_VAL,
+};
 
 #[inline]
 fn u32_at<const N: usize>(buf: &[u8; N], at: usize) -> u32 {

@@ -56,13 +56,13 @@ const IFA_LOCAL: u16 = 2;
 
 const XFRMA_ALG_CRYPT: u16 = 2;
 const XFRMA_SA: u16 = 6;
-const XFRMA_LTIME_VAL: u16 = 9;
-const XFRMA_REPLAY_VAL: u16 = 10;
-const XFRMA_REPLAY_THRESH: u16 = 11;
-const XFRMA_ETIMER_THRESH: u16 = 12;
-const XFRMA_MARK: u16 = 21;
-const XFRMA_REPLAY_ESN_VAL: u16 = 23;
-const XFRMA_IF_ID: u16 = 31;
+pub(crate) const XFRMA_LTIME_VAL: u16 = 9;
+pub(crate) const XFRMA_REPLAY_VAL: u16 = 10;
+pub(crate) const XFRMA_REPLAY_THRESH: u16 = 11;
+pub(crate) const XFRMA_ETIMER_THRESH: u16 = 12;
+pub(crate) const XFRMA_MARK: u16 = 21;
+pub(crate) const XFRMA_REPLAY_ESN_VAL: u16 = 23;
+pub(crate) const XFRMA_IF_ID: u16 = 31;
 const XFRMA_SA_DIR: u16 = 33;
 
 /// `struct xfrm_usersa_id`: daddr(16) spi(4, big endian) family(2) proto(1), padded.
@@ -80,7 +80,7 @@ const SA_INFO_FAMILY: usize = 212;
 const SA_INFO_MODE: usize = 214;
 const SA_INFO_REPLAY_WINDOW: usize = 215;
 const SA_INFO_FLAGS: usize = 216;
-const LIFETIME_LEN: usize = 32;
+pub(crate) const LIFETIME_LEN: usize = 32;
 /// `struct xfrm_algo`: alg_name[64], alg_key_len (bits), then the key.
 const ALGO_NAME_LEN: usize = 64;
 /// Longest cipher key we encode; the kernel's longest (AES-256 with nonce)
@@ -88,8 +88,8 @@ const ALGO_NAME_LEN: usize = 64;
 const MAX_KEY_LEN: usize = 64;
 /// `XFRM_INF`: no limit, in `struct xfrm_lifetime_cfg`.
 const XFRM_INF: u64 = u64::MAX;
-const LEGACY_REPLAY_LEN: usize = 12;
-const ESN_HEADER_LEN: usize = 24;
+pub(crate) const LEGACY_REPLAY_LEN: usize = 12;
+pub(crate) const ESN_HEADER_LEN: usize = 24;
 
 const fn align4(len: usize) -> usize {
     (len + 3) & !3
