@@ -41,17 +41,28 @@ fn ip_batch(ns: &str, lines: &str) {
     assert!(child.wait().unwrap().success(), "ip -batch in {ns} failed");
 }
 
-fn sa_line(i: usize) -> String {
+/// Storm SA `i`'s destination: one address each, so that each SA has an
+/// exact /32 policy, which the kernel finds by hash (a port selector would
+/// put 1,000 policies on a list searched per packet).
+fn storm_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
+}
+
+fn sa_line(dst: Ipv4Addr, i: usize) -> String {
     format!(
-        "xfrm state add src 10.99.0.1 dst 10.99.0.2 proto esp spi 0x{:x} reqid {} mode transport replay-window 32 \
+        "xfrm state add src 10.99.0.1 dst {dst} proto esp spi 0x{:x} reqid {} mode transport replay-window 32 \
          enc ecb(cipher_null) \"\"\n",
         0x10000 + i,
         1000 + i
     )
 }
 
-fn sa(i: usize) -> SaId {
+fn many_sa(i: usize) -> SaId {
     SaId::esp("10.99.0.2".parse().unwrap(), 0x10000 + i as u32)
+}
+
+fn sa(i: usize) -> SaId {
+    SaId::esp(storm_addr(i).into(), 0x10000 + i as u32)
 }
 
 fn learn_hz() {
@@ -63,12 +74,12 @@ fn learn_hz() {
 fn many(n: usize) {
     learn_hz();
     sh("modprobe -a xfrm_user esp4 crypto_null; ip netns del xm 2>/dev/null || true; ip netns add xm");
-    let lines: String = (0..n).map(sa_line).collect();
+    let lines: String = (0..n).map(|i| sa_line(Ipv4Addr::new(10, 99, 0, 2), i)).collect();
     let t = Instant::now();
     ip_batch("xm", &lines);
     println!("{n} SAs added with ip -batch in {:.1} s", t.elapsed().as_secs_f64());
     let handle = Handle::builder().netns_path("/run/netns/xm").events(false).open().unwrap();
-    let sas: Vec<SaId> = (0..n).map(sa).collect();
+    let sas: Vec<SaId> = (0..n).map(many_sa).collect();
     // Warm up (HZ, caches) on a few SAs, then time each way twice, with
     // values that differ each time so every request changes the SA.
     for sa in sas.iter().take(10) {
@@ -100,23 +111,26 @@ fn many(n: usize) {
 }
 
 /// Namespaces xa (sender) and xb (receiver), a veth between them, 1,000
-/// SAs on both sides with policies sending UDP port 20000+i through SA i,
-/// and in xb replay threshold 1 for every SA (the namespace default).
+/// SAs on both sides with policies sending what goes to address i through
+/// SA i, and in xb replay threshold 1 for every SA (the namespace default).
 fn storm_setup() {
     sh("modprobe -a veth xfrm_user esp4 crypto_null
         for n in xa xb; do ip netns del $n 2>/dev/null || true; ip netns add $n; done
         ip link add xa-veth netns xa type veth peer name xb-veth netns xb
         ip -n xa addr add 10.99.0.1/24 dev xa-veth; ip -n xa link set xa-veth up; ip -n xa link set lo up
         ip -n xb addr add 10.99.0.2/24 dev xb-veth; ip -n xb link set xb-veth up; ip -n xb link set lo up
+        ip -n xa route add 10.99.0.0/16 via 10.99.0.2
         ip netns exec xb sysctl -qw net.core.xfrm_aevent_rseqth=1");
+    let addrs: String = (0..STORM_SAS).map(|i| format!("addr add {}/32 dev lo\n", storm_addr(i))).collect();
+    ip_batch("xb", &addrs);
     for (ns, dir) in [("xa", "out"), ("xb", "in")] {
         let mut lines = String::new();
         for i in 0..STORM_SAS {
-            lines.push_str(&sa_line(i));
+            let dst = storm_addr(i);
+            lines.push_str(&sa_line(dst, i));
             lines.push_str(&format!(
-                "xfrm policy add src 10.99.0.1 dst 10.99.0.2 proto udp dport {} dir {dir} \
-                 tmpl src 10.99.0.1 dst 10.99.0.2 proto esp reqid {} mode transport\n",
-                PORT0 as usize + i,
+                "xfrm policy add src 10.99.0.1/32 dst {dst}/32 dir {dir} \
+                 tmpl src 10.99.0.1 dst {dst} proto esp reqid {} mode transport\n",
                 1000 + i
             ));
         }
@@ -133,7 +147,7 @@ fn sender(seconds: f64) -> Child {
         .expect("sender")
 }
 
-/// Round robin over the 1,000 ports, as fast as it goes.
+/// Round robin over the 1,000 SAs' addresses, as fast as it goes.
 fn send(seconds: f64) {
     let s = UdpSocket::bind("10.99.0.1:0").unwrap();
     let end = Instant::now() + Duration::from_secs_f64(seconds);
@@ -141,7 +155,7 @@ fn send(seconds: f64) {
     let mut sent = 0u64;
     while Instant::now() < end {
         for i in 0..STORM_SAS {
-            let _ = s.send_to(&payload, (Ipv4Addr::new(10, 99, 0, 2), PORT0 + i as u16));
+            let _ = s.send_to(&payload, (storm_addr(i), PORT0));
             sent += 1;
         }
     }
@@ -259,7 +273,7 @@ fn phase(seconds: f64, rcvbuf: usize, limit: usize, resync: bool) -> Run {
 fn storm(seconds: f64) {
     learn_hz();
     storm_setup();
-    println!("1,000 SAs in namespace xb with replay threshold 1, UDP round robin over them from xa, {seconds} s a run\n");
+    println!("1,000 SAs in namespace xb with replay threshold 1 (null cipher), UDP round robin over them from xa, {seconds} s a run\n");
     println!("| receive buffer | dispatch limit | events/s to callbacks | ENOBUFS seen | kernel drops | longest dispatch call | calls | SAs stale at the end |");
     println!("|---|---|---|---|---|---|---|---|");
     let row = |rcvbuf: usize, limit: usize, r: &Run| {
