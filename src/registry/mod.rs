@@ -114,9 +114,35 @@ impl Registry {
 
     /// Gives exactly this SA these thresholds, before all rules; `None`
     /// removes the registration.
+    ///
+    /// Only this SA is touched (no listing, unless this is the first rule or
+    /// registration): a daemon registers each SA it installs. An SA that is
+    /// not installed yet, or is still a placeholder from SPI allocation
+    /// (the kernel answers `ESRCH` or `EINVAL`), gets its thresholds when
+    /// the kernel announces it.
     pub fn register_sa(&self, sa: SaId, thresholds: Option<Thresholds>) -> Result<()> {
-        self.state()?.rules.register_sa(sa, thresholds);
-        self.rules_changed()
+        let first = {
+            let mut state = self.state()?;
+            state.rules.register_sa(sa, thresholds);
+            !state.watching
+        };
+        match thresholds {
+            _ if first => self.rules_changed(),
+            None => Ok(()),
+            Some(t) => {
+                let mut result = Ok(());
+                self.handle.set_thresholds_many(&[(sa, t.replay_packets, t.timer_ms)], |_, r| result = r)?;
+                match result {
+                    Err(Error::Kernel { errno, .. }) if errno == libc::ESRCH || errno == libc::EINVAL => Ok(()),
+                    other => {
+                        if other.is_ok() {
+                            self.state()?.tracked.set_applied(&sa, t);
+                        }
+                        self.report(&[(sa, t)], vec![Some(other)])
+                    }
+                }
+            }
+        }
     }
 
     /// The rules, in the order they are tried.
@@ -181,7 +207,7 @@ impl Registry {
             // Mark and sweep: what the dump lists is marked seen, the rest
             // forgotten, only once the whole dump arrived.
             state.tracked.begin_sweep();
-            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, info, &mut pending))?;
+            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending))?;
             state.tracked.sweep_unseen();
         }
         self.apply(pending)
@@ -209,7 +235,7 @@ impl Registry {
                         Err(e) => log::warn!("listing local addresses: {e}"),
                     }
                 }
-                observe(&mut state, notice.change, info, &mut pending);
+                observe(&mut state, notice.change, false, info, &mut pending);
             })
         };
         self.apply(pending)?;
@@ -241,16 +267,21 @@ impl Registry {
             .collect();
         let mut results: Vec<Option<Result<()>>> = vec![None; items.len()];
         self.handle.set_thresholds_many(&items, |i, result| results[i] = Some(result))?;
-        let mut callback = {
+        {
             let mut state = self.state()?;
             for ((sa, thresholds), result) in pending.iter().zip(&results) {
                 if let Some(Ok(())) = result {
                     state.tracked.set_applied(sa, *thresholds);
                 }
             }
-            state.on_applied.take()
-        };
-        for ((sa, thresholds), result) in pending.iter().zip(results) {
+        }
+        self.report(&pending, results)
+    }
+
+    /// Hands each application's result to the `on_applied` callback.
+    fn report(&self, applied: &[(SaId, Thresholds)], results: Vec<Option<Result<()>>>) -> Result<()> {
+        let mut callback = self.state()?.on_applied.take();
+        for ((sa, thresholds), result) in applied.iter().zip(results) {
             let result = result.unwrap_or(Err(Error::Malformed("no answer recorded for a batched request")));
             if let Err(e) = &result {
                 log::warn!("thresholds for {sa}: {e}");
@@ -292,8 +323,11 @@ fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {
 }
 
 /// Updates what is known of an SA and queues its thresholds when it lacks
-/// them.
-fn observe(state: &mut State, change: SaChange, info: &SaInfo, pending: &mut Vec<(SaId, Thresholds)>) {
+/// them. `listed`: seen in a dump rather than announced. An announced
+/// install always gets its thresholds again, since the kernel may have
+/// re-added the SA under the same identity and install time (charon's
+/// MOBIKE does) after a deletion this handle did not see.
+fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pending: &mut Vec<(SaId, Thresholds)>) {
     match change {
         SaChange::Deleted | SaChange::Expired { hard: true } => {
             state.tracked.remove(&info.sa);
@@ -310,11 +344,12 @@ fn observe(state: &mut State, change: SaChange, info: &SaInfo, pending: &mut Vec
     let add_time = info.lifetime.map_or(0, |l| l.add_time);
     let wanted = state.rules.resolve(&facts).map(|(_, t)| t);
     let tracked = match state.tracked.get(&info.sa) {
-        Some(known) if change != SaChange::Updated && state.tracked.same_install(&info.sa, add_time) => {
+        Some(known) if listed && change != SaChange::Updated && state.tracked.same_install(&info.sa, add_time) => {
             state.tracked.seen(&info.sa);
             known
         }
-        // New, another SA under the same identity, or one replaced in place.
+        // New, another SA under the same identity, one replaced in place, or
+        // an announced install (see above).
         _ => {
             let fresh = Tracked {
                 reqid: info.reqid,

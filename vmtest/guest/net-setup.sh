@@ -8,6 +8,11 @@
 #   receives (dir in), UDP to the port of the SA's row, through the row's reqid.
 # Re-running it tears the namespaces down and builds them again (a clean slate).
 #
+# Plus the SAs of DIR_SA_TABLE, installed with a direction (XFRMA_SA_DIR,
+# Linux 6.10+) by target/vmtest/xfrm-probe, since iproute2 6.1 cannot: dir out
+# in the sending namespace a, dir in in the receiving namespace b. Kernels
+# before 6.10 ignore the attribute and keep them as ordinary SAs.
+#
 # Marked SAs: the sender's skb carries SO_MARK, but the mark does not cross the
 # veth into the other namespace, and the receiver looks the SA up by the skb's
 # mark. So in the receiving namespace a tc ingress filter on the veth sets the
@@ -43,6 +48,18 @@ SA_TABLE='
 0x7001   10.9.0.1    10.9.0.2    7      esn:128    -         9007
 0x7101   fd00:9::1   fd00:9::2   8      legacy:32  -         9008
 '
+
+# SAs with a direction: out in a (the sender), in in b (the receiver). The
+# kernel (6.10+) wants no replay window on an out SA, and an out ESN SA with
+# bmp_len 0; a kernel that ignores the direction wants an ESN window > 0, so
+# there the out ESN SA gets the in SA's window. Policies as above.
+DIR_SA_TABLE='
+# spi    src         dst         reqid  replay     port
+0x8001   10.9.0.1    10.9.0.2    9      legacy:32  9009
+0x8101   10.9.0.1    10.9.0.2    10     esn:128    9010
+'
+PROBE=$(cd "$(dirname "$0")/../.." && pwd)/target/vmtest/xfrm-probe
+[[ -x $PROBE ]] || die "$PROBE missing (vmtest/run-in-vm builds it: build_guest_tools in vmtest/lib.sh)"
 
 ns_of() { # address -> a|b
     local n
@@ -131,6 +148,18 @@ while read -r spi src dst reqid replay mark port; do
     fi
 done <<<"$SA_TABLE"
 
+dir_sas=()
+while read -r spi src dst reqid replay port; do
+    [[ -z ${spi:-} || $spi == \#* ]] && continue
+    BATCH[a]+="xfrm policy add src $src dst $dst proto udp dport $port dir out tmpl src $src dst $dst proto esp reqid $reqid mode transport
+"
+    BATCH[b]+="xfrm policy add src $src dst $dst proto udp dport $port dir in tmpl src $src dst $dst proto esp reqid $reqid mode transport
+"
+    N_POL[a]=$((N_POL[a] + 1)) N_POL[b]=$((N_POL[b] + 1))
+    dir_sas+=("$spi $src $dst $reqid $replay")
+    n_sa=$((n_sa + 1))
+done <<<"$DIR_SA_TABLE"
+
 for n in a b; do
     printf '%s' "${BATCH[$n]}" | ip -n "$n" -batch - ||
         die "ip -n $n -batch failed on the line it names above; the batch was:
@@ -140,6 +169,25 @@ ${BATCH[$n]}"
             die "tc -batch in netns $n failed; the batch was:
 ${TCBATCH[$n]}"
     fi
+done
+
+# Legacy SAs first: whether the kernel kept their direction decides the out
+# ESN SA's replay window.
+dir_kept=
+for sa in "${dir_sas[@]}"; do
+    read -r spi src dst reqid replay <<<"$sa"
+    case $replay in
+        legacy:*) out=legacy:0 in=$replay ;;
+        esn:*) out=esn:0:0 in=$replay:$(((${replay#esn:} + 31) / 32)) ;;
+        *) die "bad replay spec '$replay' for SPI $spi" ;;
+    esac
+    if [[ $replay == esn:* ]]; then
+        [[ -n $dir_kept ]] || die "DIR_SA_TABLE: list a legacy SA before the ESN ones"
+        [[ $dir_kept == out ]] || out=$in
+    fi
+    "$PROBE" --netns a add-sa "$src" "$dst" "$spi" "$reqid" out "$out" || die "adding SA $spi (dir out) in a failed"
+    "$PROBE" --netns b add-sa "$src" "$dst" "$spi" "$reqid" in "$in" || die "adding SA $spi (dir in) in b failed"
+    [[ -n $dir_kept ]] || dir_kept=$("$PROBE" --netns a sa-dir "$dst" "$spi")
 done
 
 # --- checks ------------------------------------------------------------------
@@ -154,4 +202,4 @@ ip netns exec a "${ping4[@]}" -c 1 -W 2 10.9.0.2 >/dev/null || die "no IPv4 conn
 ip netns exec a "${ping6[@]}" -c 1 -W 2 fd00:9::2 >/dev/null || die "no IPv6 connectivity a -> b over the veth"
 
 echo "net-setup: kernel $(uname -r): netns a (${ADDR4[a]}, ${ADDR6[a]}) <-> b (${ADDR4[b]}, ${ADDR6[b]});" \
-    "$n_sa SAs in each, ${N_POL[a]}+${N_POL[b]} policies, $n_tc ingress mark filters"
+    "$n_sa SAs in each (${#dir_sas[@]} installed with a direction, which the kernel $([[ $dir_kept == out ]] && echo kept || echo ignored)), ${N_POL[a]}+${N_POL[b]} policies, $n_tc ingress mark filters"

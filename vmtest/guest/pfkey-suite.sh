@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Inside the test VM (vmtest/run-in-vm <kernel> vmtest/guest/pfkey-suite.sh):
+# racoon's path. In a network namespace of its own (pfk), a rule applier
+# runs as a separate process, the way `xfrmsync apply` runs beside racoon
+# (c-tests/rule_apply.c on the C API stands in for it until the tool is
+# merged); c-tests/pfkey_test.c then installs SAs through a PF_KEY socket
+# (module af_key) with SADB_ADD, and with SADB_GETSPI + SADB_UPDATE as racoon
+# does for inbound SAs, and checks that each gets its rule's thresholds (and
+# an SA no rule matches keeps the namespace defaults).
+# Needs target/ctest/{rule_apply,pfkey_test} (scripts/build-daemon-tests).
+# Ends with "pfkey: N passed, N failed" (pfkey_test's own line, or this
+# script's when the setup failed); exits non-zero if anything failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+OUT=target/vmtest/pfkey-$(uname -r)
+fail() { echo "not ok - $*"; echo "pfkey: 0 passed, 1 failed"; exit 1; }
+for f in target/ctest/rule_apply target/ctest/pfkey_test; do
+    [[ -x $f ]] || fail "$f missing: run scripts/build-daemon-tests on the host"
+done
+rm -rf "$OUT" && mkdir -p "$OUT"
+modprobe -a af_key xfrm_user esp4 authenc || fail "modprobe af_key xfrm_user esp4 authenc"
+mkdir -p /run/netns
+ip netns del pfk 2>/dev/null
+ip netns add pfk || fail "ip netns add pfk"
+ip -n pfk link set lo up
+echo "# namespace pfk: net.core.xfrm_aevent_etime=$(ip netns exec pfk cat /proc/sys/net/core/xfrm_aevent_etime)" \
+    "net.core.xfrm_aevent_rseqth=$(ip netns exec pfk cat /proc/sys/net/core/xfrm_aevent_rseqth)"
+
+ip netns exec pfk target/ctest/rule_apply \
+    'racoon-reqid:reqid=71,replay=16,timer=1500' \
+    'racoon-peers:dst=10.20.9.0/24,replay=8,timer=700' >"$OUT/rule-apply.log" 2>&1 &
+applier=$!
+for ((i = 0; i < 100; i++)); do grep -q ready "$OUT/rule-apply.log" && break; sleep 0.1; done
+grep -q ready "$OUT/rule-apply.log" || { kill $applier; fail "rule_apply did not start: $(cat "$OUT/rule-apply.log")"; }
+
+ip netns exec pfk target/ctest/pfkey_test
+rc=$?
+kill $applier
+wait $applier
+echo "# the applier's log:"
+sed 's/^/#   /' "$OUT/rule-apply.log"
+ip netns del pfk
+exit $rc
