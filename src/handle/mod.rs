@@ -1016,11 +1016,23 @@ impl Handle {
         bytes: &[u8],
         on_sa: &mut dyn FnMut(&Handle, &SaNotice),
     ) -> Result<bool> {
+        let (msg, _) = wire::parse_message(bytes)?;
+        self.deliver_msg(router, &msg, bytes, on_sa)
+    }
+
+    /// [`Handle::deliver`] of a message whose header is parsed already.
+    #[inline]
+    fn deliver_msg(
+        &self,
+        router: &mut Router<Handle>,
+        msg: &NlMsg<'_>,
+        bytes: &[u8],
+        on_sa: &mut dyn FnMut(&Handle, &SaNotice),
+    ) -> Result<bool> {
         // Events, the hot path, are read in place and routed without
         // passing through `Item` (whose SA notice is large to move).
-        let (msg, _) = wire::parse_message(bytes)?;
         if msg.kind == wire::XFRM_MSG_NEWAE {
-            router.route(self, &AeventView::parse(&msg)?);
+            router.route(self, &AeventView::parse(msg)?);
             return Ok(true);
         }
         match item(bytes)? {
@@ -1038,6 +1050,13 @@ impl Handle {
     /// a socket: for benchmarks of the event path. Returns the events.
     #[doc(hidden)]
     pub fn dispatch_datagram(&self, datagram: &[u8]) -> Result<usize> {
+        self.dispatch_datagrams(std::iter::once(datagram))
+    }
+
+    /// [`Handle::dispatch_datagram`] for several datagrams in one call, as
+    /// one `dispatch` call handles up to its limit of them.
+    #[doc(hidden)]
+    pub fn dispatch_datagrams<'d>(&self, datagrams: impl IntoIterator<Item = &'d [u8]>) -> Result<usize> {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
@@ -1047,12 +1066,14 @@ impl Handle {
         };
         let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
         let mut count = 0;
-        let mut at = 0;
-        while at < datagram.len() {
-            let (msg, consumed) = wire::parse_message(&datagram[at..])?;
-            let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
-            count += usize::from(self.deliver(&mut router, bytes, &mut |_, _| {})?);
-            at += consumed;
+        for datagram in datagrams {
+            let mut at = 0;
+            while at < datagram.len() {
+                let (msg, consumed) = wire::parse_message(&datagram[at..])?;
+                let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
+                count += usize::from(self.deliver_msg(&mut router, &msg, bytes, &mut |_, _| {})?);
+                at += consumed;
+            }
         }
         Ok(count)
     }
