@@ -108,9 +108,9 @@ fn header(out: &mut Vec<u8>, len: u32, kind: u16, flags: u16, seq: u32) {
 }
 
 /// Serves `n` SAs: a GETSA dump lists them, every NEWAE is acknowledged.
-fn serve_registry(fd: OwnedFd, n: usize) {
-    let template = newsa_template();
-    let mut buf = vec![0u8; 1 << 20];
+/// Its buffers come from the caller, allocated before the measurement
+/// starts (the counting allocator counts every thread).
+fn serve_registry(fd: OwnedFd, n: usize, template: Vec<u8>, mut buf: Vec<u8>, mut out: Vec<u8>) {
     loop {
         // SAFETY: our buffer.
         let got = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -125,7 +125,7 @@ fn serve_registry(fd: OwnedFd, n: usize) {
             let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
             match kind {
                 0x12 => {
-                    let mut out = Vec::with_capacity(32 << 10);
+                    out.clear();
                     for i in 0..n {
                         let start = out.len();
                         out.extend_from_slice(&template);
@@ -143,17 +143,19 @@ fn serve_registry(fd: OwnedFd, n: usize) {
                     if !out.is_empty() {
                         send(&fd, &out);
                     }
-                    let mut done = Vec::new();
-                    header(&mut done, 20, 3, 2, seq);
-                    done.extend_from_slice(&0i32.to_ne_bytes());
-                    send(&fd, &done);
+                    out.clear();
+                    header(&mut out, 20, 3, 2, seq);
+                    out.extend_from_slice(&0i32.to_ne_bytes());
+                    send(&fd, &out);
                 }
                 _ => {
                     // An ack, capped: errno 0 and the request's header.
-                    let mut ack = Vec::new();
-                    header(&mut ack, 36, 2, 0x100, seq);
-                    ack.extend_from_slice(&0i32.to_ne_bytes());
-                    ack.extend_from_slice(&buf[at..at + 16]);
+                    let mut ack = [0u8; 36];
+                    ack[..4].copy_from_slice(&36u32.to_ne_bytes());
+                    ack[4..6].copy_from_slice(&2u16.to_ne_bytes());
+                    ack[6..8].copy_from_slice(&0x100u16.to_ne_bytes());
+                    ack[8..12].copy_from_slice(&seq.to_ne_bytes());
+                    ack[20..36].copy_from_slice(&buf[at..at + 16]);
                     send(&fd, &ack);
                 }
             }
@@ -177,7 +179,8 @@ pub fn registry_memory(n: usize) -> Memory {
     xfrmsync::timer::set_kernel_hz(250).ok();
     let (user_req, kernel_req) = pair();
     let (user_ev, _kernel_ev) = pair();
-    let server = std::thread::spawn(move || serve_registry(kernel_req, n));
+    let (template, buf, out) = (newsa_template(), vec![0u8; 1 << 20], Vec::with_capacity(64 << 10));
+    let server = std::thread::spawn(move || serve_registry(kernel_req, n, template, buf, out));
     let handle = Handle::builder()
         .events(false)
         .request_timeout(Duration::from_secs(30))
