@@ -348,8 +348,8 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
             state.tracked.seen(&info.sa);
             known
         }
-        // New, another SA under the same identity, one replaced in place, or
-        // an announced install (see above).
+        // New, another SA under the same identity, one replaced in place,
+        // or an announced install (see above).
         _ => {
             let fresh = Tracked {
                 reqid: info.reqid,

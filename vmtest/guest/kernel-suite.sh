@@ -17,8 +17,8 @@ kernel=$(uname -r)
 # reads CONFIG_HZ from the booted kernel's config file and passes it in.
 hz=${XFRMSYNC_EXPECTED_HZ:-}
 [[ -n $hz ]] || fail "XFRMSYNC_EXPECTED_HZ not set: run through scripts/test"
-for bin in target/ctest/kernel_test target/ctest/misuse_test target/ctest/watch target/release/examples/watch target/vmtest/udp-send \
-    target/vmtest/vm_events target/ctest/sa_dir_test target/vmtest/xfrm-probe; do
+for bin in target/ctest/kernel_test target/ctest/misuse_test target/ctest/watch target/release/examples/watch \
+    target/vmtest/udp-send target/vmtest/vm_events target/ctest/sa_dir_test target/vmtest/xfrm-probe; do
     [[ -x $bin ]] || fail "$bin missing: run scripts/test (it builds everything before booting)"
 done
 echo "kernel-suite: kernel $kernel, CONFIG_HZ=$hz"
@@ -42,11 +42,19 @@ target/vmtest/vm_events --ignored --test-threads=1 --nocapture
 # arrive on SA 0x1001, and must print the events as JSON lines.
 out=target/vmtest/examples-$kernel
 mkdir -p "$out"
-target/ctest/watch --json --netns /run/netns/b --seconds 5 >"$out/c.jsonl" &
+target/ctest/watch --json --netns /run/netns/b --seconds 10 >"$out/c.jsonl" &
 c_pid=$!
-target/release/examples/watch --json --netns /run/netns/b --seconds 5 >"$out/rust.jsonl" &
+target/release/examples/watch --json --netns /run/netns/b --seconds 10 >"$out/rust.jsonl" &
 rust_pid=$!
-sleep 1
+# Traffic only once both watch: each has its handle's three sockets open
+# (on a loaded host a start can take seconds under TCG).
+for pid in "$c_pid" "$rust_pid"; do
+    for _ in $(seq 100); do
+        (($(find "/proc/$pid/fd" -lname 'socket:*' 2>/dev/null | wc -l) >= 3)) && break
+        sleep 0.1
+    done
+done
+sleep 0.5
 target/vmtest/udp-send --netns /run/netns/a 10.9.0.2 9001 6 64 100 2>/dev/null
 wait "$c_pid" "$rust_pid"
 passed=0 failed=0
