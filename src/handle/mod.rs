@@ -408,7 +408,10 @@ struct EventReader {
 }
 
 /// What the event socket carries: aevents (read in place), and SA
-/// notifications when the handle watches SAs.
+/// notifications when the handle watches SAs. Dispatch routes events
+/// without it (see `Handle::deliver_msg`), so its size costs only the rare
+/// SA notice and `Handle::next_event`.
+#[allow(clippy::large_enum_variant)]
 enum Item<'a> {
     Aevent(AeventView<'a>),
     Sa(SaNotice),
