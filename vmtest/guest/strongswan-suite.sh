@@ -11,7 +11,7 @@
 #      sides rekey at once (a rekey collision, when the timing makes one);
 #   4. SAs re-added by MOBIKE after an address change have them again;
 #   5. without the plugin, rules applied by a separate process on the C API
-#      (c-tests/rule_apply.c, standing in for `xfrmsync apply`) give the
+#      (`xfrmsync apply` with a rules file) give the
 #      same thresholds;
 # and measures the gap between each SA's install (its NEWSA/UPDSA
 # notification) and its thresholds (the first update aevent), per phase.
@@ -55,7 +55,7 @@ now() { date +%s.%N; }
 PHASE=setup
 phase() { PHASE=$1; echo "$1 $(now)" >>"$OUT/phases"; echo "# phase $1"; }
 
-for f in "$PLUGIN_SO" "$SA_THRESHOLDS" target/ctest/sa_monitor target/ctest/rule_apply target/vmtest/udp-send \
+for f in "$PLUGIN_SO" "$SA_THRESHOLDS" target/ctest/sa_monitor target/release/xfrmsync target/vmtest/udp-send \
     /usr/lib/ipsec/charon /usr/sbin/swanctl; do
     [[ -x $f || -f $f ]] || fatal "$f missing: run scripts/build-daemon-tests on the host (it installs strongSwan there)"
 done
@@ -388,14 +388,15 @@ stop_charon b
 for side in a b; do
     ip -n "sw$side" xfrm state flush
     ip -n "sw$side" xfrm policy flush
-    ip netns exec "sw$side" target/ctest/rule_apply \
-        "net:reqid=$NET_REQID,replay=$NET_REPLAY,timer=$NET_TIMER" \
-        "busy:reqid=$BUSY_REQID,replay=$BUSY_REPLAY,timer=$BUSY_TIMER" \
-        >"$OUT/rule-apply-$side.log" 2>&1 &
+    # `xfrmsync apply` with a rules file, as a user without the plugin runs it.
+    printf '%s\n' '[[rule]]' 'name = "net"' "reqid = $NET_REQID" "replay_packets = $NET_REPLAY" "timer_ms = $NET_TIMER" '' \
+        '[[rule]]' 'name = "busy"' "reqid = $BUSY_REQID" "replay_packets = $BUSY_REPLAY" "timer_ms = $BUSY_TIMER" \
+        >"$OUT/rules-$side.toml"
+    target/release/xfrmsync apply --netns "sw$side" "$OUT/rules-$side.toml" >"$OUT/rule-apply-$side.log" 2>&1 &
     pids+=($!)
 done
 for side in a b; do
-    for ((i = 0; i < 100; i++)); do grep -q ready "$OUT/rule-apply-$side.log" && break; sleep 0.1; done
+    for ((i = 0; i < 300; i++)); do grep -q ready "$OUT/rule-apply-$side.log" && break; sleep 0.1; done
     grep -q ready "$OUT/rule-apply-$side.log" || fatal "rule_apply in sw$side: $(cat "$OUT/rule-apply-$side.log")"
 done
 start_charon a noplugin
