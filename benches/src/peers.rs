@@ -55,7 +55,7 @@ pub fn libnl_parse_read(msg: &[u8]) -> u64 {
 pub fn npx_parse_read(msg: &[u8]) -> u64 {
     let Ok(buf) = netlink_packet_core::NetlinkBuffer::new_checked(msg) else { return 0 };
     let Ok(ae) = NewAsyncEventMessage::parse(buf.payload()) else { return 0 };
-    let mut sum = u64::from(u32::from_be(ae.id.sa_id.spi)) + u64::from(ae.id.reqid) + u64::from(ae.id.flags);
+    let mut sum = u64::from(ae.id.sa_id.spi) + u64::from(ae.id.reqid) + u64::from(ae.id.flags);
     for nla in &ae.nlas {
         match nla {
             XfrmAttrs::ReplayState(r) => sum += u64::from(r.seq) + u64::from(r.oseq),
@@ -191,7 +191,7 @@ fn npx(msg: &[u8]) -> Option<Fields> {
     let mut f = Fields {
         daddr: Some(ae.id.sa_id.daddr.addr[..len].to_vec()),
         saddr: Some(ae.id.saddr.addr[..len].to_vec()),
-        spi: Some(u32::from_be(ae.id.sa_id.spi)),
+        spi: Some(ae.id.sa_id.spi), // netlink-packet-xfrm converts it to host order
         family: Some(family),
         proto: Some(ae.id.sa_id.proto),
         reqid: Some(ae.id.reqid),
@@ -219,9 +219,9 @@ fn npx(msg: &[u8]) -> Option<Fields> {
     Some(f)
 }
 
-/// Every NEWAE of the corpus (events and query answers), plus a marked one
-/// with an if_id and an ESN one whose attribute carries more words than its
-/// bmp_len: each peer's fields against xfrmsync's.
+/// Every NEWAE of the corpus (events and query answers), the legacy ones
+/// again as IPv6, and a marked one with an if_id: each peer's fields
+/// against xfrmsync's.
 pub fn compare_fields() {
     println!("\n## 3. Fields: what each peer decodes, against xfrmsync, on every captured NEWAE\n");
     let mut msgs: Vec<Vec<u8>> = Vec::new();
@@ -233,6 +233,10 @@ pub fn compare_fields() {
         }
     }
     let captured = msgs.len();
+    // The same events of an IPv6 SA (family and addresses rewritten).
+    let v6 = crate::corpus::templates(crate::corpus::Kind::Ipv6);
+    let v6_count = v6.len();
+    msgs.extend(v6);
     // A marked SA bound to an XFRM interface: XFRMA_MARK and XFRMA_IF_ID
     // appended, as the kernel sends them for such an SA.
     let mut marked = msgs[0].clone();
@@ -244,7 +248,10 @@ pub fn compare_fields() {
     let len = marked.len() as u32;
     marked[..4].copy_from_slice(&len.to_ne_bytes());
     msgs.push(marked);
-    println!("{} messages: {captured} captured (traffic, update and query answers, legacy and ESN), 1 marked with an if_id\n", msgs.len());
+    println!(
+        "{} messages: {captured} captured (traffic, update and query answers, legacy and ESN), {v6_count} legacy ones rewritten to IPv6, 1 marked with an if_id\n",
+        msgs.len()
+    );
     let mut wrong = [[0usize; 15]; 2];
     let mut missing = [[0usize; 15]; 2];
     let mut failed = [0usize; 2];

@@ -9,6 +9,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
 
 const K: u64 = 0x9e37_79b9_7f4a_7c15;
+const K2: u64 = 0xd6e8_feb8_6659_fd93;
 
 fn seed() -> u64 {
     static SEED: OnceLock<u64> = OnceLock::new();
@@ -97,7 +98,9 @@ impl Hasher for SaHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        fold(self.state, K ^ self.seed)
+        // Two folds: every input bit reaches the low bits (the probe
+        // position) as well as the top 7 (the tag).
+        fold(fold(self.state, K ^ self.seed), K2)
     }
 }
 
@@ -119,7 +122,8 @@ mod tests {
             low.insert(h & 0xfff);
         }
         assert_eq!(top.len(), 128, "all 7-bit tags used");
-        assert!(low.len() > 2500, "low 12 bits: {} distinct of 4096", low.len());
+        // 4096 random values in 4096 buckets fill about 2589 (sd ~20).
+        assert!(low.len() > 2450, "low 12 bits: {} distinct of 4096", low.len());
         let mut a = SaHasher::default();
         SaId::esp("10.0.0.1".parse().unwrap(), 1).hash(&mut a);
         let mut b = SaHasher::default();

@@ -43,8 +43,9 @@ const EVENT_BUFFER: usize = 32 * 1024;
 /// seen, up to 32 KiB less overhead: this always holds one.
 const REQUEST_BUFFER: usize = 32 * 1024;
 /// `NEWAE` requests sent in one datagram by [`Handle::set_thresholds_many`];
-/// their acks, about 1 KiB each in the socket's accounting, must fit the
-/// request socket's receive buffer.
+/// the kernel answers the last one and those that fail, about 1 KiB each in
+/// the socket's accounting, which must fit the request socket's receive
+/// buffer when all fail.
 const BATCH: usize = 64;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Datagrams one `dispatch` reads at most. The kernel sends one event per
@@ -341,28 +342,40 @@ fn receive<T>(
     progress: Option<Duration>,
     mut take: impl FnMut(&NlMsg<'_>) -> Option<Result<T>>,
 ) -> Result<T> {
+    // Reads first and waits only when nothing is there: answers that are
+    // already queued (a batch's) cost one system call each, not two.
+    let mut wait = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::TimedOut(operation));
         }
-        let mut ready = libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, alive for the call.
-        if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        if wait {
+            let mut ready = libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, alive for the call.
+            if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::from_io(operation, &err));
             }
-            return Err(Error::from_io(operation, &err));
         }
         let mut window = &mut buf[..];
         let (size, from) = match socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
-            Ok(r) => r,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => continue,
+            Ok(r) => {
+                wait = false;
+                r
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait = true;
+                continue;
+            }
             Err(e) => return Err(Error::from_io(operation, &e)),
         };
         if from.port_number() != 0 {
@@ -395,7 +408,10 @@ struct EventReader {
 }
 
 /// What the event socket carries: aevents (read in place), and SA
-/// notifications when the handle watches SAs.
+/// notifications when the handle watches SAs. Dispatch routes events
+/// without it (see `Handle::deliver_msg`), so its size costs only the rare
+/// SA notice and `Handle::next_event`.
+#[allow(clippy::large_enum_variant)]
 enum Item<'a> {
     Aevent(AeventView<'a>),
     Sa(SaNotice),
@@ -1003,11 +1019,23 @@ impl Handle {
         bytes: &[u8],
         on_sa: &mut dyn FnMut(&Handle, &SaNotice),
     ) -> Result<bool> {
+        let (msg, _) = wire::parse_message(bytes)?;
+        self.deliver_msg(router, &msg, bytes, on_sa)
+    }
+
+    /// [`Handle::deliver`] of a message whose header is parsed already.
+    #[inline]
+    fn deliver_msg(
+        &self,
+        router: &mut Router<Handle>,
+        msg: &NlMsg<'_>,
+        bytes: &[u8],
+        on_sa: &mut dyn FnMut(&Handle, &SaNotice),
+    ) -> Result<bool> {
         // Events, the hot path, are read in place and routed without
         // passing through `Item` (whose SA notice is large to move).
-        let (msg, _) = wire::parse_message(bytes)?;
         if msg.kind == wire::XFRM_MSG_NEWAE {
-            router.route(self, &AeventView::parse(&msg)?);
+            router.route(self, &AeventView::parse(msg)?);
             return Ok(true);
         }
         match item(bytes)? {
@@ -1025,6 +1053,13 @@ impl Handle {
     /// a socket: for benchmarks of the event path. Returns the events.
     #[doc(hidden)]
     pub fn dispatch_datagram(&self, datagram: &[u8]) -> Result<usize> {
+        self.dispatch_datagrams(std::iter::once(datagram))
+    }
+
+    /// [`Handle::dispatch_datagram`] for several datagrams in one call, as
+    /// one `dispatch` call handles up to its limit of them.
+    #[doc(hidden)]
+    pub fn dispatch_datagrams<'d>(&self, datagrams: impl IntoIterator<Item = &'d [u8]>) -> Result<usize> {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
@@ -1034,12 +1069,14 @@ impl Handle {
         };
         let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
         let mut count = 0;
-        let mut at = 0;
-        while at < datagram.len() {
-            let (msg, consumed) = wire::parse_message(&datagram[at..])?;
-            let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
-            count += usize::from(self.deliver(&mut router, bytes, &mut |_, _| {})?);
-            at += consumed;
+        for datagram in datagrams {
+            let mut at = 0;
+            while at < datagram.len() {
+                let (msg, consumed) = wire::parse_message(&datagram[at..])?;
+                let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
+                count += usize::from(self.deliver_msg(&mut router, &msg, bytes, &mut |_, _| {})?);
+                at += consumed;
+            }
         }
         Ok(count)
     }
@@ -1092,44 +1129,57 @@ impl Handle {
     }
 
     /// Sets the thresholds of many SAs: `(sa, replay packets, timer ms)`.
-    /// Requests go out [`BATCH`] to a datagram, each acknowledged; `each`
-    /// learns every SA's result by its index in `items`. The timeout applies
-    /// to each datagram's acknowledgements.
+    /// Requests go out [`BATCH`] to a datagram, the kernel confirming each
+    /// (an acknowledgement for the last, an error for any that fails);
+    /// `each` learns every SA's result by its index in `items`. The timeout
+    /// applies to each datagram's answers.
     pub fn set_thresholds_many(&self, items: &[(SaId, u32, u32)], mut each: impl FnMut(usize, Result<()>)) -> Result<()> {
         let Some((first, _, _)) = items.first() else { return Ok(()) };
         let hz = self.hz_for(first)?;
+        let mut batch: Vec<(usize, u32, u32)> = Vec::with_capacity(BATCH);
         let mut seqs = Vec::with_capacity(BATCH);
         let mut answered = Vec::with_capacity(BATCH);
         for (chunk_at, chunk) in items.chunks(BATCH).enumerate() {
             let base = chunk_at * BATCH;
-            let mut req = self.requests()?;
-            req.out.clear();
-            seqs.clear();
-            for (i, (sa, replay, ms)) in chunk.iter().enumerate() {
+            batch.clear();
+            for (i, (_, replay, ms)) in chunk.iter().enumerate() {
                 match timer::ms_to_jiffies(*ms, hz) {
-                    Ok(jiffies) => {
-                        let from = req.next_sender();
-                        let set = NewAe {
-                            replay_threshold: Some(*replay),
-                            etimer_jiffies: Some(jiffies),
-                            ..NewAe::default()
-                        };
-                        wire::append_newae(&mut req.out, from, sa, &set);
-                        seqs.push((from.seq, base + i));
-                    }
+                    Ok(jiffies) => batch.push((i, *replay, jiffies)),
                     Err(e) => each(base + i, Err(e)),
                 }
             }
-            if seqs.is_empty() {
+            if batch.is_empty() {
                 continue;
+            }
+            // Only the last request asks for an acknowledgement; the kernel
+            // answers the others only when they fail, in order, so that
+            // acknowledgement means the rest succeeded (see
+            // wire::append_newae_unacked). One answer per datagram, not 64.
+            let mut req = self.requests()?;
+            req.out.clear();
+            seqs.clear();
+            for (n, (i, replay, jiffies)) in batch.iter().enumerate() {
+                let from = req.next_sender();
+                let set = NewAe {
+                    replay_threshold: Some(*replay),
+                    etimer_jiffies: Some(*jiffies),
+                    ..NewAe::default()
+                };
+                let sa = &chunk[*i].0;
+                if n + 1 == batch.len() {
+                    wire::append_newae(&mut req.out, from, sa, &set);
+                } else {
+                    wire::append_newae_unacked(&mut req.out, from, sa, &set);
+                }
+                seqs.push((from.seq, base + i));
             }
             answered.clear();
             answered.resize(seqs.len(), false);
             let operation = "XFRM_MSG_NEWAE";
             let req = &mut *req;
+            let last = seqs.len() - 1;
             let sent = send(&req.socket, &req.out, operation).and_then(|()| {
                 let deadline = Instant::now() + self.request_timeout;
-                let mut left = seqs.len();
                 receive(&req.socket, &mut req.buf, operation, deadline, None, |msg| {
                     let slot = seqs.iter().position(|(seq, _)| *seq == msg.seq)?;
                     if msg.kind != wire::NLMSG_ERROR || answered[slot] {
@@ -1137,15 +1187,13 @@ impl Handle {
                     }
                     answered[slot] = true;
                     each(seqs[slot].1, kernel_answer(operation, msg));
-                    left -= 1;
-                    (left == 0).then_some(Ok(()))
+                    (slot == last).then_some(Ok(()))
                 })
             });
-            if let Err(e) = sent {
-                for (slot, (_, index)) in seqs.iter().enumerate() {
-                    if !answered[slot] {
-                        each(*index, Err(e.clone()));
-                    }
+            for (slot, (_, index)) in seqs.iter().enumerate() {
+                if !answered[slot] {
+                    // After the last one's answer, silence is success.
+                    each(*index, sent.clone());
                 }
             }
         }

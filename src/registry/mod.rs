@@ -275,7 +275,7 @@ impl Registry {
                 }
             }
         }
-        self.report(&pending, results)
+        self.report(pending, results)
     }
 
     /// Hands each application's result to the `on_applied` callback.
