@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -174,49 +173,100 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     assert!(applied.lock().unwrap().iter().all(|(_, _, ok)| *ok));
 }
 
-/// Installs `count` SAs in a burst while a registry applies a rule, and
-/// returns the per-SA delay from the SA's announcement to its thresholds.
-fn burst(count: u32, receive_buffer: Option<usize>) -> (Vec<Duration>, usize) {
+/// The `xfrmsync` binary built on the host (scripts/test builds it).
+fn tool() -> String {
+    std::env::var("XFRMSYNC_TOOL").unwrap_or_else(|_| "target/release/xfrmsync".into())
+}
+
+/// What `xfrmsync apply` printed, as the test read it: when each SA's
+/// thresholds were first reported applied, and how often it said
+/// notifications were lost.
+#[derive(Default)]
+struct ApplyOutput {
+    ready: bool,
+    applied_at: HashMap<u32, Instant>,
+    lost: usize,
+    exiting: bool,
+    other_errors: Vec<String>,
+}
+
+/// The SPI of an `applied ... to esp dst D spi 0x...` line.
+fn applied_spi(line: &str) -> Option<u32> {
+    let rest = line.strip_prefix("applied ")?;
+    let hex = rest.split(" spi 0x").nth(1)?.split_whitespace().next()?;
+    u32::from_str_radix(hex, 16).ok()
+}
+
+/// Installs `count` SAs with `ip -batch` while `xfrmsync apply` runs with
+/// a rule for them and the given notification buffer, and returns the
+/// per-SA delay from the SA's announcement (seen by an independent
+/// watcher) to the line in which `apply` reported its thresholds applied,
+/// and how often `apply` said notifications were lost.
+fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
     hz();
     let netns = namespace("burst");
     // An independent watcher with a large buffer times each SA's arrival.
     let watcher = Handle::builder().netns_path(&netns).events(false).receive_buffer(64 << 20).open().unwrap();
     watcher.watch_sas(true).unwrap();
-    let mut builder = Handle::builder().netns_path(&netns);
-    if let Some(bytes) = receive_buffer {
-        builder = builder.receive_buffer(bytes);
-    }
-    let registry = Registry::new(builder.open().unwrap());
-    let applied_at = Arc::new(Mutex::new(HashMap::new()));
-    let log = applied_at.clone();
-    registry
-        .on_applied(Some(Box::new(move |_, a| {
-            assert!(a.result.is_ok(), "{}: {:?}", a.sa, a.result);
-            log.lock().unwrap().insert(a.sa.spi, Instant::now());
-        })))
-        .unwrap();
     let wanted = Thresholds { replay_packets: 17, timer_ms: 1700 };
-    registry.set_rules(vec![rule("burst", SaMatch { reqid: Some(42), ..Default::default() }, 17, 1700)]).unwrap();
-
-    let done = Arc::new(AtomicBool::new(false));
-    let stop = done.clone();
-    let losses = Arc::new(Mutex::new(0usize));
-    let lost = losses.clone();
-    let runner = std::thread::spawn(move || {
-        let mut idle_after_stop = 0;
-        while idle_after_stop < 20 {
-            match registry.dispatch() {
-                Ok(0) if stop.load(Ordering::Relaxed) => idle_after_stop += 1,
-                // More may be waiting: a daemon's poll would return at once.
-                Ok(n) if n > 0 => continue,
-                Ok(_) => {}
-                Err(xfrmsync::Error::EventsLost) => *lost.lock().unwrap() += 1,
-                Err(e) => panic!("dispatch: {e}"),
+    let rules = "/tmp/burst-rules.toml";
+    std::fs::write(
+        rules,
+        format!(
+            "[[rule]]\nname = \"burst\"\nreqid = 42\nreplay_packets = {}\ntimer_ms = {}\n",
+            wanted.replay_packets, wanted.timer_ms
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(tool());
+    command.args(["--netns", "burst"]);
+    if let Ok(hz) = std::env::var("XFRMSYNC_EXPECTED_HZ") {
+        command.args(["--kernel-hz", &hz]);
+    }
+    let mut apply = command
+        .args(["apply", "--receive-buffer", receive_buffer, rules])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", tool()));
+    let output = Arc::new(Mutex::new(ApplyOutput::default()));
+    let (stdout, stderr) = (apply.stdout.take().unwrap(), apply.stderr.take().unwrap());
+    let out = output.clone();
+    let stdout_reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let now = Instant::now();
+            let mut out = out.lock().unwrap();
+            if let Some(spi) = applied_spi(&line) {
+                out.applied_at.entry(spi).or_insert(now);
+            } else if line.starts_with("xfrmsync apply: ready:") {
+                out.ready = true;
+            } else if line.starts_with("xfrmsync apply: SIGTERM: exiting") {
+                out.exiting = true;
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
-        registry
     });
+    let out = output.clone();
+    let stderr_reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let mut out = out.lock().unwrap();
+            if line.contains("SA notifications were lost; every SA was listed again") {
+                out.lost += 1;
+            } else {
+                out.other_errors.push(line);
+            }
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(60);
+    while !output.lock().unwrap().ready {
+        assert!(Instant::now() < until, "xfrmsync apply never said it was ready: {:?}", output.lock().unwrap().other_errors);
+        assert!(apply.try_wait().unwrap().is_none(), "xfrmsync apply exited: {:?}", output.lock().unwrap().other_errors);
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let batch: String = (0..count)
         .map(|i| {
@@ -226,64 +276,59 @@ fn burst(count: u32, receive_buffer: Option<usize>) -> (Vec<Duration>, usize) {
         })
         .collect();
     std::fs::write("/tmp/burst.batch", batch).unwrap();
-    let announced = Arc::new(Mutex::new(HashMap::new()));
-    let seen = announced.clone();
+    let mut announced = HashMap::new();
     let installer = std::thread::spawn(|| sh("ip -n burst -batch /tmp/burst.batch"));
     let until = Instant::now() + Duration::from_secs(300);
-    while seen.lock().unwrap().len() < count as usize && Instant::now() < until {
+    while announced.len() < count as usize && Instant::now() < until {
         watcher
             .dispatch_with(&mut |_, notice| {
                 if notice.change == xfrmsync::SaChange::New {
-                    seen.lock().unwrap().entry(notice.info.sa.spi).or_insert_with(Instant::now);
+                    announced.entry(notice.info.sa.spi).or_insert_with(Instant::now);
                 }
             })
             .unwrap();
         std::thread::sleep(Duration::from_millis(2));
     }
     installer.join().unwrap();
-    while applied_at.lock().unwrap().len() < count as usize && Instant::now() < until {
+    while output.lock().unwrap().applied_at.len() < count as usize && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
     }
-    done.store(true, Ordering::Relaxed);
-    let registry = runner.join().unwrap();
+    // SIGTERM: a clean exit, status 0, as the systemd unit expects.
+    // SAFETY: kill(2) on the child's pid, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(apply.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = apply.wait().unwrap();
+    stdout_reader.join().unwrap();
+    stderr_reader.join().unwrap();
+    let output = output.lock().unwrap();
+    assert!(status.success() && output.exiting, "xfrmsync apply on SIGTERM: {status}, stderr {:?}", output.other_errors);
+    assert!(output.other_errors.is_empty(), "xfrmsync apply reported errors: {:?}", output.other_errors);
 
     // Every SA carries the rule's thresholds, in the kernel's own answer.
-    let mut checked = 0;
-    let mut on_defaults = Vec::new();
     let mut all = Vec::new();
-    registry.handle().dump_sas(|info| all.push(info.sa)).unwrap();
+    watcher.dump_sas(|info| all.push(info.sa)).unwrap();
     let burst_sas: Vec<SaId> = all.into_iter().filter(|sa| sa.spi >= 0x10000).collect();
-    for (sa, (replay, timer)) in burst_sas.iter().zip(raw_thresholds_of(&netns, &burst_sas)) {
-        if (replay, timer * 100) != (wanted.replay_packets, wanted.timer_ms) {
-            on_defaults.push((sa.spi, replay, timer));
-        }
-        checked += 1;
-    }
-    assert_eq!(checked, count as usize, "SAs in the GETSA dump");
-    let losses_so_far = *losses.lock().unwrap();
-    let missing: Vec<_> = on_defaults
+    assert_eq!(burst_sas.len(), count as usize, "SAs in the GETSA dump");
+    let on_defaults: Vec<_> = burst_sas
         .iter()
-        .take(5)
-        .map(|(spi, r, t)| {
-            let sa = burst_sas.iter().find(|sa| sa.spi == *spi).unwrap();
-            (format!("{spi:#x}"), r, t, registry.tracked(sa), applied_at.lock().unwrap().contains_key(spi))
-        })
+        .zip(raw_thresholds_of(&netns, &burst_sas))
+        .filter(|(_, (replay, timer))| (*replay, timer * 100) != (wanted.replay_packets, wanted.timer_ms))
+        .map(|(sa, (replay, timer))| (format!("{:#x}", sa.spi), replay, timer, output.applied_at.contains_key(&sa.spi)))
         .collect();
     assert!(
         on_defaults.is_empty(),
-        "{} SAs without the rule's thresholds ({} applied, ENOBUFS {losses_so_far} times): {missing:?}",
+        "{} SAs without the rule's thresholds ({} reported applied, notifications lost {} times); first: {:?}",
         on_defaults.len(),
-        applied_at.lock().unwrap().len()
+        output.applied_at.len(),
+        output.lost,
+        &on_defaults[..on_defaults.len().min(5)]
     );
-    let announced = announced.lock().unwrap();
-    let applied_at = applied_at.lock().unwrap();
+    assert_eq!(output.applied_at.len(), count as usize, "SAs xfrmsync apply reported applied");
     let mut delays: Vec<Duration> = announced
         .iter()
-        .filter_map(|(spi, at)| applied_at.get(spi).map(|done| done.saturating_duration_since(*at)))
+        .filter_map(|(spi, at)| output.applied_at.get(spi).map(|done| done.saturating_duration_since(*at)))
         .collect();
     delays.sort();
-    let losses = *losses.lock().unwrap();
-    (delays, losses)
+    (delays, output.lost)
 }
 
 fn report(what: &str, delays: &[Duration], losses: usize) {
@@ -296,8 +341,8 @@ fn report(what: &str, delays: &[Duration], losses: usize) {
 #[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/kernel-suite.sh)"]
 fn a_burst_of_sas_all_get_their_thresholds() {
     let count = std::env::var("XFRMSYNC_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
-    let (delays, losses) = burst(count, Some(8 << 20));
-    report("with a large buffer", &delays, losses);
+    let (delays, losses) = burst(count, "8M");
+    report("xfrmsync apply, large buffer", &delays, losses);
 }
 
 #[test]
@@ -305,7 +350,7 @@ fn a_burst_of_sas_all_get_their_thresholds() {
 fn a_burst_with_lost_notifications_is_recovered_by_listing() {
     let count = std::env::var("XFRMSYNC_BURST").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
     // A buffer for a handful of notifications: most are lost.
-    let (delays, losses) = burst(count, Some(4096));
-    report("with a tiny buffer", &delays, losses);
+    let (delays, losses) = burst(count, "4096");
+    report("xfrmsync apply, tiny buffer", &delays, losses);
     assert!(losses > 0, "the tiny buffer should have overflowed");
 }

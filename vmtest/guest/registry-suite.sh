@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Inside the test VM, after kernel-suite.sh (it needs net-setup's namespaces
 # for the HZ tests): thresholds for SAs as they appear (tests/vm_registry.rs:
-# rules and their precedence, rule changes, a burst of XFRMSYNC_BURST SAs with
-# a large and with a tiny event buffer), HZ learnt without a live SA
+# rules and their precedence, rule changes, a burst of XFRMSYNC_BURST SAs
+# installed while the `xfrmsync apply` binary ($XFRMSYNC_TOOL, by default
+# target/release/xfrmsync) runs, with a large and with a tiny notification
+# buffer), HZ learnt without a live SA
 # (tests/vm_hz.rs), and examples/install_sa.c, which installs an SA carrying
 # its thresholds in its NEWSA. Ends with `registry-suite: N passed, N failed`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-for bin in target/vmtest/vm_registry target/vmtest/vm_hz target/ctest/install_sa; do
+for bin in target/vmtest/vm_registry target/vmtest/vm_hz target/ctest/install_sa "${XFRMSYNC_TOOL:-target/release/xfrmsync}"; do
     [[ -x $bin ]] || { echo "registry-suite: $bin missing: run scripts/test" >&2; exit 1; }
 done
 passed=0 failed=0

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use xfrmsync::registry::Applied;
 use xfrmsync::{Error, Handle, Registry, Rule};
 
-use crate::{output, rules_file, sys, Failure, Global, Outcome};
+use crate::{output, rules_file, sys, Failure, Global, Listening, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +30,8 @@ pub struct Args {
     /// no SA is touched
     #[arg(long, conflicts_with = "once")]
     check: bool,
+    #[command(flatten)]
+    listening: Listening,
 }
 
 /// After a failed listing of SAs, how long until the next try.
@@ -72,7 +74,7 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
     let mut rules = load(&args.file)?;
     // Only SA notifications are wanted: without aevents joined the kernel
     // does not generate them for us.
-    let registry = Registry::new(global.open(false)?);
+    let registry = Registry::new(global.open_listening(false, &args.listening)?);
     let tally = Arc::new(Tally::default());
     let counts = Arc::clone(&tally);
     registry

@@ -71,12 +71,30 @@ impl Global {
     /// A handle in the namespace asked for. `events`: join the aevent group
     /// (the kernel only generates aevents while somebody listens).
     pub fn open(&self, events: bool) -> Result<Handle, Failure> {
+        self.open_listening(events, &Listening::default())
+    }
+
+    /// A handle that also reads notifications (`monitor`, `apply`).
+    pub fn open_listening(&self, events: bool, listening: &Listening) -> Result<Handle, Failure> {
         let mut builder = Handle::builder().events(events);
+        if let Some(bytes) = listening.receive_buffer {
+            builder = builder.receive_buffer(bytes);
+        }
         if let Some(path) = self.netns_path() {
             builder = builder.netns_path(path);
         }
         builder.open().map_err(|e| Failure::new(format!("{}: opening XFRM netlink: {e}", self.where_())))
     }
+}
+
+/// Options of the subcommands that keep reading the kernel's notifications.
+#[derive(Args, Default)]
+pub struct Listening {
+    /// The notification socket's receive buffer (e.g. 4M; as root beyond
+    /// net.core.rmem_max). When a burst overflows it the kernel drops
+    /// notifications: `monitor` says so, `apply` lists every SA again
+    #[arg(long, value_name = "BYTES", value_parser = parse::bytes)]
+    pub receive_buffer: Option<usize>,
 }
 
 #[derive(Subcommand)]

@@ -11,7 +11,7 @@ use xfrmsync::registry::{Direction, RuleSet, SaFacts, Source};
 use xfrmsync::wire::{self, SaInfo};
 use xfrmsync::{Aevent, Error, Handle, SaChange, SaId, SaNotice};
 
-use crate::{output, parse, rules_file, sys, Failure, Global, Outcome};
+use crate::{output, parse, rules_file, sys, Failure, Global, Listening, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,6 +35,8 @@ pub struct Args {
     /// Stop after printing this many events
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    #[command(flatten)]
+    listening: Listening,
 }
 
 /// What the printing callback needs; shared with the SA notifications,
@@ -139,7 +141,7 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
     // SIGHUP keeps its default action (or nohup's SIG_IGN).
     let signals =
         sys::Signals::take(&[libc::SIGINT, libc::SIGTERM]).map_err(|e| Failure::new(format!("taking signals: {e}")))?;
-    let handle = global.open(true)?;
+    let handle = global.open_listening(true, &args.listening)?;
     let local = if rule.as_ref().is_some_and(|(set, _)| set.needs_direction()) {
         handle
             .local_addresses()

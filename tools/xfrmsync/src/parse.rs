@@ -24,6 +24,23 @@ pub fn u32_any(s: &str) -> Result<u32, String> {
     number(s, u64::from(u32::MAX)).map(|n| n as u32)
 }
 
+/// A size in bytes: decimal, with an optional K, M or G suffix (powers of
+/// 1024, as `ss` and the kernel's sysctls count socket buffers).
+pub fn bytes(s: &str) -> Result<usize, String> {
+    const LIMIT: u64 = i32::MAX as u64; // setsockopt takes an int
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let unit: u64 = match t[digits_end..].to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("'{s}' is not a size in bytes (a decimal number, with an optional K, M or G)")),
+    };
+    let value = number(&t[..digits_end], LIMIT / unit).map_err(|e| format!("{e} (at most {LIMIT} bytes)"))?;
+    Ok((value * unit) as usize)
+}
+
 pub fn u64_any(s: &str) -> Result<u64, String> {
     number(s, u64::MAX)
 }
@@ -114,5 +131,17 @@ mod tests {
         assert!(proto("300").is_err());
         assert_eq!(family("inet6"), Ok(libc::AF_INET6 as u16));
         assert!(family("ipv4").is_err());
+    }
+
+    #[test]
+    fn sizes_in_bytes() {
+        assert_eq!(bytes("4096"), Ok(4096));
+        assert_eq!(bytes("64K"), Ok(64 << 10));
+        assert_eq!(bytes("8MiB"), Ok(8 << 20));
+        assert_eq!(bytes("1g"), Ok(1 << 30));
+        assert!(bytes("2G").unwrap_err().contains("at most 2147483647"));
+        assert!(bytes("-1").is_err());
+        assert!(bytes("0x1000").is_err());
+        assert!(bytes("8Q").is_err());
     }
 }

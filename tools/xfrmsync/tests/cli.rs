@@ -47,6 +47,8 @@ fn usage_errors_exit_2() {
         &["monitor", "--rule", "x"],
         &["monitor", "--sa", "10.9.0.2", "zz"],
         &["apply"],
+        &["apply", "--receive-buffer", "4X", "rules.toml"],
+        &["monitor", "--receive-buffer", "3G"],
         &["frobnicate"],
         &["--kernel-hz", "0", "defaults"],
     ] {
