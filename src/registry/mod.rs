@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, SaChange, SaNotice};
 use crate::sa::SaId;
-use crate::wire::{self, SaInfo};
+use crate::wire::SaInfo;
 
 pub use rules::{Direction, Prefix, Rule, RuleSet, SaFacts, SaMatch, Source, Thresholds};
 
@@ -299,18 +299,7 @@ impl Registry {
 }
 
 fn direction_of(info: &SaInfo, local: &[IpAddr]) -> Option<Direction> {
-    match info.direction {
-        Some(wire::XFRM_SA_DIR_IN) => return Some(Direction::In),
-        Some(wire::XFRM_SA_DIR_OUT) => return Some(Direction::Out),
-        _ => {}
-    }
-    if info.saddr.is_some_and(|a| local.contains(&a)) {
-        Some(Direction::Out)
-    } else if local.contains(&info.sa.daddr) {
-        Some(Direction::In)
-    } else {
-        None
-    }
+    Direction::of_sa(info.direction, info.saddr, info.sa.daddr, local)
 }
 
 fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {

@@ -34,6 +34,20 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// How the registry decides an SA's direction: the kernel's
+    /// `XFRMA_SA_DIR` when it sent one (6.10 and later, for SAs installed
+    /// with it), else which end is one of the namespace's `local`
+    /// addresses: a local source is outbound, a local destination inbound.
+    pub fn of_sa(kernel_dir: Option<u8>, saddr: Option<IpAddr>, daddr: IpAddr, local: &[IpAddr]) -> Option<Direction> {
+        match kernel_dir {
+            Some(crate::wire::XFRM_SA_DIR_IN) => Some(Direction::In),
+            Some(crate::wire::XFRM_SA_DIR_OUT) => Some(Direction::Out),
+            _ if saddr.is_some_and(|a| local.contains(&a)) => Some(Direction::Out),
+            _ if local.contains(&daddr) => Some(Direction::In),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Direction::In => "in",

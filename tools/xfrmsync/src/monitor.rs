@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use xfrmsync::registry::{Direction, RuleSet, SaFacts, Source};
-use xfrmsync::wire::{self, SaInfo};
+use xfrmsync::wire::SaInfo;
 use xfrmsync::{Aevent, Error, Handle, SaChange, SaId, SaNotice};
 
 use crate::{output, parse, rules_file, sys, Failure, Global, Listening, Outcome};
@@ -77,7 +77,7 @@ impl State {
             sa: ev.sa,
             saddr: Some(ev.saddr),
             reqid: ev.reqid,
-            direction: direction(direction_attr, ev.saddr, ev.sa.daddr, &self.local),
+            direction: Direction::of_sa(direction_attr, Some(ev.saddr), ev.sa.daddr, &self.local),
         };
         matches!(rules.resolve(&facts), Some((Source::Rule(r), _)) if r == name)
     }
@@ -100,17 +100,6 @@ impl State {
     }
 }
 
-/// The SA's direction as the registry decides it: the kernel's
-/// `XFRMA_SA_DIR` when it sent one, else which end is a local address.
-fn direction(attr: Option<u8>, saddr: IpAddr, daddr: IpAddr, local: &[IpAddr]) -> Option<Direction> {
-    match attr {
-        Some(wire::XFRM_SA_DIR_IN) => Some(Direction::In),
-        Some(wire::XFRM_SA_DIR_OUT) => Some(Direction::Out),
-        _ if local.contains(&saddr) => Some(Direction::Out),
-        _ if local.contains(&daddr) => Some(Direction::In),
-        _ => None,
-    }
-}
 
 fn sa_filters(words: &[String]) -> Result<Vec<(IpAddr, u32)>, Failure> {
     words
