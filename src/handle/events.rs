@@ -6,8 +6,6 @@
 //! either an owned [`Aevent`] (built for it from the message) or an
 //! [`AeventView`] read in place (nothing copied: the fast path).
 
-use std::collections::HashMap;
-
 use crate::aevent::Aevent;
 use crate::sa::SaId;
 use crate::view::AeventView;
@@ -37,29 +35,209 @@ impl<Ctx> Slot<Ctx> {
 /// peers' choice), and a few times faster than SipHash on an `SaId`.
 type Hasher = std::hash::BuildHasherDefault<crate::handle::fasthash::SaHasher>;
 
+/// An SA and its callback, one cache line each: a lookup that finds the
+/// key has the callback's pointer too, without a second line or a second
+/// indirection (a map of boxed callbacks touches a control group, an entry
+/// straddling two lines, then the box).
+#[repr(align(64))]
+struct Entry<Ctx> {
+    sa: SaId,
+    slot: Slot<Ctx>,
+}
+
+/// A free index slot.
+const EMPTY: u64 = u64::MAX;
+
+/// Callbacks by SA: dense entries, and an open-addressing index of them
+/// (linear probing, at most 7/8 full) whose slots hold the entry's
+/// position and the top 32 bits of its hash, so that a probe rarely reads
+/// an entry that is not the one sought. 8 bytes per slot, 8 slots a line.
+///
+/// Dispatch looks up a batch of events in steps (see
+/// `Handle::dispatch_datagrams`): the hash and a prefetch of its index line
+/// as each event is parsed, a prefetch of the entry once the index line is
+/// there, then the calls. The waits for memory overlap instead of adding up.
 pub(crate) struct Router<Ctx> {
-    per_sa: HashMap<SaId, Slot<Ctx>, Hasher>,
+    entries: Vec<Entry<Ctx>>,
+    /// A power of two long, or empty.
+    slots: Vec<u64>,
     any: Option<Slot<Ctx>>,
 }
 
 impl<Ctx> Default for Router<Ctx> {
     fn default() -> Self {
         Router {
-            per_sa: HashMap::default(),
+            entries: Vec::new(),
+            slots: Vec::new(),
             any: None,
         }
     }
 }
 
+#[inline]
+fn slot_value(hash: u64, index: usize) -> u64 {
+    (hash & !0xffff_ffff) | index as u64
+}
+
+/// A hint to bring the line at `p` into the first-level cache.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64, and a prefetch only hints: it reads
+    // nothing into the program and never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 impl<Ctx> Router<Ctx> {
+    #[inline]
+    pub(crate) fn hash(&self, sa: &SaId) -> u64 {
+        use std::hash::BuildHasher;
+        Hasher::default().hash_one(sa)
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    /// The index slot holding `sa` (hashed to `hash`), or the free slot
+    /// where it would go. The index must not be empty.
+    #[inline]
+    fn probe(&self, sa: &SaId, hash: u64) -> (usize, bool) {
+        let mask = self.mask();
+        let tag = hash & !0xffff_ffff;
+        let mut at = hash as usize & mask;
+        loop {
+            let slot = self.slots[at];
+            if slot == EMPTY {
+                return (at, false);
+            }
+            if slot & !0xffff_ffff == tag && self.entries[(slot & 0xffff_ffff) as usize].sa == *sa {
+                return (at, true);
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn find(&self, sa: &SaId, hash: u64) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        match self.probe(sa, hash) {
+            (at, true) => Some((self.slots[at] & 0xffff_ffff) as usize),
+            _ => None,
+        }
+    }
+
+    /// First step of a lookup ahead of [`Router::route_hashed`]: bring in
+    /// the index line where the probe for `hash` starts.
+    #[inline]
+    pub(crate) fn prefetch_index(&self, hash: u64) {
+        if let Some(slot) = self.slots.get(hash as usize & self.mask()) {
+            prefetch(slot);
+        }
+    }
+
+    /// Second step, once the index line is likely there: bring in the
+    /// entry the first slot with `hash`'s tag names (the key is checked
+    /// when routing).
+    #[inline]
+    pub(crate) fn prefetch_entry(&self, hash: u64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.mask();
+        let tag = hash & !0xffff_ffff;
+        let mut at = hash as usize & mask;
+        loop {
+            let slot = self.slots[at];
+            if slot == EMPTY {
+                return;
+            }
+            if slot & !0xffff_ffff == tag {
+                if let Some(entry) = self.entries.get((slot & 0xffff_ffff) as usize) {
+                    prefetch(entry);
+                }
+                return;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn rebuild(&mut self, slots: usize) {
+        self.slots = vec![EMPTY; slots];
+        for i in 0..self.entries.len() {
+            let hash = self.hash(&self.entries[i].sa);
+            let (at, _) = self.probe(&self.entries[i].sa, hash);
+            self.slots[at] = slot_value(hash, i);
+        }
+    }
+
     fn set(&mut self, sa: SaId, slot: Option<Slot<Ctx>>) {
+        let hash = self.hash(&sa);
         match slot {
             Some(slot) => {
-                self.per_sa.insert(sa, slot);
+                if let Some(i) = self.find(&sa, hash) {
+                    self.entries[i].slot = slot;
+                    return;
+                }
+                // Positions are 32 bits in the index; a handle holds no
+                // more callbacks than that.
+                assert!(self.entries.len() < u32::MAX as usize, "too many SA callbacks");
+                if (self.entries.len() + 1) * 8 > self.slots.len() * 7 {
+                    self.rebuild((self.slots.len() * 2).max(64));
+                }
+                let (at, _) = self.probe(&sa, hash);
+                self.slots[at] = slot_value(hash, self.entries.len());
+                self.entries.push(Entry { sa, slot });
             }
-            None => {
-                self.per_sa.remove(&sa);
+            None => self.remove(&sa, hash),
+        }
+    }
+
+    fn remove(&mut self, sa: &SaId, hash: u64) {
+        if self.entries.is_empty() {
+            return;
+        }
+        let (at, found) = self.probe(sa, hash);
+        if !found {
+            return;
+        }
+        let index = (self.slots[at] & 0xffff_ffff) as usize;
+        self.unslot(at);
+        let last = self.entries.len() - 1;
+        if index != last {
+            // The last entry moves into the hole: point its slot there.
+            let moved = self.hash(&self.entries[last].sa);
+            let (moved_at, _) = self.probe(&self.entries[last].sa, moved);
+            self.slots[moved_at] = slot_value(moved, index);
+        }
+        // Dropped after the index is whole again: a callback's destructor
+        // cannot reach the router (it is borrowed), but it may panic.
+        drop(self.entries.swap_remove(index));
+    }
+
+    /// Frees a slot, shifting back the slots of its probe run (no
+    /// tombstones: lookups never probe further than the table's load says).
+    fn unslot(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        self.slots[hole] = EMPTY;
+        let mut at = (hole + 1) & mask;
+        while self.slots[at] != EMPTY {
+            let slot = self.slots[at];
+            let home = self.hash(&self.entries[(slot & 0xffff_ffff) as usize].sa) as usize & mask;
+            // Move it back if its home is not in (hole, at].
+            if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
+                self.slots[hole] = slot;
+                self.slots[at] = EMPTY;
+                hole = at;
             }
+            at = (at + 1) & mask;
         }
     }
 
@@ -79,19 +257,83 @@ impl<Ctx> Router<Ctx> {
         self.any = callback.map(Slot::View);
     }
 
+    /// Whether a callback could take any event: without one, dispatch
+    /// need not hash events at all.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.any.is_none()
+    }
+
     /// Returns whether some callback took the event.
+    #[inline]
     pub(crate) fn route(&mut self, ctx: &Ctx, event: &AeventView<'_>) -> bool {
-        if self.per_sa.is_empty() && self.any.is_none() {
+        if self.is_empty() {
             return false;
         }
-        if let Some(cb) = self.per_sa.get_mut(&event.sa()) {
-            cb.call(ctx, event);
+        let hash = self.hash(&event.sa());
+        self.route_hashed(ctx, event, hash)
+    }
+
+    /// [`Router::route`] of an event whose SA hashes to `hash`.
+    #[inline]
+    pub(crate) fn route_hashed(&mut self, ctx: &Ctx, event: &AeventView<'_>, hash: u64) -> bool {
+        if let Some(i) = self.find(&event.sa(), hash) {
+            self.entries[i].slot.call(ctx, event);
             true
         } else if let Some(cb) = self.any.as_mut() {
             cb.call(ctx, event);
             true
         } else {
             false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn sa(n: u32) -> SaId {
+        let daddr = if n % 3 == 0 {
+            std::net::IpAddr::V6([0x2001, 0xdb8, 0, 0, 0, 0, 0, (n % 7) as u16].into())
+        } else {
+            std::net::IpAddr::V4([10, 0, 0, (n % 5) as u8].into())
+        };
+        SaId::esp(daddr, n / 2)
+    }
+
+    /// Inserts, replacements and removals in a pseudo-random order, with
+    /// every lookup checked against a map: removal shifts probe runs back
+    /// and moves the last entry, both easy to get wrong.
+    #[test]
+    fn lookups_agree_with_a_map_through_inserts_and_removals() {
+        let mut router: Router<()> = Router::default();
+        let mut model: HashSet<SaId> = HashSet::new();
+        let mut x = 12345u32;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let id = sa(x % 3000);
+            if x % 4 == 0 {
+                router.set_sa_view(id, None);
+                model.remove(&id);
+            } else {
+                router.set_sa_view(id, Some(Box::new(|_, _| {})));
+                model.insert(id);
+            }
+            if step % 997 == 0 || step == 19_999 {
+                assert_eq!(router.entries.len(), model.len());
+                for n in 0..3000 {
+                    let id = sa(n);
+                    let hash = router.hash(&id);
+                    match router.find(&id, hash) {
+                        Some(i) => assert!(router.entries[i].sa == id && model.contains(&id), "{id:?}"),
+                        None => assert!(!model.contains(&id), "{id:?} lost"),
+                    }
+                }
+            }
         }
     }
 }
