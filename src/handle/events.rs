@@ -7,7 +7,7 @@
 //! [`AeventView`] read in place (nothing copied: the fast path).
 
 use crate::aevent::Aevent;
-use crate::sa::SaId;
+use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 
 /// A callback for events, given `Ctx` (the handle that dispatches them).
@@ -41,7 +41,7 @@ type Hasher = std::hash::BuildHasherDefault<crate::handle::fasthash::SaHasher>;
 /// straddling two lines, then the box).
 #[repr(align(64))]
 struct Entry<Ctx> {
-    sa: SaId,
+    key: RouteKey,
     slot: Slot<Ctx>,
 }
 
@@ -79,6 +79,13 @@ fn slot_value(hash: u64, index: usize) -> u64 {
     (hash & !0xffff_ffff) | index as u64
 }
 
+/// Key equality without a call to `memcmp`, which is what `==` on the
+/// array compiles to: a few instructions on the path of every event.
+#[inline(always)]
+fn same(a: &RouteKey, b: &RouteKey) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+}
+
 /// A hint to bring the line at `p` into the first-level cache.
 #[inline(always)]
 fn prefetch<T>(p: *const T) {
@@ -94,9 +101,13 @@ fn prefetch<T>(p: *const T) {
 
 impl<Ctx> Router<Ctx> {
     #[inline]
-    pub(crate) fn hash(&self, sa: &SaId) -> u64 {
-        use std::hash::BuildHasher;
-        Hasher::default().hash_one(sa)
+    pub(crate) fn hash(&self, key: &RouteKey) -> u64 {
+        use std::hash::{BuildHasher, Hasher as _};
+        let mut h = Hasher::default().build_hasher();
+        for word in key {
+            h.write_u64(*word);
+        }
+        h.finish()
     }
 
     #[inline]
@@ -107,7 +118,7 @@ impl<Ctx> Router<Ctx> {
     /// The index slot holding `sa` (hashed to `hash`), or the free slot
     /// where it would go. The index must not be empty.
     #[inline]
-    fn probe(&self, sa: &SaId, hash: u64) -> (usize, bool) {
+    fn probe(&self, key: &RouteKey, hash: u64) -> (usize, bool) {
         let mask = self.mask();
         let tag = hash & !0xffff_ffff;
         let mut at = hash as usize & mask;
@@ -116,7 +127,7 @@ impl<Ctx> Router<Ctx> {
             if slot == EMPTY {
                 return (at, false);
             }
-            if slot & !0xffff_ffff == tag && self.entries[(slot & 0xffff_ffff) as usize].sa == *sa {
+            if slot & !0xffff_ffff == tag && same(&self.entries[(slot & 0xffff_ffff) as usize].key, key) {
                 return (at, true);
             }
             at = (at + 1) & mask;
@@ -124,17 +135,17 @@ impl<Ctx> Router<Ctx> {
     }
 
     #[inline]
-    fn find(&self, sa: &SaId, hash: u64) -> Option<usize> {
+    fn find(&self, key: &RouteKey, hash: u64) -> Option<usize> {
         if self.entries.is_empty() {
             return None;
         }
-        match self.probe(sa, hash) {
+        match self.probe(key, hash) {
             (at, true) => Some((self.slots[at] & 0xffff_ffff) as usize),
             _ => None,
         }
     }
 
-    /// First step of a lookup ahead of [`Router::route_hashed`]: bring in
+    /// First step of a lookup ahead of [`Router::route_keyed`]: bring in
     /// the index line where the probe for `hash` starts.
     #[inline]
     pub(crate) fn prefetch_index(&self, hash: u64) {
@@ -172,17 +183,18 @@ impl<Ctx> Router<Ctx> {
     fn rebuild(&mut self, slots: usize) {
         self.slots = vec![EMPTY; slots];
         for i in 0..self.entries.len() {
-            let hash = self.hash(&self.entries[i].sa);
-            let (at, _) = self.probe(&self.entries[i].sa, hash);
+            let hash = self.hash(&self.entries[i].key);
+            let (at, _) = self.probe(&self.entries[i].key, hash);
             self.slots[at] = slot_value(hash, i);
         }
     }
 
     fn set(&mut self, sa: SaId, slot: Option<Slot<Ctx>>) {
-        let hash = self.hash(&sa);
+        let key = sa.route_key();
+        let hash = self.hash(&key);
         match slot {
             Some(slot) => {
-                if let Some(i) = self.find(&sa, hash) {
+                if let Some(i) = self.find(&key, hash) {
                     self.entries[i].slot = slot;
                     return;
                 }
@@ -192,19 +204,19 @@ impl<Ctx> Router<Ctx> {
                 if (self.entries.len() + 1) * 8 > self.slots.len() * 7 {
                     self.rebuild((self.slots.len() * 2).max(64));
                 }
-                let (at, _) = self.probe(&sa, hash);
+                let (at, _) = self.probe(&key, hash);
                 self.slots[at] = slot_value(hash, self.entries.len());
-                self.entries.push(Entry { sa, slot });
+                self.entries.push(Entry { key, slot });
             }
-            None => self.remove(&sa, hash),
+            None => self.remove(&key, hash),
         }
     }
 
-    fn remove(&mut self, sa: &SaId, hash: u64) {
+    fn remove(&mut self, key: &RouteKey, hash: u64) {
         if self.entries.is_empty() {
             return;
         }
-        let (at, found) = self.probe(sa, hash);
+        let (at, found) = self.probe(key, hash);
         if !found {
             return;
         }
@@ -213,8 +225,8 @@ impl<Ctx> Router<Ctx> {
         let last = self.entries.len() - 1;
         if index != last {
             // The last entry moves into the hole: point its slot there.
-            let moved = self.hash(&self.entries[last].sa);
-            let (moved_at, _) = self.probe(&self.entries[last].sa, moved);
+            let moved = self.hash(&self.entries[last].key);
+            let (moved_at, _) = self.probe(&self.entries[last].key, moved);
             self.slots[moved_at] = slot_value(moved, index);
         }
         // Dropped after the index is whole again: a callback's destructor
@@ -230,7 +242,7 @@ impl<Ctx> Router<Ctx> {
         let mut at = (hole + 1) & mask;
         while self.slots[at] != EMPTY {
             let slot = self.slots[at];
-            let home = self.hash(&self.entries[(slot & 0xffff_ffff) as usize].sa) as usize & mask;
+            let home = self.hash(&self.entries[(slot & 0xffff_ffff) as usize].key) as usize & mask;
             // Move it back if its home is not in (hole, at].
             if (at.wrapping_sub(home) & mask) >= (at.wrapping_sub(hole) & mask) {
                 self.slots[hole] = slot;
@@ -270,14 +282,15 @@ impl<Ctx> Router<Ctx> {
         if self.is_empty() {
             return false;
         }
-        let hash = self.hash(&event.sa());
-        self.route_hashed(ctx, event, hash)
+        let key = event.route_key();
+        let hash = self.hash(&key);
+        self.route_keyed(ctx, event, &key, hash)
     }
 
-    /// [`Router::route`] of an event whose SA hashes to `hash`.
+    /// [`Router::route`] of an event whose SA is `key`, hashed to `hash`.
     #[inline]
-    pub(crate) fn route_hashed(&mut self, ctx: &Ctx, event: &AeventView<'_>, hash: u64) -> bool {
-        if let Some(i) = self.find(&event.sa(), hash) {
+    pub(crate) fn route_keyed(&mut self, ctx: &Ctx, event: &AeventView<'_>, key: &RouteKey, hash: u64) -> bool {
+        if let Some(i) = self.find(key, hash) {
             self.entries[i].slot.call(ctx, event);
             true
         } else if let Some(cb) = self.any.as_mut() {
@@ -327,9 +340,10 @@ mod tests {
                 assert_eq!(router.entries.len(), model.len());
                 for n in 0..3000 {
                     let id = sa(n);
-                    let hash = router.hash(&id);
-                    match router.find(&id, hash) {
-                        Some(i) => assert!(router.entries[i].sa == id && model.contains(&id), "{id:?}"),
+                    let key = id.route_key();
+                    let hash = router.hash(&key);
+                    match router.find(&key, hash) {
+                        Some(i) => assert!(router.entries[i].key == key && model.contains(&id), "{id:?}"),
                         None => assert!(!model.contains(&id), "{id:?} lost"),
                     }
                 }

@@ -24,7 +24,7 @@ use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
 use crate::events::Router;
-use crate::sa::SaId;
+use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
@@ -1073,33 +1073,29 @@ impl Handle {
         for datagram in datagrams {
             let mut at = 0;
             while at < datagram.len() {
-                let parsed = wire::parse_message(&datagram[at..]).and_then(|(msg, consumed)| {
-                    let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
-                    let mut event = None;
-                    if msg.kind == wire::XFRM_MSG_NEWAE {
-                        event = Some(AeventView::parse(&msg)?);
-                    }
-                    Ok((msg, bytes, event, consumed))
-                });
                 // Events before a bad message still reach their callbacks,
                 // as they would one by one.
-                let (msg, bytes, event, consumed) = match parsed {
+                let (msg, consumed) = match wire::parse_message(&datagram[at..]) {
                     Ok(parsed) => parsed,
                     Err(e) => {
                         batch.run(self, &mut router);
                         return Err(e);
                     }
                 };
-                match event {
-                    Some(event) => {
-                        batch.push(self, &mut router, event);
-                        count += 1;
+                if msg.kind == wire::XFRM_MSG_NEWAE {
+                    match AeventView::parse(&msg) {
+                        Ok(event) => batch.push(self, &mut router, event),
+                        Err(e) => {
+                            batch.run(self, &mut router);
+                            return Err(e);
+                        }
                     }
-                    None => {
-                        // Anything else keeps its place among the events.
-                        batch.run(self, &mut router);
-                        count += usize::from(self.deliver_msg(&mut router, &msg, bytes, &mut |_, _| {})?);
-                    }
+                    count += 1;
+                } else {
+                    // Anything else keeps its place among the events.
+                    batch.run(self, &mut router);
+                    let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
+                    count += usize::from(self.deliver_msg(&mut router, &msg, bytes, &mut |_, _| {})?);
                 }
                 at += consumed;
             }
@@ -1231,21 +1227,23 @@ impl Handle {
 /// Events parsed ahead of their callbacks, so that the memory their
 /// lookups need is fetched for all of them at once instead of one miss
 /// after another: a lookup among 100,000 SAs misses the cache twice (an
-/// index line, an entry line), and alone each miss is a wait.
+/// index line, then an entry line), and alone each miss is a wait.
 struct Batch<'d> {
-    events: [Option<(AeventView<'d>, u64)>; BATCH_AHEAD],
+    events: [Option<AeventView<'d>>; BATCH_AHEAD],
+    keys: [(RouteKey, u64); BATCH_AHEAD],
     len: usize,
 }
 
 /// Events looked up together: enough to overlap the misses, few enough
 /// that the lines fetched for the first are still cached when its turn
-/// comes (two each, beside the messages and the callbacks' own data).
+/// comes. Measured: 16 and 32 alike, 64 slower.
 const BATCH_AHEAD: usize = 32;
 
 impl<'d> Batch<'d> {
     fn new() -> Self {
         Batch {
             events: [None; BATCH_AHEAD],
+            keys: [([0; 5], 0); BATCH_AHEAD],
             len: 0,
         }
     }
@@ -1257,27 +1255,30 @@ impl<'d> Batch<'d> {
         if router.is_empty() {
             return;
         }
-        let hash = router.hash(&event.sa());
+        let key = event.route_key();
+        let hash = router.hash(&key);
         router.prefetch_index(hash);
-        self.events[self.len] = Some((event, hash));
-        self.len += 1;
+        let n = self.len % BATCH_AHEAD;
+        self.events[n] = Some(event);
+        self.keys[n] = (key, hash);
+        self.len = n + 1;
         if self.len == BATCH_AHEAD {
             self.run(handle, router);
         }
     }
 
-    /// Fetches the entries, then runs the callbacks in the events' order.
-    /// The router stays borrowed throughout (callbacks cannot change it),
-    /// so what was looked up ahead still holds.
+    /// Fetches the entries (their index lines have come meanwhile), then
+    /// runs the callbacks in the events' order. The router stays borrowed
+    /// for the whole dispatch call (callbacks cannot change it), so what
+    /// was looked up ahead still holds.
     fn run(&mut self, handle: &Handle, router: &mut Router<Handle>) {
-        let queued = &mut self.events[..self.len];
-        self.len = 0;
-        for (_, hash) in queued.iter().flatten() {
+        let n = std::mem::take(&mut self.len);
+        for (_, hash) in &self.keys[..n] {
             router.prefetch_entry(*hash);
         }
-        for queued in queued {
-            if let Some((event, hash)) = queued.take() {
-                router.route_hashed(handle, &event, hash);
+        for (event, (key, hash)) in self.events[..n].iter().zip(&self.keys[..n]) {
+            if let Some(event) = event {
+                router.route_keyed(handle, event, key, *hash);
             }
         }
     }
