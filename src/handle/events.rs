@@ -155,12 +155,12 @@ impl<Ctx> Router<Ctx> {
     }
 
     /// Second step, once the index line is likely there: bring in the
-    /// entry the first slot with `hash`'s tag names (the key is checked
-    /// when routing).
+    /// entry the first slot with `hash`'s tag names, and return it as a
+    /// [`Candidate`] for [`Router::route_keyed`], which checks the key.
     #[inline]
-    pub(crate) fn prefetch_entry(&self, hash: u64) {
+    pub(crate) fn prefetch_entry(&self, hash: u64) -> Candidate {
         if self.slots.is_empty() {
-            return;
+            return Candidate::Absent;
         }
         let mask = self.mask();
         let tag = hash & !0xffff_ffff;
@@ -168,13 +168,14 @@ impl<Ctx> Router<Ctx> {
         loop {
             let slot = self.slots[at];
             if slot == EMPTY {
-                return;
+                return Candidate::Absent;
             }
             if slot & !0xffff_ffff == tag {
-                if let Some(entry) = self.entries.get((slot & 0xffff_ffff) as usize) {
+                let index = (slot & 0xffff_ffff) as usize;
+                if let Some(entry) = self.entries.get(index) {
                     prefetch(entry);
                 }
-                return;
+                return Candidate::At(index);
             }
             at = (at + 1) & mask;
         }
@@ -290,7 +291,27 @@ impl<Ctx> Router<Ctx> {
     /// [`Router::route`] of an event whose SA is `key`, hashed to `hash`.
     #[inline]
     pub(crate) fn route_keyed(&mut self, ctx: &Ctx, event: &AeventView<'_>, key: &RouteKey, hash: u64) -> bool {
-        if let Some(i) = self.find(key, hash) {
+        let found = self.find(key, hash);
+        self.call(ctx, event, found)
+    }
+
+    /// [`Router::route_keyed`] with what [`Router::prefetch_entry`] found
+    /// for `hash`, the router unchanged since: the probe is not repeated
+    /// unless the candidate's key is another (tags of 32 bits collide
+    /// rarely).
+    #[inline]
+    pub(crate) fn route_candidate(&mut self, ctx: &Ctx, event: &AeventView<'_>, key: &RouteKey, hash: u64, candidate: Candidate) -> bool {
+        let found = match candidate {
+            Candidate::Absent => None,
+            Candidate::At(i) if self.entries.get(i).is_some_and(|e| same(&e.key, key)) => Some(i),
+            Candidate::At(_) => self.find(key, hash),
+        };
+        self.call(ctx, event, found)
+    }
+
+    #[inline]
+    fn call(&mut self, ctx: &Ctx, event: &AeventView<'_>, found: Option<usize>) -> bool {
+        if let Some(i) = found {
             self.entries[i].slot.call(ctx, event);
             true
         } else if let Some(cb) = self.any.as_mut() {
@@ -300,6 +321,14 @@ impl<Ctx> Router<Ctx> {
             false
         }
     }
+}
+
+/// Where a lookup begun ahead points: no SA of the key's hash (then none
+/// of its key), or an entry whose hash tag matches.
+#[derive(Clone, Copy)]
+pub(crate) enum Candidate {
+    Absent,
+    At(usize),
 }
 
 #[cfg(test)]

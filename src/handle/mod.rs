@@ -23,7 +23,7 @@ use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 
 use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
-use crate::events::Router;
+use crate::events::{Candidate, Router};
 use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
@@ -1404,18 +1404,19 @@ impl<'d> Batch<'d> {
     /// was looked up ahead still holds.
     fn run(&mut self, handle: &Handle, router: &mut Router<Handle>) {
         let n = std::mem::take(&mut self.len);
-        for (event, (_, hash)) in self.events[..n].iter().zip(&self.keys[..n]) {
+        let mut found = [Candidate::Absent; BATCH_AHEAD];
+        for ((event, (_, hash)), found) in self.events[..n].iter().zip(&self.keys[..n]).zip(&mut found) {
             if event.is_some() {
-                router.prefetch_entry(*hash);
+                *found = router.prefetch_entry(*hash);
             }
         }
-        for i in 0..n {
+        let queued = self.events[..n].iter().zip(&self.keys[..n]).zip(&self.after[..n]).zip(&found[..n]);
+        for (((event, (key, hash)), after), found) in queued {
             if let Some(position) = self.position {
-                position.set(self.after[i]);
+                position.set(*after);
             }
-            if let Some(event) = &self.events[i] {
-                let (key, hash) = &self.keys[i];
-                router.route_keyed(handle, event, key, *hash);
+            if let Some(event) = event {
+                router.route_candidate(handle, event, key, *hash, *found);
             }
         }
     }
