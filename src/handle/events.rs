@@ -7,6 +7,7 @@
 //! [`AeventView`] read in place (nothing copied: the fast path).
 
 use crate::aevent::Aevent;
+use crate::handle::fasthash::SaHasher;
 use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 
@@ -31,9 +32,6 @@ impl<Ctx> Slot<Ctx> {
     }
 }
 
-/// The SA lookup's hasher: keyed per process (SPIs of outbound SAs are the
-/// peers' choice), and a few times faster than SipHash on an `SaId`.
-type Hasher = std::hash::BuildHasherDefault<crate::handle::fasthash::SaHasher>;
 
 /// An SA and its callback, one cache line each: a lookup that finds the
 /// key has the callback's pointer too, without a second line or a second
@@ -62,6 +60,10 @@ pub(crate) struct Router<Ctx> {
     /// A power of two long, or empty.
     slots: Vec<u64>,
     any: Option<Slot<Ctx>>,
+    /// The lookup's hasher, keyed per process (SPIs of outbound SAs are
+    /// the peers' choice); kept seeded rather than made per event, which
+    /// reads the seed through a `OnceLock`.
+    hasher: SaHasher,
 }
 
 impl<Ctx> Default for Router<Ctx> {
@@ -70,6 +72,7 @@ impl<Ctx> Default for Router<Ctx> {
             entries: Vec::new(),
             slots: Vec::new(),
             any: None,
+            hasher: SaHasher::default(),
         }
     }
 }
@@ -102,8 +105,8 @@ fn prefetch<T>(p: *const T) {
 impl<Ctx> Router<Ctx> {
     #[inline]
     pub(crate) fn hash(&self, key: &RouteKey) -> u64 {
-        use std::hash::{BuildHasher, Hasher as _};
-        let mut h = Hasher::default().build_hasher();
+        use std::hash::Hasher as _;
+        let mut h = self.hasher;
         for word in key {
             h.write_u64(*word);
         }
