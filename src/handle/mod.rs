@@ -1098,7 +1098,7 @@ impl Handle {
                 // Read ahead, the socket may have reported lost events (or
                 // another failure) already: that report must not give way
                 // to one about a single message, which is passed over.
-                Err(e) if lost || failed.is_some() => log::warn!("passed over a message while reporting lost events: {e}"),
+                Err(e) if lost || failed.is_some() => log::warn!("passed over a bad event message, to report lost events or a read error: {e}"),
                 Err(e) => return Err(e),
             }
             if let Some(e) = failed {
