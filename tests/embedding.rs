@@ -145,6 +145,33 @@ fn dispatch_has_a_default_bound_and_finishes_the_datagram_it_started() {
     assert!(handle.set_dispatch_limit(0).is_err());
 }
 
+/// Dispatch reads datagrams ahead and routes their events in batches; a
+/// callback that panics must still leave the events behind its own pending,
+/// as when they were read one by one: none lost, none run twice.
+#[test]
+fn events_behind_a_panicking_callback_stay_pending() {
+    let (fake, handle) = start(250);
+    assert_eq!(fake.send_events(40, 1), 40);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    handle
+        .on_event(Some(Box::new(move |_, ev| {
+            let mut seen = record.lock().unwrap();
+            seen.push(ev.replay.seq64());
+            if seen.len() == 5 {
+                drop(seen);
+                panic!("the application's bug");
+            }
+        })))
+        .unwrap();
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle.dispatch()));
+    assert!(first.is_err(), "the panic goes through to the caller");
+    assert_eq!(handle.dispatch().unwrap(), 35);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 40);
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "in order, once each: {seen:?}");
+}
+
 #[test]
 fn a_zero_dispatch_limit_is_refused() {
     let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();

@@ -479,3 +479,55 @@ fn messages_from_a_non_kernel_port_are_dropped() {
     let err = handle.query(&sa).unwrap_err();
     assert_eq!(err.errno(), libc::ESRCH, "{err:?}");
 }
+
+/// Events are routed by a key read from the message's bytes, not by the
+/// decoded `SaId`: both must name the same SA. An IPv4 address's unused
+/// 12 bytes (whatever the kernel left there) must not count; a mark and an
+/// if_id must; and each batch of events in one call still reaches the right
+/// callbacks, in order, with a catch-all for the rest.
+#[test]
+fn events_reach_the_callback_of_their_own_sa() {
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    let handle = Handle::builder().events(false).open_with_sockets(a.into(), b.into(), 1).unwrap();
+    let base = legacy_event();
+    let plain = decode(&base).unwrap().sa;
+    let mut garbage_tail = base.clone();
+    garbage_tail[16 + 4..16 + 16].fill(0xa5);
+    let with = |extra: &[u8]| {
+        let mut m = base.clone();
+        m.extend_from_slice(extra);
+        set_len(&mut m);
+        m
+    };
+    let marked = with(&attr(21, &[7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]));
+    let with_if_id = with(&attr(31, &[9, 0, 0, 0]));
+    let marked_sa = decode(&marked).unwrap().sa;
+    let if_id_sa = decode(&with_if_id).unwrap().sa;
+    assert_ne!(marked_sa, plain);
+    assert_ne!(if_id_sa, plain);
+    let mut v6 = base.clone();
+    v6[16 + 20..16 + 22].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+    v6[16 + 4..16 + 16].fill(0x11);
+    let v6_sa = decode(&v6).unwrap().sa;
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for (sa, name) in [(plain, "plain"), (marked_sa, "marked"), (if_id_sa, "if_id"), (v6_sa, "v6")] {
+        let log = log.clone();
+        handle
+            .on_sa_event_view(sa, Some(Box::new(move |_, ev| {
+                assert_eq!(ev.sa(), sa);
+                log.lock().unwrap().push(name);
+            })))
+            .unwrap();
+    }
+    let any = log.clone();
+    handle.on_event_view(Some(Box::new(move |_, _| any.lock().unwrap().push("any")))).unwrap();
+    let mut other = base.clone();
+    other[16 + 16] ^= 0xff; // another SPI
+    let order = [&base, &garbage_tail, &marked, &with_if_id, &v6, &other];
+    // More than one batch's worth of events in one call.
+    let datagrams: Vec<&[u8]> = order.iter().cycle().take(6 * 13).map(|m| m.as_slice()).collect();
+    assert_eq!(handle.dispatch_datagrams(datagrams.iter().copied()).unwrap(), 6 * 13);
+    let expected: Vec<&str> = ["plain", "plain", "marked", "if_id", "v6", "any"].iter().copied().cycle().take(6 * 13).collect();
+    assert_eq!(*log.lock().unwrap(), expected);
+}

@@ -86,6 +86,42 @@ impl SaId {
     }
 }
 
+/// An [`SaId`] as five words, the form events are routed by: built from a
+/// message's bytes without making an `IpAddr`, hashed and compared a word
+/// at a time. Equal exactly when the `SaId`s are.
+pub(crate) type RouteKey = [u64; 5];
+
+/// The [`RouteKey`] of an SA given as its fields; `spi` as on the wire
+/// (network order). Only the first 4 address bytes of an IPv4 SA count.
+#[inline]
+pub(crate) fn route_key(daddr: &[u8; 16], v6: bool, spi: [u8; 4], proto: u8, mark: Mark, if_id: u32) -> RouteKey {
+    let mut addr = [0u8; 16];
+    if v6 {
+        addr = *daddr;
+    } else {
+        addr[..4].copy_from_slice(&daddr[..4]);
+    }
+    let lo = u64::from_ne_bytes([addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7]]);
+    let hi = u64::from_ne_bytes([addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15]]);
+    let rest = u64::from(u32::from_ne_bytes(spi)) | (u64::from(proto) << 32) | (u64::from(v6) << 40);
+    [lo, hi, rest, (u64::from(mark.value) << 32) | u64::from(mark.mask), u64::from(if_id)]
+}
+
+impl SaId {
+    #[inline]
+    pub(crate) fn route_key(&self) -> RouteKey {
+        let (addr, v6) = match self.daddr {
+            IpAddr::V4(a) => {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&a.octets());
+                (addr, false)
+            }
+            IpAddr::V6(a) => (a.octets(), true),
+        };
+        route_key(&addr, v6, self.spi.to_be_bytes(), self.proto, self.mark, self.if_id)
+    }
+}
+
 pub(crate) fn family_of(addr: &IpAddr) -> u16 {
     match addr {
         IpAddr::V4(_) => libc::AF_INET as u16,

@@ -314,6 +314,15 @@ impl<'a> AeventView<'a> {
         self.id[22]
     }
 
+    /// [`AeventView::sa`] as the router keys it, read from the bytes.
+    #[inline]
+    pub(crate) fn route_key(&self) -> crate::sa::RouteKey {
+        let daddr: &[u8; 16] = self.id[..16].try_into().expect("16 bytes");
+        let v6 = i32::from(self.family()) == libc::AF_INET6;
+        let spi = [self.id[16], self.id[17], self.id[18], self.id[19]];
+        crate::sa::route_key(daddr, v6, spi, self.proto(), self.mark, self.if_id)
+    }
+
     /// The SA's identity, as events are routed by it.
     #[inline]
     pub fn sa(&self) -> SaId {

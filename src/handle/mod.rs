@@ -23,8 +23,8 @@ use netlink_sys::{protocols::NETLINK_XFRM, Socket, SocketAddr};
 
 use crate::aevent::{AeUpdate, Aevent, Cause, Replay};
 use crate::error::{Error, Result};
-use crate::events::Router;
-use crate::sa::SaId;
+use crate::events::{Candidate, Router};
+use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
 
@@ -186,9 +186,10 @@ impl HandleBuilder {
             }),
             events: RefCell::new(EventReader {
                 socket: events,
-                buf: vec![0; EVENT_BUFFER].into_boxed_slice(),
-                len: 0,
-                pos: 0,
+                buf: vec![0; 2 * EVENT_BUFFER].into_boxed_slice(),
+                ends: [0; READ_AHEAD],
+                datagrams: 0,
+                next: Cell::new(Cursor::default()),
             }),
             route: route.map(RefCell::new),
             router: RefCell::new(Router::default()),
@@ -400,16 +401,34 @@ fn receive<T>(
     }
 }
 
+/// Datagrams `dispatch` reads before it routes their events, so that the
+/// lookups of several events overlap (see `Batch`). Each read has a window
+/// of [`EVENT_BUFFER`] bytes, as when there was one datagram a buffer.
+const READ_AHEAD: usize = 32;
+
+/// Where reading the buffered datagrams has got to: the datagram, and the
+/// offset of its next message in the buffer.
+#[derive(Clone, Copy, Default)]
+struct Cursor {
+    datagram: usize,
+    at: usize,
+}
+
 struct EventReader {
     socket: Socket,
+    /// Room for datagrams read ahead, one window's worth beyond the data.
     buf: Box<[u8]>,
-    len: usize,
-    pos: usize,
+    /// Where each buffered datagram ends; the next begins 4-aligned after.
+    ends: [usize; READ_AHEAD],
+    datagrams: usize,
+    /// The next message not yet handed out. A `Cell`, so that dispatch can
+    /// move it on as it runs callbacks, which share the reader.
+    next: Cell<Cursor>,
 }
 
 /// What the event socket carries: aevents (read in place), and SA
 /// notifications when the handle watches SAs. Dispatch routes events
-/// without it (see `Handle::deliver_msg`), so its size costs only the rare
+/// without it (see `Batch`), so its size costs only the rare
 /// SA notice and `Handle::next_event`.
 #[allow(clippy::large_enum_variant)]
 enum Item<'a> {
@@ -461,33 +480,88 @@ pub enum SaChange {
 }
 
 impl EventReader {
-    /// Where the next message left in the datagram already read lies, if
-    /// any. The position moves past it first, so a bad message is reported
-    /// once and the next call goes on behind it; a message whose framing is
-    /// broken ends the datagram.
-    fn next_message(&mut self) -> Result<Option<std::ops::Range<usize>>> {
-        if self.pos >= self.len {
+    fn start(&self, datagram: usize) -> usize {
+        match datagram {
+            0 => 0,
+            n => (self.ends[n - 1] + 3) & !3,
+        }
+    }
+
+    /// The message at `from`, if any is left, and where the one after it
+    /// is. A message whose framing is broken ends its datagram: the error
+    /// comes with the cursor behind that datagram, so that it is reported
+    /// once and reading goes on after it.
+    #[allow(clippy::type_complexity)]
+    fn message_at(&self, mut from: Cursor) -> std::result::Result<Option<(NlMsg<'_>, std::ops::Range<usize>, Cursor)>, (Error, Cursor)> {
+        while from.datagram < self.datagrams {
+            from.at = from.at.max(self.start(from.datagram));
+            if from.at < self.ends[from.datagram] {
+                break;
+            }
+            from.datagram += 1;
+        }
+        if from.datagram >= self.datagrams {
             return Ok(None);
         }
-        let start = self.pos;
-        match wire::parse_message(&self.buf[start..self.len]) {
+        let end = self.ends[from.datagram];
+        match wire::parse_message(&self.buf[from.at..end]) {
             Ok((msg, consumed)) => {
-                self.pos = start + consumed;
-                Ok(Some(start..start + wire::NLMSG_HDRLEN + msg.payload.len()))
+                let range = from.at..from.at + wire::NLMSG_HDRLEN + msg.payload.len();
+                let next = Cursor {
+                    at: from.at + consumed,
+                    ..from
+                };
+                Ok(Some((msg, range, next)))
             }
-            Err(e) => {
-                self.pos = self.len;
+            Err(e) => Err((
+                e,
+                Cursor {
+                    datagram: from.datagram + 1,
+                    at: end,
+                },
+            )),
+        }
+    }
+
+    /// Where the next message left in the datagrams already read lies, if
+    /// any. The position moves past it first, so a bad message is reported
+    /// once and the next call goes on behind it.
+    fn next_message(&self) -> Result<Option<std::ops::Range<usize>>> {
+        match self.message_at(self.next.get()) {
+            Ok(Some((_, range, next))) => {
+                self.next.set(next);
+                Ok(Some(range))
+            }
+            Ok(None) => Ok(None),
+            Err((e, next)) => {
+                self.next.set(next);
                 Err(e)
             }
         }
     }
 
-    /// Reads one datagram without blocking; `false` when there is none.
-    /// A datagram not from the kernel is read and dropped.
+    /// Whether every buffered message has been handed out.
+    fn drained(&self) -> bool {
+        matches!(self.message_at(self.next.get()), Ok(None))
+    }
+
+    /// Forgets the datagrams read (all handed out) before reading more.
+    fn clear(&mut self) {
+        self.datagrams = 0;
+        self.next.set(Cursor::default());
+    }
+
+    /// Whether another datagram fits behind those read: a full window left.
+    fn has_room(&self) -> bool {
+        self.datagrams < READ_AHEAD && self.start(self.datagrams) + EVENT_BUFFER <= self.buf.len()
+    }
+
+    /// Reads one datagram without blocking, behind those buffered (there
+    /// must be room); `false` when there is none. A datagram not from the
+    /// kernel is read and dropped.
     fn read_datagram(&mut self) -> Result<bool> {
-        self.len = 0;
-        self.pos = 0;
-        let mut window = &mut self.buf[..];
+        let start = self.start(self.datagrams);
+        let mut window = &mut self.buf[start..start + EVENT_BUFFER];
         let (size, from) = loop {
             match self.socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
                 Ok(r) => break r,
@@ -503,13 +577,14 @@ impl EventReader {
             log::debug!("dropped a datagram from port {}, not the kernel", from.port_number());
             return Ok(true);
         }
-        if size > self.buf.len() {
+        if size > EVENT_BUFFER {
             return Err(Error::Truncated {
                 size,
-                buffer: self.buf.len(),
+                buffer: EVENT_BUFFER,
             });
         }
-        self.len = size;
+        self.ends[self.datagrams] = start + size;
+        self.datagrams += 1;
         Ok(true)
     }
 
@@ -523,6 +598,7 @@ impl EventReader {
                     Item::Sa(_) | Item::Skip => continue,
                 },
                 None => {
+                    self.clear();
                     if !self.read_datagram()? {
                         return Ok(None);
                     }
@@ -970,40 +1046,64 @@ impl Handle {
         let mut count = 0;
         let mut lost = false;
         loop {
-            // Reading takes the reader mutably; decoding and the callbacks
-            // share it, so a callback may still use the event socket's
-            // settings (subscribe, watch_sas, the receive buffer).
-            let range = {
+            // Reading takes the reader mutably, so it reads ahead only when
+            // every message read before has been handed out.
+            let mut failed = None;
+            {
                 let mut reader = self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?;
-                match reader.next_message()? {
-                    Some(range) => range,
+                if reader.drained() {
                     // A datagram is always finished, so no event waits in
                     // our buffer where poll cannot see it.
-                    None if datagrams_left == 0 => break,
-                    None => {
+                    if datagrams_left == 0 {
+                        break;
+                    }
+                    reader.clear();
+                    while datagrams_left > 0 && reader.has_room() {
                         match reader.read_datagram() {
-                            Ok(true) => {}
+                            Ok(true) => datagrams_left -= 1,
                             Ok(false) => break,
                             // The kernel reports ENOBUFS once, then drops
                             // every later event for this socket without a
                             // word until its queue has been read empty. So
-                            // read it empty now (events that did arrive still
-                            // reach their callbacks), and a resync the caller
-                            // starts after this returns misses nothing.
+                            // read it empty now (events that did arrive
+                            // still reach their callbacks), and a resync the
+                            // caller starts after this returns misses nothing.
                             Err(Error::EventsLost) if !lost => {
                                 lost = true;
                                 datagrams_left = DRAIN_LIMIT;
-                                continue;
                             }
-                            Err(e) => return Err(e),
+                            // After the events read before it, as when
+                            // datagrams were read one by one.
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
                         }
-                        datagrams_left -= 1;
-                        continue;
+                    }
+                    if reader.drained() {
+                        match failed {
+                            Some(e) => return Err(e),
+                            None if datagrams_left > 0 && !reader.has_room() => continue,
+                            None => break,
+                        }
                     }
                 }
-            };
+            }
+            // Decoding and the callbacks share the reader, so a callback may
+            // still use the event socket's settings (subscribe, watch_sas,
+            // the receive buffer).
             let reader = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
-            count += usize::from(self.deliver(&mut router, &reader.buf[range], on_sa)?);
+            match self.deliver_buffered(&mut router, &reader, on_sa) {
+                Ok(events) => count += events,
+                // Read ahead, the socket may have reported lost events (or
+                // another failure) already: that report must not give way
+                // to one about a single message, which is passed over.
+                Err(e) if lost || failed.is_some() => log::warn!("passed over a bad event message, to report lost events or a read error: {e}"),
+                Err(e) => return Err(e),
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         if lost {
             return Err(Error::EventsLost);
@@ -1011,33 +1111,56 @@ impl Handle {
         Ok(count)
     }
 
-    /// Hands one message to its callback: an aevent, read in place, to the
-    /// router; an SA notice to `on_sa`. Returns whether it was an event.
-    fn deliver(
+    /// Hands every message buffered in `reader` to its callback, in order,
+    /// events in batches; returns how many were events. The reader's
+    /// position moves past each message as its callback starts, so that on
+    /// an error (or a panic in a callback) what is behind stays pending.
+    fn deliver_buffered(
         &self,
         router: &mut Router<Handle>,
-        bytes: &[u8],
+        reader: &EventReader,
         on_sa: &mut dyn FnMut(&Handle, &SaNotice),
-    ) -> Result<bool> {
-        let (msg, _) = wire::parse_message(bytes)?;
-        self.deliver_msg(router, &msg, bytes, on_sa)
+    ) -> Result<usize> {
+        let mut batch = Batch::new(Some(&reader.next));
+        let mut count = 0;
+        let mut at = reader.next.get();
+        loop {
+            let (msg, range, next) = match reader.message_at(at) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err((e, next)) => {
+                    batch.run(self, router);
+                    reader.next.set(next);
+                    return Err(e);
+                }
+            };
+            at = next;
+            if msg.kind == wire::XFRM_MSG_NEWAE {
+                match AeventView::parse(&msg) {
+                    Ok(event) => batch.push(self, router, event, next),
+                    Err(e) => {
+                        batch.run(self, router);
+                        reader.next.set(next);
+                        return Err(e);
+                    }
+                }
+                count += 1;
+            } else {
+                // Anything else keeps its place among the events.
+                batch.run(self, router);
+                reader.next.set(next);
+                count += usize::from(self.deliver_other(router, &reader.buf[range], on_sa)?);
+            }
+        }
+        batch.run(self, router);
+        reader.next.set(at);
+        Ok(count)
     }
 
-    /// [`Handle::deliver`] of a message whose header is parsed already.
-    #[inline]
-    fn deliver_msg(
-        &self,
-        router: &mut Router<Handle>,
-        msg: &NlMsg<'_>,
-        bytes: &[u8],
-        on_sa: &mut dyn FnMut(&Handle, &SaNotice),
-    ) -> Result<bool> {
-        // Events, the hot path, are read in place and routed without
-        // passing through `Item` (whose SA notice is large to move).
-        if msg.kind == wire::XFRM_MSG_NEWAE {
-            router.route(self, &AeventView::parse(msg)?);
-            return Ok(true);
-        }
+    /// Hands a message other than an event (events go through `Batch`) to
+    /// its callback: an SA notice to `on_sa`. Returns whether it counts as
+    /// an event.
+    fn deliver_other(&self, router: &mut Router<Handle>, bytes: &[u8], on_sa: &mut dyn FnMut(&Handle, &SaNotice)) -> Result<bool> {
         match item(bytes)? {
             Item::Aevent(view) => {
                 router.route(self, &view);
@@ -1068,16 +1191,39 @@ impl Handle {
             value: false,
         };
         let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
+        let mut batch = Batch::new(None);
         let mut count = 0;
         for datagram in datagrams {
             let mut at = 0;
             while at < datagram.len() {
-                let (msg, consumed) = wire::parse_message(&datagram[at..])?;
-                let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
-                count += usize::from(self.deliver_msg(&mut router, &msg, bytes, &mut |_, _| {})?);
+                // Events before a bad message still reach their callbacks,
+                // as they would one by one.
+                let (msg, consumed) = match wire::parse_message(&datagram[at..]) {
+                    Ok(parsed) => parsed,
+                    Err(e) => {
+                        batch.run(self, &mut router);
+                        return Err(e);
+                    }
+                };
+                if msg.kind == wire::XFRM_MSG_NEWAE {
+                    match AeventView::parse(&msg) {
+                        Ok(event) => batch.push(self, &mut router, event, Cursor::default()),
+                        Err(e) => {
+                            batch.run(self, &mut router);
+                            return Err(e);
+                        }
+                    }
+                    count += 1;
+                } else {
+                    // Anything else keeps its place among the events.
+                    batch.run(self, &mut router);
+                    let bytes = &datagram[at..at + wire::NLMSG_HDRLEN + msg.payload.len()];
+                    count += usize::from(self.deliver_other(&mut router, bytes, &mut |_, _| {})?);
+                }
                 at += consumed;
             }
         }
+        batch.run(self, &mut router);
         Ok(count)
     }
 
@@ -1198,6 +1344,81 @@ impl Handle {
             }
         }
         Ok(())
+    }
+}
+
+/// Events parsed ahead of their callbacks, so that the memory their
+/// lookups need is fetched for all of them at once instead of one miss
+/// after another: a lookup among 100,000 SAs misses the cache twice (an
+/// index line, then an entry line), and alone each miss is a wait.
+struct Batch<'d> {
+    events: [Option<AeventView<'d>>; BATCH_AHEAD],
+    keys: [(RouteKey, u64); BATCH_AHEAD],
+    /// Where the reader goes on after each event.
+    after: [Cursor; BATCH_AHEAD],
+    len: usize,
+    /// The reader's position, moved past each event as its callback starts.
+    position: Option<&'d Cell<Cursor>>,
+}
+
+/// Events looked up together: enough to overlap the misses, few enough
+/// that the lines fetched for the first are still cached when its turn
+/// comes. Measured: 16 and 32 alike, 64 slower.
+const BATCH_AHEAD: usize = 32;
+
+impl<'d> Batch<'d> {
+    fn new(position: Option<&'d Cell<Cursor>>) -> Self {
+        Batch {
+            events: [None; BATCH_AHEAD],
+            keys: [([0; 5], 0); BATCH_AHEAD],
+            after: [Cursor::default(); BATCH_AHEAD],
+            len: 0,
+            position,
+        }
+    }
+
+    /// Queues an event, hashing its SA and fetching its index line; runs
+    /// the batch when full.
+    #[inline]
+    fn push(&mut self, handle: &Handle, router: &mut Router<Handle>, event: AeventView<'d>, after: Cursor) {
+        let n = self.len % BATCH_AHEAD;
+        if router.is_empty() {
+            self.events[n] = None;
+        } else {
+            let key = event.route_key();
+            let hash = router.hash(&key);
+            router.prefetch_index(hash);
+            self.events[n] = Some(event);
+            self.keys[n] = (key, hash);
+        }
+        self.after[n] = after;
+        self.len = n + 1;
+        if self.len == BATCH_AHEAD {
+            self.run(handle, router);
+        }
+    }
+
+    /// Fetches the entries (their index lines have come meanwhile), then
+    /// runs the callbacks in the events' order. The router stays borrowed
+    /// for the whole dispatch call (callbacks cannot change it), so what
+    /// was looked up ahead still holds.
+    fn run(&mut self, handle: &Handle, router: &mut Router<Handle>) {
+        let n = std::mem::take(&mut self.len);
+        let mut found = [Candidate::Absent; BATCH_AHEAD];
+        for ((event, (_, hash)), found) in self.events[..n].iter().zip(&self.keys[..n]).zip(&mut found) {
+            if event.is_some() {
+                *found = router.prefetch_entry(*hash);
+            }
+        }
+        let queued = self.events[..n].iter().zip(&self.keys[..n]).zip(&self.after[..n]).zip(&found[..n]);
+        for (((event, (key, hash)), after), found) in queued {
+            if let Some(position) = self.position {
+                position.set(*after);
+            }
+            if let Some(event) = event {
+                router.route_candidate(handle, event, key, *hash, *found);
+            }
+        }
     }
 }
 
