@@ -5,6 +5,7 @@
 //! read attribute by attribute here, not through the library's decoder.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -279,7 +280,13 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
     let mut announced = HashMap::new();
     let installer = std::thread::spawn(|| sh("ip -n burst -batch /tmp/burst.batch"));
     let until = Instant::now() + Duration::from_secs(300);
+    // Woken by the kernel as `apply` is, so that each SA's announcement is
+    // timed when the kernel sends it, not at the next turn of a sleep.
+    watcher.set_dispatch_limit(usize::MAX).unwrap();
     while announced.len() < count as usize && Instant::now() < until {
+        let mut readable = libc::pollfd { fd: watcher.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd, alive for the call.
+        unsafe { libc::poll(&mut readable, 1, 100) };
         watcher
             .dispatch_with(&mut |_, notice| {
                 if notice.change == xfrmsync::SaChange::New {
@@ -287,7 +294,6 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
                 }
             })
             .unwrap();
-        std::thread::sleep(Duration::from_millis(2));
     }
     installer.join().unwrap();
     while output.lock().unwrap().applied_at.len() < count as usize && Instant::now() < until {
