@@ -123,7 +123,9 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     let applied = Arc::new(Mutex::new(Vec::new()));
     let log = applied.clone();
     registry
-        .on_applied(Some(Box::new(move |_, a| log.lock().unwrap().push((a.sa.spi, a.thresholds, a.result.is_ok())))))
+        .on_applied(Some(Box::new(move |_, a| {
+            log.lock().unwrap().push((a.sa.spi, a.thresholds, a.result.is_ok(), a.rule.map(str::to_string)))
+        })))
         .unwrap();
     let rules = vec![
         rule("all", SaMatch::default(), 10, 3000),
@@ -146,6 +148,15 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     };
     let expect: HashMap<u32, (u32, u32)> =
         [(0x100, (11, 11)), (0x101, (10, 30)), (0x200, (14, 14)), (0x300, (15, 15)), (0x400, (12, 12)), (0x500, (15, 15))].into();
+    // Each application names the rule it came from.
+    let rule_of: HashMap<u32, String> =
+        [(0x100, "reqid1-out"), (0x101, "all"), (0x200, "esn-spi"), (0x300, "dst24"), (0x400, "v6"), (0x500, "dst24")]
+            .map(|(spi, name)| (spi, name.to_string()))
+            .into();
+    for (spi, _, ok, rule) in applied.lock().unwrap().iter() {
+        assert!(*ok, "SA {spi:#x}");
+        assert_eq!(rule.as_ref(), rule_of.get(spi), "rule named for SA {spi:#x}");
+    }
     for (spi, _, dst, _, _) in sas {
         let got = raw_thresholds(&netns, &id(spi, dst));
         println!("SA {spi:#x}: kernel says replay {} timer {} x100ms", got.0, got.1);
@@ -166,12 +177,14 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     // A registration for one SA beats every rule.
     registry.register_sa(id(0x100, "10.77.1.1"), Some(Thresholds { replay_packets: 99, timer_ms: 9900 })).unwrap();
     assert_eq!(raw_thresholds(&netns, &id(0x100, "10.77.1.1")), (99, 99));
+    let last = applied.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.0, last.3), (0x100, None), "a registration names no rule");
     // A deleted SA is forgotten.
     sh("ip -n rules xfrm state del src 10.77.0.1 dst 10.77.1.2 proto esp spi 0x200");
     std::thread::sleep(Duration::from_millis(100));
     registry.dispatch().unwrap();
     assert!(registry.tracked(&id(0x200, "10.77.1.2")).is_none());
-    assert!(applied.lock().unwrap().iter().all(|(_, _, ok)| *ok));
+    assert!(applied.lock().unwrap().iter().all(|(_, _, ok, _)| *ok));
 }
 
 /// The `xfrmsync` binary built on the host (scripts/test builds it).

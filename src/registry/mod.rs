@@ -49,7 +49,33 @@ pub struct Tracked {
 pub struct Applied<'a> {
     pub sa: &'a SaId,
     pub thresholds: Thresholds,
+    /// The rule that gave them; `None` when they were registered for this
+    /// SA ([`Registry::register_sa`]).
+    pub rule: Option<&'a str>,
     pub result: &'a Result<()>,
+}
+
+/// An SA to give thresholds to, and the rule they come from (its place in
+/// the [`Batch`]'s names).
+struct Pending {
+    sa: SaId,
+    thresholds: Thresholds,
+    rule: Option<u32>,
+}
+
+/// SAs to apply to, with the names of the rules in force when they were
+/// chosen: an `on_applied` callback may change the rules before the last
+/// of them is reported.
+#[derive(Default)]
+struct Batch {
+    pending: Vec<Pending>,
+    rule_names: Vec<String>,
+}
+
+impl Batch {
+    fn for_rules(rules: &RuleSet) -> Batch {
+        Batch { pending: Vec::new(), rule_names: rules.rules().iter().map(|r| r.name.clone()).collect() }
+    }
 }
 
 /// Learns of each application; runs inside the registry's calls, on their
@@ -138,7 +164,7 @@ impl Registry {
                         if other.is_ok() {
                             self.state()?.tracked.set_applied(&sa, t);
                         }
-                        self.report(&[(sa, t)], vec![Some(other)])
+                        self.report(&[Pending { sa, thresholds: t, rule: None }], &[], vec![Some(other)])
                     }
                 }
             }
@@ -198,19 +224,20 @@ impl Registry {
     /// Lists every SA and applies the rules where an SA lacks its
     /// thresholds; forgets SAs that are gone.
     pub fn resync(&self) -> Result<()> {
-        let mut pending = Vec::new();
-        {
+        let batch = {
             let mut state = self.state()?;
+            let mut batch = Batch::for_rules(&state.rules);
             if state.rules.needs_direction() {
                 state.local = self.handle.local_addresses()?;
             }
             // Mark and sweep: what the dump lists is marked seen, the rest
             // forgotten, only once the whole dump arrived.
             state.tracked.begin_sweep();
-            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending))?;
+            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut batch.pending))?;
             state.tracked.sweep_unseen();
-        }
-        self.apply(pending)
+            batch
+        };
+        self.apply(batch)
     }
 
     /// Dispatches the handle's events (see [`Handle::dispatch`]) and gives
@@ -218,11 +245,11 @@ impl Registry {
     /// every SA again before it returns [`Error::EventsLost`], which still
     /// tells the caller that aevents were lost too.
     pub fn dispatch(&self) -> Result<usize> {
-        let mut pending = Vec::new();
-        let dispatched = {
+        let (batch, dispatched) = {
             let mut state = self.state()?;
+            let mut batch = Batch::for_rules(&state.rules);
             let mut refreshed = false;
-            self.handle.dispatch_with(&mut |handle: &Handle, notice: &SaNotice| {
+            let dispatched = self.handle.dispatch_with(&mut |handle: &Handle, notice: &SaNotice| {
                 let info = &notice.info;
                 let unknown_direction = state.rules.needs_direction()
                     && info.direction.is_none()
@@ -235,10 +262,11 @@ impl Registry {
                         Err(e) => log::warn!("listing local addresses: {e}"),
                     }
                 }
-                observe(&mut state, notice.change, false, info, &mut pending);
-            })
+                observe(&mut state, notice.change, false, info, &mut batch.pending);
+            });
+            (batch, dispatched)
         };
-        self.apply(pending)?;
+        self.apply(batch)?;
         match dispatched {
             Err(Error::EventsLost) if self.state.borrow().watching => {
                 self.resync()?;
@@ -248,46 +276,47 @@ impl Registry {
         }
     }
 
-    fn apply(&self, pending: Vec<(SaId, Thresholds)>) -> Result<()> {
+    fn apply(&self, batch: Batch) -> Result<()> {
         // In slices, so that what a resync of a million SAs keeps in flight
         // stays small.
-        for chunk in pending.chunks(APPLY_CHUNK) {
-            self.apply_chunk(chunk)?;
+        for chunk in batch.pending.chunks(APPLY_CHUNK) {
+            self.apply_chunk(chunk, &batch.rule_names)?;
         }
         Ok(())
     }
 
-    fn apply_chunk(&self, pending: &[(SaId, Thresholds)]) -> Result<()> {
+    fn apply_chunk(&self, pending: &[Pending], rule_names: &[String]) -> Result<()> {
         if pending.is_empty() {
             return Ok(());
         }
         let items: Vec<(SaId, u32, u32)> = pending
             .iter()
-            .map(|(sa, t)| (*sa, t.replay_packets, t.timer_ms))
+            .map(|p| (p.sa, p.thresholds.replay_packets, p.thresholds.timer_ms))
             .collect();
         let mut results: Vec<Option<Result<()>>> = vec![None; items.len()];
         self.handle.set_thresholds_many(&items, |i, result| results[i] = Some(result))?;
         {
             let mut state = self.state()?;
-            for ((sa, thresholds), result) in pending.iter().zip(&results) {
+            for (p, result) in pending.iter().zip(&results) {
                 if let Some(Ok(())) = result {
-                    state.tracked.set_applied(sa, *thresholds);
+                    state.tracked.set_applied(&p.sa, p.thresholds);
                 }
             }
         }
-        self.report(pending, results)
+        self.report(pending, rule_names, results)
     }
 
     /// Hands each application's result to the `on_applied` callback.
-    fn report(&self, applied: &[(SaId, Thresholds)], results: Vec<Option<Result<()>>>) -> Result<()> {
+    fn report(&self, applied: &[Pending], rule_names: &[String], results: Vec<Option<Result<()>>>) -> Result<()> {
         let mut callback = self.state()?.on_applied.take();
-        for ((sa, thresholds), result) in applied.iter().zip(results) {
+        for (p, result) in applied.iter().zip(results) {
             let result = result.unwrap_or(Err(Error::Malformed("no answer recorded for a batched request")));
             if let Err(e) = &result {
-                log::warn!("thresholds for {sa}: {e}");
+                log::warn!("thresholds for {}: {e}", p.sa);
             }
             if let Some(cb) = callback.as_mut() {
-                cb(&self.handle, &Applied { sa, thresholds: *thresholds, result: &result });
+                let rule = p.rule.and_then(|at| rule_names.get(at as usize)).map(String::as_str);
+                cb(&self.handle, &Applied { sa: &p.sa, thresholds: p.thresholds, rule, result: &result });
             }
         }
         let mut state = self.state()?;
@@ -316,7 +345,7 @@ fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {
 /// install always gets its thresholds again, since the kernel may have
 /// re-added the SA under the same identity and install time (charon's
 /// MOBIKE does) after a deletion this handle did not see.
-fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pending: &mut Vec<(SaId, Thresholds)>) {
+fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pending: &mut Vec<Pending>) {
     match change {
         SaChange::Deleted | SaChange::Expired { hard: true } => {
             state.tracked.remove(&info.sa);
@@ -331,7 +360,7 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
     }
     let facts = facts_of(info, &state.local);
     let add_time = info.lifetime.map_or(0, |l| l.add_time);
-    let wanted = state.rules.resolve(&facts).map(|(_, t)| t);
+    let resolved = state.rules.resolve_at(&facts);
     let tracked = match state.tracked.get(&info.sa) {
         Some(known) if listed && change != SaChange::Updated && state.tracked.same_install(&info.sa, add_time) => {
             state.tracked.seen(&info.sa);
@@ -351,9 +380,9 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
             fresh
         }
     };
-    if let Some(wanted) = wanted {
+    if let Some((rule, wanted)) = resolved {
         if tracked.applied != Some(wanted) {
-            pending.push((info.sa, wanted));
+            pending.push(Pending { sa: info.sa, thresholds: wanted, rule: rule.map(|at| at as u32) });
         }
     }
 }

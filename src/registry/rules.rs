@@ -307,13 +307,21 @@ impl RuleSet {
 
     /// The thresholds `sa` gets, and from where.
     pub fn resolve(&self, sa: &SaFacts) -> Option<(Source<'_>, Thresholds)> {
+        self.resolve_at(sa)
+            .map(|(rule, t)| (rule.map_or(Source::Sa, |at| Source::Rule(&self.rules[at].name)), t))
+    }
+
+    /// [`RuleSet::resolve`] with the rule as its place in
+    /// [`RuleSet::rules`] (`None`: registered for this SA), which a caller
+    /// can keep without borrowing the set.
+    pub(crate) fn resolve_at(&self, sa: &SaFacts) -> Option<(Option<usize>, Thresholds)> {
         if let Some(t) = self.per_sa.get(&sa.sa) {
-            return Some((Source::Sa, *t));
+            return Some((None, *t));
         }
         self.rules
             .iter()
-            .find(|r| r.matches.matches(sa))
-            .map(|r| (Source::Rule(&r.name), r.thresholds))
+            .position(|r| r.matches.matches(sa))
+            .map(|at| (Some(at), self.rules[at].thresholds))
     }
 }
 

@@ -191,6 +191,8 @@ want_once="0x1001:32:2000 0x1002:32:2000:10.9.0.1 0x2001:8:1000 0x2002:8:1000:10
 once_rc=$?
 check "apply --once exits 0 and prints one line per SA and the ready line" \
     bash -c "[[ $once_rc == 0 ]] && [[ \$(grep -c '^applied ' $out/once.out) == $((sas_in_b - 1)) ]] && grep -q '^xfrmsync apply: ready: 4 rules' $out/once.out || { cat $out/once.out; false; }"
+check "apply names the rule behind each SA's thresholds" \
+    bash -c "grep -q '^applied replay-threshold 4 timer 500 ms to esp dst 10.9.0.2 spi 0x00004001 mark 0x7/0xff by rule marked\$' $out/once.out && grep -q '^applied replay-threshold 8 timer 1000 ms to esp dst 10.9.0.2 spi 0x00002001 by rule child-2\$' $out/once.out || { cat $out/once.out; false; }"
 "$X" get --netns b --json >"$out/get-all.jsonl" 2>"$out/get-all.err"
 check "get --json lists every SA of b" bash -c "[[ \$(wc -l <$out/get-all.jsonl) == $sas_in_b ]] || cat $out/get-all.jsonl $out/get-all.err"
 check "each SA has its most specific rule's thresholds (get --json and raw GETAE)" \
@@ -223,7 +225,7 @@ sed -i '0,/replay_packets = 32/s//replay_packets = 16/; 0,/timer_ms = 2000/s//ti
 kill -HUP "$daemon"
 check "SIGHUP with a changed file reloads it" wait_for "$out/daemon.out" '^xfrmsync apply: reloaded: 4 rules' 20
 check "the changed rule is applied to its SAs" wait_for "$out/daemon.out" \
-    '^applied replay-threshold 16 timer 3000 ms to esp dst 10.9.0.2 spi 0x00001001$' 10
+    '^applied replay-threshold 16 timer 3000 ms to esp dst 10.9.0.2 spi 0x00001001 by rule busy$' 10
 "$X" get --netns b --json >"$out/get-reloaded.jsonl" 2>&1
 check "after the reload (get --json and raw GETAE)" expect_thresholds b "$out/get-reloaded.jsonl" \
     "0x1001:16:3000 0x5001:16:3000 0x2001:8:1000 0x4001:4:500"
@@ -253,7 +255,7 @@ check "each refusal says the rules in force stay" \
 # A new SA after the refusals gets the rules in force, not the broken file's.
 add_sa b 0x9001 90 replay-window 32
 check "a new SA gets the rules in force after the refusals" wait_for "$out/daemon.out" \
-    '^applied replay-threshold 16 timer 3000 ms to esp dst 10.9.0.2 spi 0x00009001$' 10
+    '^applied replay-threshold 16 timer 3000 ms to esp dst 10.9.0.2 spi 0x00009001 by rule busy$' 10
 raw=$(raw_getae b 10.9.0.2,0x9001)
 check "raw GETAE of the new SA: 16 packets, 3000 ms" test "$raw" = "16 3000"
 kill -TERM "$daemon"

@@ -183,18 +183,28 @@ fn report(tally: &Tally, applied: &Applied<'_>) {
         Ok(()) => {
             tally.ok.fetch_add(1, Ordering::Relaxed);
             output::line(&format!(
-                "applied replay-threshold {} timer {} ms to {}",
-                t.replay_packets, t.timer_ms, applied.sa
+                "applied replay-threshold {} timer {} ms to {}{}",
+                t.replay_packets,
+                t.timer_ms,
+                applied.sa,
+                by_rule(applied)
             ));
         }
         Err(e) => {
             tally.failed.fetch_add(1, Ordering::Relaxed);
             eprintln!(
-                "xfrmsync: {}: replay-threshold {} timer {} ms not applied: {e}",
-                applied.sa, t.replay_packets, t.timer_ms
+                "xfrmsync: {}: replay-threshold {} timer {} ms{} not applied: {e}",
+                applied.sa,
+                t.replay_packets,
+                t.timer_ms,
+                by_rule(applied)
             );
         }
     }
+}
+
+fn by_rule(applied: &Applied<'_>) -> String {
+    applied.rule.map(|name| format!(" by rule {name}")).unwrap_or_default()
 }
 
 fn describe(rule: &Rule) -> String {
