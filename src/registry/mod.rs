@@ -55,13 +55,17 @@ pub struct Applied<'a> {
     pub result: &'a Result<()>,
 }
 
-/// An SA to give thresholds to, and the rule they come from (its place in
-/// the [`Batch`]'s names).
+/// An SA to give thresholds to, and the rule they come from: its place in
+/// the [`Batch`]'s names, or [`REGISTERED`]. A plain `u32`, not an
+/// `Option`, keeps a resync of a million SAs 4 bytes an SA smaller.
 struct Pending {
     sa: SaId,
     thresholds: Thresholds,
-    rule: Option<u32>,
+    rule: u32,
 }
+
+/// [`Pending::rule`] of thresholds registered for the SA itself.
+const REGISTERED: u32 = u32::MAX;
 
 /// SAs to apply to, with the names of the rules in force when they were
 /// chosen: an `on_applied` callback may change the rules before the last
@@ -164,7 +168,7 @@ impl Registry {
                         if other.is_ok() {
                             self.state()?.tracked.set_applied(&sa, t);
                         }
-                        self.report(&[Pending { sa, thresholds: t, rule: None }], &[], vec![Some(other)])
+                        self.report(&[Pending { sa, thresholds: t, rule: REGISTERED }], &[], vec![Some(other)])
                     }
                 }
             }
@@ -315,7 +319,7 @@ impl Registry {
                 log::warn!("thresholds for {}: {e}", p.sa);
             }
             if let Some(cb) = callback.as_mut() {
-                let rule = p.rule.and_then(|at| rule_names.get(at as usize)).map(String::as_str);
+                let rule = rule_names.get(p.rule as usize).map(String::as_str);
                 cb(&self.handle, &Applied { sa: &p.sa, thresholds: p.thresholds, rule, result: &result });
             }
         }
@@ -382,7 +386,7 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
     };
     if let Some((rule, wanted)) = resolved {
         if tracked.applied != Some(wanted) {
-            pending.push(Pending { sa: info.sa, thresholds: wanted, rule: rule.map(|at| at as u32) });
+            pending.push(Pending { sa: info.sa, thresholds: wanted, rule: rule.map_or(REGISTERED, |at| at as u32) });
         }
     }
 }
