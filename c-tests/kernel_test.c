@@ -22,26 +22,6 @@
 static const char *udp_send;
 static xfrmsync_handle *ha, *hb; /* namespaces a (sender) and b (receiver) */
 
-static xfrmsync_sa_id sa_id(const char *daddr, uint32_t spi)
-{
-	xfrmsync_sa_id sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.family = strchr(daddr, ':') ? AF_INET6 : AF_INET;
-	inet_pton(sa.family, daddr, sa.daddr);
-	sa.proto = IPPROTO_ESP;
-	sa.spi = spi;
-	return sa;
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
-}
-
 /* Sends from namespace a; in the background when `background`. */
 static int send_udp(const char *dst, int port, int count, int bytes, int interval_ms, int mark, int background)
 {
@@ -108,8 +88,8 @@ static int count_cause(const struct seen *s, uint32_t cause)
 
 static void counters_match_traffic(void)
 {
-	xfrmsync_sa_id legacy = sa_id("10.9.0.2", 0x1001), esn = sa_id("10.9.0.2", 0x2001);
-	xfrmsync_sa_id v6 = sa_id("fd00:9::2", 0x3001), marked = sa_id("10.9.0.2", 0x4001);
+	xfrmsync_sa_id legacy = esp_sa("10.9.0.2", 0x1001), esn = esp_sa("10.9.0.2", 0x2001);
+	xfrmsync_sa_id v6 = esp_sa("fd00:9::2", 0x3001), marked = esp_sa("10.9.0.2", 0x4001);
 	xfrmsync_aevent in, out;
 
 	check(send_udp("10.9.0.2", 9001, 12, 64, 5, 0, 0) == 0, "sent 12 x 64 bytes on 0x1001");
@@ -159,7 +139,7 @@ static void counters_match_traffic(void)
 
 static void unknown_sa(void)
 {
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0xdead);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0xdead);
 	xfrmsync_aevent ev;
 
 	check(xfrmsync_query(hb, &sa, 0, &ev) == -ESRCH, "unknown SA: query -ESRCH");
@@ -168,7 +148,7 @@ static void unknown_sa(void)
 
 static void timer_threshold_in_ms(int expected_hz)
 {
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0x1001), v6 = sa_id("fd00:9::2", 0x3001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x1001), v6 = esp_sa("fd00:9::2", 0x3001);
 	xfrmsync_aevent before, ev;
 	uint32_t hz = 0;
 
@@ -224,7 +204,7 @@ static void reenter(void *user_data, const xfrmsync_aevent *ev)
 
 static void update_event_follows_each_set(void)
 {
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0x1001), other = sa_id("10.9.0.1", 0x1002);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x1001), other = esp_sa("10.9.0.1", 0x1002);
 	struct seen mine = { 0 }, rest = { 0 };
 	struct reentry r = { .h = hb };
 
@@ -264,7 +244,7 @@ static void update_event_follows_each_set(void)
 static void replay_events_follow_the_threshold(void)
 {
 	const int n = 5, k = 23;
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0x5001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x5001);
 	struct seen s = { 0 };
 	int rc, replay_events, ok_seqs = 1;
 
@@ -292,7 +272,7 @@ static void replay_events_follow_the_threshold(void)
 static void timer_events_near_the_interval(void)
 {
 	const int interval = 500;
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0x6001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x6001);
 	struct seen s = { 0 };
 	double min_gap = 1e9, max_gap = 0, sum = 0;
 	int gaps = 0;
@@ -322,7 +302,7 @@ static void timer_events_near_the_interval(void)
 
 static void values_round_trip(void)
 {
-	xfrmsync_sa_id legacy = sa_id("10.9.0.1", 0x1002), esn = sa_id("10.9.0.2", 0x7001);
+	xfrmsync_sa_id legacy = esp_sa("10.9.0.1", 0x1002), esn = esp_sa("10.9.0.2", 0x7001);
 	xfrmsync_ae_update up;
 	xfrmsync_aevent ev, now;
 	int rc;
@@ -374,7 +354,7 @@ static void values_round_trip(void)
 static void lost_events_are_reported(void)
 {
 	xfrmsync_handle *small = NULL;
-	xfrmsync_sa_id sa = sa_id("10.9.0.2", 0x1001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x1001);
 	int rc, again;
 
 	if (!check(xfrmsync_handle_new_netns_path("/run/netns/b", &small) == 0, "second handle in b"))

@@ -28,18 +28,6 @@
 #define NETNS "/run/netns/b"
 #define SPI 0x9901
 
-static xfrmsync_sa_id sa4(const char *daddr, uint32_t spi)
-{
-	xfrmsync_sa_id sa;
-
-	memset(&sa, 0, sizeof(sa));
-	inet_pton(AF_INET, daddr, sa.daddr);
-	sa.family = AF_INET;
-	sa.proto = IPPROTO_ESP;
-	sa.spi = spi;
-	return sa;
-}
-
 static void ignore_event(void *user_data, const xfrmsync_aevent *ev)
 {
 	(void)user_data, (void)ev;
@@ -54,7 +42,7 @@ static void ignore_applied(void *user_data, const xfrmsync_sa_id *sa, uint32_t r
 static void null_everywhere(void)
 {
 	xfrmsync_handle *h = NULL;
-	xfrmsync_sa_id sa = sa4("10.9.0.2", 0x1001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x1001);
 	xfrmsync_aevent ev;
 	xfrmsync_ae_update up;
 	xfrmsync_rule rule;
@@ -131,7 +119,7 @@ static void format_tiny_buffers(void)
 	int whole, n;
 
 	memset(&ev, 0, sizeof(ev));
-	ev.sa = sa4("10.9.0.2", 0x1001);
+	ev.sa = esp_sa("10.9.0.2", 0x1001);
 	ev.flags = ev.cause = XFRMSYNC_CAUSE_REPLAY;
 	ev.replay.bmp_len = 1;
 	whole = xfrmsync_aevent_format(&ev, false, NULL, 0);
@@ -179,7 +167,7 @@ static void *first_thread(void *arg)
 static void *second_thread(void *arg)
 {
 	struct relay *r = arg;
-	xfrmsync_sa_id sa = sa4("10.9.0.2", 0xdead);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0xdead);
 	xfrmsync_aevent ev;
 
 	r->rc[0] = xfrmsync_dispatch(r->h);
@@ -443,7 +431,7 @@ static void events_across_threads(xfrmsync_handle *setter, const xfrmsync_sa_id 
 
 static void with_events(void)
 {
-	xfrmsync_sa_id sa = sa4("10.9.0.2", SPI);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", SPI);
 	xfrmsync_handle *setter;
 
 	sh("ip -n b xfrm state delete src 10.9.0.1 dst 10.9.0.2 proto esp spi 0x9901 2>/dev/null");

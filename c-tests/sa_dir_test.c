@@ -51,26 +51,6 @@ static struct dir_sa sas[] = {
 };
 #define N_SAS (sizeof(sas) / sizeof(sas[0]))
 
-static xfrmsync_sa_id sa_id(uint32_t spi)
-{
-	xfrmsync_sa_id sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.family = AF_INET;
-	inet_pton(AF_INET, "10.9.0.2", sa.daddr);
-	sa.proto = IPPROTO_ESP;
-	sa.spi = spi;
-	return sa;
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6;
-}
-
 /* The sequence number an SA's side moves: seq where it receives, oseq where
  * it sends. */
 static uint64_t side_seq(const struct dir_sa *s, const xfrmsync_replay *r)
@@ -139,7 +119,7 @@ static void line_add(const char *fmt, ...)
 
 static void measure_hz(int expected_hz)
 {
-	xfrmsync_sa_id in = sa_id(0x8001);
+	xfrmsync_sa_id in = esp_sa("10.9.0.2", 0x8001);
 	uint32_t hz = 0;
 	int rc = xfrmsync_calibrate_hz(hb, &in, &hz);
 
@@ -153,7 +133,7 @@ static void queries(int kept)
 	line[0] = '\0';
 	for (size_t i = 0; i < N_SAS; i++) {
 		struct dir_sa *s = &sas[i];
-		xfrmsync_sa_id id = sa_id(s->spi);
+		xfrmsync_sa_id id = esp_sa("10.9.0.2", s->spi);
 		int rc = xfrmsync_query(*s->h, &id, XFRMSYNC_QUERY_THRESHOLDS, &s->before);
 
 		check(rc == 0, "GETAE on the %s SA (%s): %s", s->name, kept ? "installed with its direction" : "direction ignored",
@@ -173,7 +153,7 @@ static void thresholds(void)
 	line[0] = '\0';
 	for (size_t i = 0; i < N_SAS; i++) {
 		struct dir_sa *s = &sas[i];
-		xfrmsync_sa_id id = sa_id(s->spi);
+		xfrmsync_sa_id id = esp_sa("10.9.0.2", s->spi);
 		xfrmsync_aevent ev;
 		int rc = xfrmsync_set_thresholds(*s->h, &id, 4, 600);
 
@@ -195,7 +175,7 @@ static void events(void)
 	int rc;
 
 	for (size_t i = 0; i < N_SAS; i++) {
-		xfrmsync_sa_id id = sa_id(sas[i].spi);
+		xfrmsync_sa_id id = esp_sa("10.9.0.2", sas[i].spi);
 		check(xfrmsync_on_sa_event(*sas[i].h, &id, on_event, &sas[i]) == 0, "callback on the %s SA",
 		      sas[i].name);
 	}
@@ -213,7 +193,7 @@ static void events(void)
 	line[0] = '\0';
 	for (size_t i = 0; i < N_SAS; i++) {
 		struct dir_sa *s = &sas[i];
-		xfrmsync_sa_id id = sa_id(s->spi);
+		xfrmsync_sa_id id = esp_sa("10.9.0.2", s->spi);
 		xfrmsync_aevent now;
 		uint64_t start = side_seq(s, &s->before.replay);
 
@@ -234,7 +214,7 @@ static void events(void)
 /* Sets `replay` on one SA and reads it back. */
 static int set_replay(struct dir_sa *s, const xfrmsync_replay *replay, const char *what, int must_work)
 {
-	xfrmsync_sa_id id = sa_id(s->spi);
+	xfrmsync_sa_id id = esp_sa("10.9.0.2", s->spi);
 	xfrmsync_ae_update up;
 	xfrmsync_aevent now;
 	int rc;
@@ -308,7 +288,7 @@ static void lifetimes(void)
 	line[0] = '\0';
 	for (size_t i = 0; i < N_SAS; i += 2) {
 		struct dir_sa *s = &sas[i];
-		xfrmsync_sa_id id = sa_id(s->spi);
+		xfrmsync_sa_id id = esp_sa("10.9.0.2", s->spi);
 		xfrmsync_ae_update up;
 		xfrmsync_aevent now;
 		int rc;

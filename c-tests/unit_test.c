@@ -1,6 +1,7 @@
 /* C API checks that need no SA: argument validation, versions, the handle's
  * fd, error reporting, formatting. Runs on any Linux host with XFRM netlink,
  * as root, under valgrind or AddressSanitizer. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, for check.h */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -11,18 +12,6 @@
 #include <sys/socket.h>
 
 #include "check.h"
-
-static xfrmsync_sa_id sa4(const char *daddr, uint32_t spi)
-{
-	xfrmsync_sa_id sa;
-
-	memset(&sa, 0, sizeof(sa));
-	inet_pton(AF_INET, daddr, sa.daddr);
-	sa.family = AF_INET;
-	sa.proto = IPPROTO_ESP;
-	sa.spi = spi;
-	return sa;
-}
 
 static void versions(void)
 {
@@ -41,7 +30,7 @@ static void versions(void)
 static void null_arguments(void)
 {
 	xfrmsync_handle *h = (xfrmsync_handle *)0x1;
-	xfrmsync_sa_id sa = sa4("10.9.0.2", 0x1001);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x1001);
 	xfrmsync_aevent ev;
 	xfrmsync_ae_update up;
 
@@ -68,7 +57,7 @@ static void null_arguments(void)
 static void with_handle(void)
 {
 	xfrmsync_handle *h = NULL;
-	xfrmsync_sa_id sa = sa4("10.9.0.2", 0xdead);
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0xdead);
 	xfrmsync_aevent ev;
 	xfrmsync_ae_update up;
 	int fd, rc;
@@ -116,7 +105,7 @@ static void with_handle(void)
 
 	/* An update event whose port id is not this handle's: someone else's. */
 	memset(&ev, 0, sizeof(ev));
-	ev.sa = sa4("10.9.0.2", 0x1001);
+	ev.sa = esp_sa("10.9.0.2", 0x1001);
 	ev.flags = ev.cause = XFRMSYNC_CAUSE_UPDATE;
 	ev.replay.bmp_len = 1;
 	ev.nlmsg_pid = 0;
@@ -210,7 +199,7 @@ static void formatting(void)
 	int n;
 
 	memset(&ev, 0, sizeof(ev));
-	ev.sa = sa4("10.9.0.2", 0x1001);
+	ev.sa = esp_sa("10.9.0.2", 0x1001);
 	inet_pton(AF_INET, "10.9.0.1", ev.saddr);
 	ev.reqid = 1;
 	ev.flags = ev.cause = XFRMSYNC_CAUSE_REPLAY;
