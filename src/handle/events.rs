@@ -118,23 +118,36 @@ impl<Ctx> Router<Ctx> {
         self.slots.len().wrapping_sub(1)
     }
 
-    /// The index slot holding `sa` (hashed to `hash`), or the free slot
-    /// where it would go. The index must not be empty.
-    #[inline]
-    fn probe(&self, key: &RouteKey, hash: u64) -> (usize, bool) {
+    /// Walks the index from `hash`'s slot to the first slot with `hash`'s
+    /// tag that `accept` takes (its position and entry), or to the free
+    /// slot that ends the run (its position, `None`). The index must not be
+    /// empty.
+    #[inline(always)]
+    fn walk(&self, hash: u64, mut accept: impl FnMut(usize) -> bool) -> (usize, Option<usize>) {
         let mask = self.mask();
         let tag = hash & !0xffff_ffff;
         let mut at = hash as usize & mask;
         loop {
             let slot = self.slots[at];
             if slot == EMPTY {
-                return (at, false);
+                return (at, None);
             }
-            if slot & !0xffff_ffff == tag && same(&self.entries[(slot & 0xffff_ffff) as usize].key, key) {
-                return (at, true);
+            if slot & !0xffff_ffff == tag {
+                let entry = (slot & 0xffff_ffff) as usize;
+                if accept(entry) {
+                    return (at, Some(entry));
+                }
             }
             at = (at + 1) & mask;
         }
+    }
+
+    /// The index slot holding `sa` (hashed to `hash`), or the free slot
+    /// where it would go. The index must not be empty.
+    #[inline]
+    fn probe(&self, key: &RouteKey, hash: u64) -> (usize, bool) {
+        let (at, entry) = self.walk(hash, |entry| same(&self.entries[entry].key, key));
+        (at, entry.is_some())
     }
 
     #[inline]
@@ -165,22 +178,14 @@ impl<Ctx> Router<Ctx> {
         if self.slots.is_empty() {
             return Candidate::Absent;
         }
-        let mask = self.mask();
-        let tag = hash & !0xffff_ffff;
-        let mut at = hash as usize & mask;
-        loop {
-            let slot = self.slots[at];
-            if slot == EMPTY {
-                return Candidate::Absent;
-            }
-            if slot & !0xffff_ffff == tag {
-                let index = (slot & 0xffff_ffff) as usize;
+        match self.walk(hash, |_| true) {
+            (_, Some(index)) => {
                 if let Some(entry) = self.entries.get(index) {
                     prefetch(entry);
                 }
-                return Candidate::At(index);
+                Candidate::At(index)
             }
-            at = (at + 1) & mask;
+            (_, None) => Candidate::Absent,
         }
     }
 
