@@ -77,8 +77,15 @@ struct Batch {
 }
 
 impl Batch {
-    fn for_rules(rules: &RuleSet) -> Batch {
-        Batch { pending: Vec::new(), rule_names: rules.rules().iter().map(|r| r.name.clone()).collect() }
+    /// `pending` as chosen under `rules`. The names are copied only when
+    /// there is something to apply: most dispatches bring no new SA.
+    fn new(pending: Vec<Pending>, rules: &RuleSet) -> Batch {
+        let rule_names = if pending.is_empty() {
+            Vec::new()
+        } else {
+            rules.rules().iter().map(|r| r.name.clone()).collect()
+        };
+        Batch { pending, rule_names }
     }
 }
 
@@ -230,16 +237,16 @@ impl Registry {
     pub fn resync(&self) -> Result<()> {
         let batch = {
             let mut state = self.state()?;
-            let mut batch = Batch::for_rules(&state.rules);
+            let mut pending = Vec::new();
             if state.rules.needs_direction() {
                 state.local = self.handle.local_addresses()?;
             }
             // Mark and sweep: what the dump lists is marked seen, the rest
             // forgotten, only once the whole dump arrived.
             state.tracked.begin_sweep();
-            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut batch.pending))?;
+            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending))?;
             state.tracked.sweep_unseen();
-            batch
+            Batch::new(pending, &state.rules)
         };
         self.apply(batch)
     }
@@ -251,7 +258,7 @@ impl Registry {
     pub fn dispatch(&self) -> Result<usize> {
         let (batch, dispatched) = {
             let mut state = self.state()?;
-            let mut batch = Batch::for_rules(&state.rules);
+            let mut pending = Vec::new();
             let mut refreshed = false;
             let dispatched = self.handle.dispatch_with(&mut |handle: &Handle, notice: &SaNotice| {
                 let info = &notice.info;
@@ -266,9 +273,9 @@ impl Registry {
                         Err(e) => log::warn!("listing local addresses: {e}"),
                     }
                 }
-                observe(&mut state, notice.change, false, info, &mut batch.pending);
+                observe(&mut state, notice.change, false, info, &mut pending);
             });
-            (batch, dispatched)
+            (Batch::new(pending, &state.rules), dispatched)
         };
         self.apply(batch)?;
         match dispatched {
