@@ -12,8 +12,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
 
-    let mut config =
-        cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml parses");
+    let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml parses");
     let version = |name: &str| env::var(name).expect("cargo sets the version parts");
     config.after_includes = Some(format!(
         "\n#define XFRMSYNC_VERSION_MAJOR {major}\n#define XFRMSYNC_VERSION_MINOR {minor}\n\

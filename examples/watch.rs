@@ -38,11 +38,7 @@ fn main() {
         }
     };
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut poll = libc::pollfd {
-        fd: handle.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut poll = libc::pollfd { fd: handle.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     loop {
         let wait_ms = match deadline {
             Some(d) if Instant::now() >= d => break,

@@ -9,11 +9,7 @@ use std::fmt;
 pub enum Error {
     /// The kernel refused a request. `errno` is positive; `ext_ack` is the
     /// kernel's extended-ack text when it sent one.
-    Kernel {
-        operation: &'static str,
-        errno: i32,
-        ext_ack: Option<String>,
-    },
+    Kernel { operation: &'static str, errno: i32, ext_ack: Option<String> },
     /// The event socket overflowed (`ENOBUFS`): events were dropped by the
     /// kernel and per-SA state must be re-read (resync) with queries.
     EventsLost,
@@ -66,10 +62,7 @@ impl Error {
     pub(crate) fn from_io(operation: &'static str, err: &std::io::Error) -> Error {
         match err.raw_os_error() {
             Some(errno) => Error::Os { operation, errno },
-            None => Error::Os {
-                operation,
-                errno: libc::EIO,
-            },
+            None => Error::Os { operation, errno: libc::EIO },
         }
     }
 
@@ -90,24 +83,19 @@ fn strerror(errno: i32) -> String {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Kernel {
-                operation,
-                errno,
-                ext_ack: Some(text),
-            } => write!(f, "{operation}: kernel: {} ({text})", strerror(*errno)),
-            Error::Kernel {
-                operation, errno, ..
-            } => write!(f, "{operation}: kernel: {}", strerror(*errno)),
-            Error::EventsLost => f.write_str(
-                "events lost: the event socket overflowed (ENOBUFS); resync needed (query every SA)",
-            ),
+            Error::Kernel { operation, errno, ext_ack: Some(text) } => {
+                write!(f, "{operation}: kernel: {} ({text})", strerror(*errno))
+            }
+            Error::Kernel { operation, errno, .. } => write!(f, "{operation}: kernel: {}", strerror(*errno)),
+            Error::EventsLost => {
+                f.write_str("events lost: the event socket overflowed (ENOBUFS); resync needed (query every SA)")
+            }
             Error::Os { operation, errno } => write!(f, "{operation}: {}", strerror(*errno)),
             Error::InvalidArgument(why) => write!(f, "invalid argument: {why}"),
             Error::Malformed(why) => write!(f, "malformed netlink message: {why}"),
-            Error::Truncated { size, buffer } => write!(
-                f,
-                "netlink datagram of {size} bytes truncated to the {buffer}-byte receive buffer"
-            ),
+            Error::Truncated { size, buffer } => {
+                write!(f, "netlink datagram of {size} bytes truncated to the {buffer}-byte receive buffer")
+            }
             Error::Busy(why) => write!(f, "busy: {why}"),
             Error::TimedOut(operation) => write!(f, "{operation}: no answer from the kernel in time"),
             Error::RestoreFailed { state, cause } => write!(f, "{state}; restoring it failed: {cause}"),

@@ -259,9 +259,7 @@ fn text<'a>(ptr: *const c_char, what: &'static str) -> Result<&'a str> {
     }
     // SAFETY: non-NULL, and by the header's contract a NUL-terminated
     // string that lives for the call.
-    unsafe { CStr::from_ptr(ptr) }
-        .to_str()
-        .map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
+    unsafe { CStr::from_ptr(ptr) }.to_str().map_err(|_| Error::invalid(format!("{what} is not UTF-8")))
 }
 
 fn handle_and_sa<'a>(handle: *const xfrmsync_handle, sa: *const xfrmsync_sa_id) -> Result<(&'a Handle, SaId)> {
@@ -300,10 +298,7 @@ impl xfrmsync_sa_id {
             daddr: ip_from_c(self.family, &self.daddr)?,
             spi: self.spi,
             proto: self.proto,
-            mark: Mark {
-                value: self.mark_value,
-                mask: self.mark_mask,
-            },
+            mark: Mark { value: self.mark_value, mask: self.mark_mask },
             if_id: self.if_id,
         })
     }
@@ -323,32 +318,18 @@ impl xfrmsync_sa_id {
 
 impl xfrmsync_lifetime {
     fn to_rust(self) -> Lifetime {
-        Lifetime {
-            bytes: self.bytes,
-            packets: self.packets,
-            add_time: self.add_time,
-            use_time: self.use_time,
-        }
+        Lifetime { bytes: self.bytes, packets: self.packets, add_time: self.add_time, use_time: self.use_time }
     }
 
     fn from_rust(l: &Lifetime) -> xfrmsync_lifetime {
-        xfrmsync_lifetime {
-            bytes: l.bytes,
-            packets: l.packets,
-            add_time: l.add_time,
-            use_time: l.use_time,
-        }
+        xfrmsync_lifetime { bytes: l.bytes, packets: l.packets, add_time: l.add_time, use_time: l.use_time }
     }
 }
 
 impl xfrmsync_replay {
     fn to_rust(self) -> Result<Replay> {
         if self.esn == 0 {
-            return Ok(Replay::Legacy(LegacyReplay {
-                oseq: self.oseq,
-                seq: self.seq,
-                bitmap: self.bmp[0],
-            }));
+            return Ok(Replay::Legacy(LegacyReplay { oseq: self.oseq, seq: self.seq, bitmap: self.bmp[0] }));
         }
         let words = self
             .bmp
@@ -474,7 +455,8 @@ impl xfrmsync_aevent {
 
 impl xfrmsync_ae_update {
     fn to_rust(self) -> Result<AeUpdate> {
-        let known = XFRMSYNC_SET_REPLAY_THRESHOLD | XFRMSYNC_SET_TIMER_THRESHOLD | XFRMSYNC_SET_REPLAY | XFRMSYNC_SET_LIFETIME;
+        let known =
+            XFRMSYNC_SET_REPLAY_THRESHOLD | XFRMSYNC_SET_TIMER_THRESHOLD | XFRMSYNC_SET_REPLAY | XFRMSYNC_SET_LIFETIME;
         if self.set & !known != 0 {
             return Err(Error::invalid(format!("unknown bits 0x{:x} in update.set", self.set & !known)));
         }
@@ -507,11 +489,8 @@ fn publish(built: Result<Handle>, out: *mut *mut xfrmsync_handle) -> Result<c_in
     if out.is_null() {
         return Err(Error::invalid("output pointer is NULL"));
     }
-    let handle = CHandle {
-        registry: Registry::new(built?),
-        active: Cell::new(0),
-        closing: Arc::new(AtomicBool::new(false)),
-    };
+    let handle =
+        CHandle { registry: Registry::new(built?), active: Cell::new(0), closing: Arc::new(AtomicBool::new(false)) };
     let raw = Box::into_raw(Box::new(handle)).cast::<xfrmsync_handle>();
     write_out(out, raw)?;
     Ok(0)
@@ -528,9 +507,7 @@ pub extern "C" fn xfrmsync_handle_new(out: *mut *mut xfrmsync_handle) -> c_int {
 /// (e.g. "/run/netns/NAME"). Needs CAP_SYS_ADMIN.
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_new_netns_path(netns_path: *const c_char, out: *mut *mut xfrmsync_handle) -> c_int {
-    boundary(|| {
-        publish(Handle::builder().netns_path(text(netns_path, "netns path")?).open(), out)
-    })
+    boundary(|| publish(Handle::builder().netns_path(text(netns_path, "netns path")?).open(), out))
 }
 
 /// Like `xfrmsync_handle_new`, inside the network namespace `netns_fd`
@@ -787,13 +764,7 @@ fn netns_arg<'a>(netns_path: *const c_char) -> crate::NetnsRef<'a> {
 pub extern "C" fn xfrmsync_netns_defaults_read(netns_path: *const c_char, out: *mut xfrmsync_netns_defaults) -> c_int {
     boundary(|| {
         let read = crate::defaults::read(netns_arg(netns_path))?;
-        write_out(
-            out,
-            xfrmsync_netns_defaults {
-                timer_ms: read.timer_ms,
-                replay_packets: read.replay_packets,
-            },
-        )?;
+        write_out(out, xfrmsync_netns_defaults { timer_ms: read.timer_ms, replay_packets: read.replay_packets })?;
         Ok(0)
     })
 }
@@ -809,10 +780,7 @@ pub extern "C" fn xfrmsync_netns_defaults_write(
 ) -> c_int {
     boundary(|| {
         let given = required(defaults, "defaults")?;
-        let set = crate::defaults::NamespaceDefaults {
-            timer_ms: given.timer_ms,
-            replay_packets: given.replay_packets,
-        };
+        let set = crate::defaults::NamespaceDefaults { timer_ms: given.timer_ms, replay_packets: given.replay_packets };
         crate::defaults::write(netns_arg(netns_path), &set).map(|_| 0)
     })
 }
@@ -834,7 +802,11 @@ struct CCallback {
 unsafe impl Send for CCallback {}
 
 impl CCallback {
-    fn boxed(function: xfrmsync_event_cb, user_data: *mut c_void, closing: &Arc<AtomicBool>) -> Option<crate::ViewCallback> {
+    fn boxed(
+        function: xfrmsync_event_cb,
+        user_data: *mut c_void,
+        closing: &Arc<AtomicBool>,
+    ) -> Option<crate::ViewCallback> {
         let mut cb = CCallback {
             function: function?,
             user_data,
@@ -862,13 +834,14 @@ impl CCallback {
 /// Sets the callback for events of SAs that have none of their own; NULL
 /// removes it. -EBUSY from inside a callback.
 #[no_mangle]
-pub extern "C" fn xfrmsync_on_event(handle: *mut xfrmsync_handle, callback: xfrmsync_event_cb, user_data: *mut c_void) -> c_int {
+pub extern "C" fn xfrmsync_on_event(
+    handle: *mut xfrmsync_handle,
+    callback: xfrmsync_event_cb,
+    user_data: *mut c_void,
+) -> c_int {
     boundary(|| {
         let c = chandle(handle)?;
-        c.registry
-            .handle()
-            .on_event_view(CCallback::boxed(callback, user_data, &c.closing))
-            .map(|_| 0)
+        c.registry.handle().on_event_view(CCallback::boxed(callback, user_data, &c.closing)).map(|_| 0)
     })
 }
 
@@ -934,7 +907,12 @@ impl fmt::Write for Truncating<'_> {
 /// object, into `buf` of `len` bytes, like snprintf: returns the length of
 /// the whole line (without NUL), so a result >= `len` means it was cut.
 #[no_mangle]
-pub extern "C" fn xfrmsync_aevent_format(event: *const xfrmsync_aevent, json: bool, buf: *mut c_char, len: usize) -> c_int {
+pub extern "C" fn xfrmsync_aevent_format(
+    event: *const xfrmsync_aevent,
+    json: bool,
+    buf: *mut c_char,
+    len: usize,
+) -> c_int {
     boundary(|| {
         let event = required(event, "event")?.to_rust()?;
         if buf.is_null() && len > 0 {
@@ -946,16 +924,8 @@ pub extern "C" fn xfrmsync_aevent_format(event: *const xfrmsync_aevent, json: bo
             // SAFETY: non-NULL, and by contract `len` writable bytes.
             unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) }
         };
-        let mut out = Truncating {
-            buf: slice,
-            written: 0,
-            needed: 0,
-        };
-        let _ = if json {
-            write!(out, "{}", event.json())
-        } else {
-            write!(out, "{event}")
-        };
+        let mut out = Truncating { buf: slice, written: 0, needed: 0 };
+        let _ = if json { write!(out, "{}", event.json()) } else { write!(out, "{event}") };
         if !out.buf.is_empty() {
             out.buf[out.written] = 0;
         }
@@ -1056,17 +1026,11 @@ impl xfrmsync_rule {
                 spi: has(XFRMSYNC_MATCH_SPI).then_some(self.spi),
                 proto: has(XFRMSYNC_MATCH_PROTO).then_some(self.proto),
                 family: has(XFRMSYNC_MATCH_FAMILY).then_some(self.family),
-                mark: has(XFRMSYNC_MATCH_MARK).then_some(Mark {
-                    value: self.mark_value,
-                    mask: self.mark_mask,
-                }),
+                mark: has(XFRMSYNC_MATCH_MARK).then_some(Mark { value: self.mark_value, mask: self.mark_mask }),
                 if_id: has(XFRMSYNC_MATCH_IF_ID).then_some(self.if_id),
                 direction: has(XFRMSYNC_MATCH_DIRECTION).then_some(direction),
             },
-            thresholds: Thresholds {
-                replay_packets: self.replay_threshold,
-                timer_ms: self.timer_threshold_ms,
-            },
+            thresholds: Thresholds { replay_packets: self.replay_threshold, timer_ms: self.timer_threshold_ms },
         })
     }
 }
@@ -1135,7 +1099,11 @@ pub type xfrmsync_applied_cb = Option<
 /// runs inside xfrmsync_rule_add, xfrmsync_register_sa and xfrmsync_dispatch,
 /// on their thread, and must return normally.
 #[no_mangle]
-pub extern "C" fn xfrmsync_on_applied(handle: *mut xfrmsync_handle, callback: xfrmsync_applied_cb, user_data: *mut c_void) -> c_int {
+pub extern "C" fn xfrmsync_on_applied(
+    handle: *mut xfrmsync_handle,
+    callback: xfrmsync_applied_cb,
+    user_data: *mut c_void,
+) -> c_int {
     boundary(|| {
         let c = chandle(handle)?;
         let registry = &c.registry;
@@ -1168,7 +1136,11 @@ pub extern "C" fn xfrmsync_on_applied(handle: *mut xfrmsync_handle, callback: xf
 /// `capacity` has no room for the 16 bytes, -EINVAL for a message that is
 /// not such an SA or already carries thresholds.
 #[no_mangle]
-pub extern "C" fn xfrmsync_newsa_add_thresholds(handle: *mut xfrmsync_handle, msg: *mut c_void, capacity: usize) -> c_int {
+pub extern "C" fn xfrmsync_newsa_add_thresholds(
+    handle: *mut xfrmsync_handle,
+    msg: *mut c_void,
+    capacity: usize,
+) -> c_int {
     boundary(|| {
         let registry = registry(handle)?;
         if msg.is_null() {

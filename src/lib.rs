@@ -43,6 +43,6 @@ pub use error::{Error, Result};
 pub use handle::{Callback, Events, Handle, HandleBuilder, SaChange, SaNotice, ViewCallback};
 pub use netns::NetnsRef;
 pub use registry::{Registry, Rule, SaMatch, Thresholds};
-pub use timer::HzSource;
 pub use sa::{Mark, SaId};
+pub use timer::HzSource;
 pub use view::{AeventView, ReplayView};

@@ -254,7 +254,11 @@ fn query_answers_and_errors() {
     assert_eq!(decoded[0].1.flags, 0, "a query answer has no cause");
     assert_eq!(decoded[1].1.flags, flags::RTHR | flags::ETHR);
 
-    let expect = [(105, libc::ESRCH, wire::XFRM_MSG_GETAE), (106, libc::EINVAL, wire::XFRM_MSG_NEWAE), (107, libc::EINVAL, wire::XFRM_MSG_NEWAE)];
+    let expect = [
+        (105, libc::ESRCH, wire::XFRM_MSG_GETAE),
+        (106, libc::EINVAL, wire::XFRM_MSG_NEWAE),
+        (107, libc::EINVAL, wire::XFRM_MSG_NEWAE),
+    ];
     for (d, (seq, errno, kind)) in answers[4..].iter().zip(expect) {
         let m = messages(d)[0];
         assert_eq!((m.kind, m.seq), (wire::NLMSG_ERROR, seq));

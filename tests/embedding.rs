@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use xfrmsync::{AeUpdate, Cause, Error, Handle, LegacyReplay, Replay};
 
 mod common;
-use common::fake_kernel::{Fault, FakeKernel, SaState};
+use common::fake_kernel::{FakeKernel, Fault, SaState};
 
 const PORT: u32 = 0x4242;
 /// The probe value of the HZ measurement (1,000,000 jiffies).
@@ -196,7 +196,10 @@ fn a_callback_queries_and_updates_through_its_handle() {
                 }
                 let now = handle.query_with_thresholds(&event.sa).unwrap();
                 handle
-                    .update(&event.sa, &AeUpdate { replay_threshold: Some(now.replay_threshold.unwrap() + 30), ..Default::default() })
+                    .update(
+                        &event.sa,
+                        &AeUpdate { replay_threshold: Some(now.replay_threshold.unwrap() + 30), ..Default::default() },
+                    )
                     .unwrap();
                 record.lock().unwrap().push(now.replay_threshold.unwrap());
                 // Dispatching again from inside is refused, not deadlocked.
@@ -217,11 +220,7 @@ fn a_callback_queries_and_updates_through_its_handle() {
 #[test]
 fn a_zero_request_timeout_is_refused() {
     let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    let err = Handle::builder()
-        .request_timeout(Duration::ZERO)
-        .open_with_sockets(a.into(), b.into(), 1)
-        .err()
-        .unwrap();
+    let err = Handle::builder().request_timeout(Duration::ZERO).open_with_sockets(a.into(), b.into(), 1).err().unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
 }
 

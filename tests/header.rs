@@ -16,10 +16,7 @@ fn checked_in_header_is_current() {
         std::fs::write(&path, GENERATED).expect("write include/xfrmsync.h");
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        checked_in == GENERATED,
-        "include/xfrmsync.h is stale: run `scripts/update-header` and commit it"
-    );
+    assert!(checked_in == GENERATED, "include/xfrmsync.h is stale: run `scripts/update-header` and commit it");
 }
 
 #[test]

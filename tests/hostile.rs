@@ -244,16 +244,11 @@ fn rejected_alone(bad: &[u8], what: &str) -> Error {
 
 /// A handle on a fake kernel whose callback records every event.
 fn watched() -> (FakeKernel, Handle, Arc<Mutex<Vec<xfrmsync::Aevent>>>) {
-    let (fake, handle) = FakeKernel::start(
-        SaState::new(250),
-        Handle::builder().request_timeout(Duration::from_millis(500)),
-        0x4242,
-    );
+    let (fake, handle) =
+        FakeKernel::start(SaState::new(250), Handle::builder().request_timeout(Duration::from_millis(500)), 0x4242);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
-    handle
-        .on_event(Some(Box::new(move |_, ev| record.lock().unwrap().push(*ev))))
-        .unwrap();
+    handle.on_event(Some(Box::new(move |_, ev| record.lock().unwrap().push(*ev)))).unwrap();
     (fake, handle, seen)
 }
 
@@ -514,10 +509,13 @@ fn events_reach_the_callback_of_their_own_sa() {
     for (sa, name) in [(plain, "plain"), (marked_sa, "marked"), (if_id_sa, "if_id"), (v6_sa, "v6")] {
         let log = log.clone();
         handle
-            .on_sa_event_view(sa, Some(Box::new(move |_, ev| {
-                assert_eq!(ev.sa(), sa);
-                log.lock().unwrap().push(name);
-            })))
+            .on_sa_event_view(
+                sa,
+                Some(Box::new(move |_, ev| {
+                    assert_eq!(ev.sa(), sa);
+                    log.lock().unwrap().push(name);
+                })),
+            )
             .unwrap();
     }
     let any = log.clone();
@@ -528,6 +526,7 @@ fn events_reach_the_callback_of_their_own_sa() {
     // More than one batch's worth of events in one call.
     let datagrams: Vec<&[u8]> = order.iter().cycle().take(6 * 13).map(|m| m.as_slice()).collect();
     assert_eq!(handle.dispatch_datagrams(datagrams.iter().copied()).unwrap(), 6 * 13);
-    let expected: Vec<&str> = ["plain", "plain", "marked", "if_id", "v6", "any"].iter().copied().cycle().take(6 * 13).collect();
+    let expected: Vec<&str> =
+        ["plain", "plain", "marked", "if_id", "v6", "any"].iter().copied().cycle().take(6 * 13).collect();
     assert_eq!(*log.lock().unwrap(), expected);
 }

@@ -92,10 +92,9 @@ fn this_host_has_hz_in_its_kernel_config_and_declared_hz_wins() {
             assert_eq!(learnt, Ok((expected, HzSource::KernelConfig("/proc/config.gz".into()))));
         }
         // Another machine: some config file, or the probe's clean refusal.
-        None => assert!(
-            matches!(&learnt, Ok((_, HzSource::KernelConfig(_))) | Err(Error::Kernel { .. })),
-            "{learnt:?}"
-        ),
+        None => {
+            assert!(matches!(&learnt, Ok((_, HzSource::KernelConfig(_))) | Err(Error::Kernel { .. })), "{learnt:?}")
+        }
     }
     if let Ok((hz, source)) = learnt {
         assert_eq!(timer::kernel_hz(), Some(hz), "kept for the process");

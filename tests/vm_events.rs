@@ -43,9 +43,12 @@ fn dispatch_allocates_nothing_per_event() {
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     watcher
-        .on_sa_event(sa, Some(Box::new(move |_, _| {
-            counter.fetch_add(1, Ordering::Relaxed);
-        })))
+        .on_sa_event(
+            sa,
+            Some(Box::new(move |_, _| {
+                counter.fetch_add(1, Ordering::Relaxed);
+            })),
+        )
         .unwrap();
     watcher.dispatch().unwrap();
     // 64 update events, ending on the default threshold of 2 packets.
@@ -73,16 +76,21 @@ fn rust_api_round_trip_and_event_iterator() {
     let before = b.query_with_thresholds(&sa).unwrap();
     assert_eq!(before.sa, sa);
     let replay = Replay::Legacy(LegacyReplay { oseq: 4242, seq: 17, bitmap: 0x1ffff });
-    b.update(&sa, &AeUpdate { replay: Some(replay), replay_threshold: Some(9), timer_threshold_ms: Some(700), ..Default::default() })
-        .unwrap();
+    b.update(
+        &sa,
+        &AeUpdate {
+            replay: Some(replay),
+            replay_threshold: Some(9),
+            timer_threshold_ms: Some(700),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let after = b.query_with_thresholds(&sa).unwrap();
     assert_eq!(after.replay, replay);
     assert_eq!((after.replay_threshold, after.timer_threshold_ms), (Some(9), Some(700)));
-    let updates: Vec<_> = b
-        .events()
-        .map(|e| e.unwrap())
-        .filter(|e| e.sa == sa && e.cause() == Some(Cause::Update))
-        .collect();
+    let updates: Vec<_> =
+        b.events().map(|e| e.unwrap()).filter(|e| e.sa == sa && e.cause() == Some(Cause::Update)).collect();
     assert!(!updates.is_empty(), "the update event arrives through the iterator");
     assert_eq!(updates.last().unwrap().replay, replay);
 
@@ -103,13 +111,16 @@ fn update_events_name_the_handle_that_caused_them() {
     let record = mine.clone();
     let setter_port = setter.port_id();
     watcher
-        .on_sa_event(sa, Some(Box::new(move |handle: &Handle, ev| {
-            if ev.cause() == Some(Cause::Update) {
-                // A callback reaches its handle: it queries through it.
-                let now = handle.query_with_thresholds(&ev.sa).unwrap();
-                record.lock().unwrap().push((ev.nlmsg_pid, ev.nlmsg_seq, handle.caused(ev), now.replay_threshold));
-            }
-        })))
+        .on_sa_event(
+            sa,
+            Some(Box::new(move |handle: &Handle, ev| {
+                if ev.cause() == Some(Cause::Update) {
+                    // A callback reaches its handle: it queries through it.
+                    let now = handle.query_with_thresholds(&ev.sa).unwrap();
+                    record.lock().unwrap().push((ev.nlmsg_pid, ev.nlmsg_seq, handle.caused(ev), now.replay_threshold));
+                }
+            })),
+        )
         .unwrap();
     setter.update(&sa, &AeUpdate { replay_threshold: Some(13), ..Default::default() }).unwrap();
     watcher.update(&sa, &AeUpdate { replay_threshold: Some(14), ..Default::default() }).unwrap();

@@ -144,10 +144,21 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     }
     let id = |spi: u32, dst: &str| {
         let sa = SaId::esp(dst.parse().unwrap(), spi);
-        if spi == 0x500 { sa.with_mark(7, 0xff) } else { sa }
+        if spi == 0x500 {
+            sa.with_mark(7, 0xff)
+        } else {
+            sa
+        }
     };
-    let expect: HashMap<u32, (u32, u32)> =
-        [(0x100, (11, 11)), (0x101, (10, 30)), (0x200, (14, 14)), (0x300, (15, 15)), (0x400, (12, 12)), (0x500, (15, 15))].into();
+    let expect: HashMap<u32, (u32, u32)> = [
+        (0x100, (11, 11)),
+        (0x101, (10, 30)),
+        (0x200, (14, 14)),
+        (0x300, (15, 15)),
+        (0x400, (12, 12)),
+        (0x500, (15, 15)),
+    ]
+    .into();
     // Each application names the rule it came from.
     let rule_of: HashMap<u32, String> =
         [(0x100, "reqid1-out"), (0x101, "all"), (0x200, "esn-spi"), (0x300, "dst24"), (0x400, "v6"), (0x500, "dst24")]
@@ -166,7 +177,10 @@ fn rules_give_each_sa_the_most_specific_thresholds() {
     assert!(registry.tracked(&id(0x200, "10.77.1.2")).unwrap().esn);
     let wide = registry.tracked(&id(0x300, "10.77.1.3")).unwrap();
     assert!(!wide.esn, "window 64 without the flag wraps at 2^32");
-    assert!(registry.handle().query(&id(0x300, "10.77.1.3")).unwrap().replay.is_esn(), "yet its state has the ESN format");
+    assert!(
+        registry.handle().query(&id(0x300, "10.77.1.3")).unwrap().replay.is_esn(),
+        "yet its state has the ESN format"
+    );
     assert_eq!(registry.tracked(&id(0x100, "10.77.1.1")).unwrap().direction, Some(Direction::Out));
     assert_eq!(registry.tracked(&id(0x101, "10.77.0.1")).unwrap().direction, Some(Direction::In));
 
@@ -277,8 +291,16 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
     });
     let until = Instant::now() + Duration::from_secs(60);
     while !output.lock().unwrap().ready {
-        assert!(Instant::now() < until, "xfrmsync apply never said it was ready: {:?}", output.lock().unwrap().other_errors);
-        assert!(apply.try_wait().unwrap().is_none(), "xfrmsync apply exited: {:?}", output.lock().unwrap().other_errors);
+        assert!(
+            Instant::now() < until,
+            "xfrmsync apply never said it was ready: {:?}",
+            output.lock().unwrap().other_errors
+        );
+        assert!(
+            apply.try_wait().unwrap().is_none(),
+            "xfrmsync apply exited: {:?}",
+            output.lock().unwrap().other_errors
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 
@@ -319,7 +341,11 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
     stdout_reader.join().unwrap();
     stderr_reader.join().unwrap();
     let output = output.lock().unwrap();
-    assert!(status.success() && output.exiting, "xfrmsync apply on SIGTERM: {status}, stderr {:?}", output.other_errors);
+    assert!(
+        status.success() && output.exiting,
+        "xfrmsync apply on SIGTERM: {status}, stderr {:?}",
+        output.other_errors
+    );
     assert!(output.other_errors.is_empty(), "xfrmsync apply reported errors: {:?}", output.other_errors);
 
     // Every SA carries the rule's thresholds, in the kernel's own answer.
@@ -353,7 +379,10 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
 fn report(what: &str, delays: &[Duration], losses: usize) {
     let median = delays[delays.len() / 2];
     let worst = delays[delays.len() - 1];
-    println!("burst {what}: {} SAs, install to thresholds: median {median:?}, worst {worst:?}; ENOBUFS seen {losses} times", delays.len());
+    println!(
+        "burst {what}: {} SAs, install to thresholds: median {median:?}, worst {worst:?}; ENOBUFS seen {losses} times",
+        delays.len()
+    );
 }
 
 #[test]

@@ -25,10 +25,7 @@ const NEWAE: u16 = 0x1e;
 
 /// The NEWAE messages of a file (each event is a datagram of its own).
 fn events(name: &str) -> Vec<Vec<u8>> {
-    datagrams(name)
-        .into_iter()
-        .filter(|d| u16::from_ne_bytes([d[4], d[5]]) == NEWAE)
-        .collect()
+    datagrams(name).into_iter().filter(|d| u16::from_ne_bytes([d[4], d[5]]) == NEWAE).collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

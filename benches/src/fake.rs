@@ -44,11 +44,8 @@ pub struct Kernel {
 pub fn handle() -> (Kernel, Handle) {
     let (user_req, kernel_req) = pair();
     let (user_ev, kernel_ev) = pair();
-    let handle = Handle::builder()
-        .events(false)
-        .dispatch_limit(1 << 20)
-        .open_with_sockets(user_req, user_ev, 0x4242)
-        .unwrap();
+    let handle =
+        Handle::builder().events(false).dispatch_limit(1 << 20).open_with_sockets(user_req, user_ev, 0x4242).unwrap();
     (Kernel { requests: kernel_req, events: kernel_ev }, handle)
 }
 
@@ -129,7 +126,8 @@ fn serve_registry(fd: OwnedFd, n: usize, template: Vec<u8>, mut buf: Vec<u8>, mu
                         let m = &mut out[start..];
                         m[6..8].copy_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
                         m[8..12].copy_from_slice(&seq.to_ne_bytes());
-                        m[MSG_DAADR..MSG_DAADR + 4].copy_from_slice(&(0x0a00_0000u32 | (i as u32 & 0xff_ffff)).to_be_bytes());
+                        m[MSG_DAADR..MSG_DAADR + 4]
+                            .copy_from_slice(&(0x0a00_0000u32 | (i as u32 & 0xff_ffff)).to_be_bytes());
                         m[MSG_SPI..MSG_SPI + 4].copy_from_slice(&(0x1000_0000 + i as u32).to_be_bytes());
                         out.resize((out.len() + 3) & !3, 0);
                         if out.len() > 28 << 10 {

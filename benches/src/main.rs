@@ -68,7 +68,11 @@ impl Decoder {
                     let r = ev.replay();
                     let l = ev.lifetime();
                     sum = sum.wrapping_add(
-                        u64::from(ev.spi()) + u64::from(ev.reqid()) + u64::from(ev.flags()) + r.seq64() + r.oseq64()
+                        u64::from(ev.spi())
+                            + u64::from(ev.reqid())
+                            + u64::from(ev.flags())
+                            + r.seq64()
+                            + r.oseq64()
                             + l.bytes
                             + l.packets,
                     );
@@ -79,7 +83,10 @@ impl Decoder {
                     let Some(Ok(m)) = Messages::new(msg).next() else { continue };
                     let Ok(ev) = xfrmsync::wire::decode_aevent(&m) else { continue };
                     sum = sum.wrapping_add(
-                        u64::from(ev.sa.spi) + u64::from(ev.reqid) + u64::from(ev.flags) + ev.replay.seq64()
+                        u64::from(ev.sa.spi)
+                            + u64::from(ev.reqid)
+                            + u64::from(ev.flags)
+                            + ev.replay.seq64()
                             + ev.replay.oseq64()
                             + ev.lifetime.bytes
                             + ev.lifetime.packets,
@@ -151,7 +158,11 @@ fn decode(rounds: usize) {
                 decoder.name(),
                 mev(rate),
                 1e9 / rate,
-                if decoder == Decoder::Libnl { "3-4 (from its source: object, 2 nl_addr, ESN copy; not counted)".to_string() } else { format!("{allocs:.2}") },
+                if decoder == Decoder::Libnl {
+                    "3-4 (from its source: object, 2 nl_addr, ESN copy; not counted)".to_string()
+                } else {
+                    format!("{allocs:.2}")
+                },
                 rate / libnl
             );
             summary.push((kind, decoder, rate / libnl));
@@ -269,9 +280,14 @@ fn main() {
         let stream = Stream::build(Kind::Mixed, SAS);
         let (_kernel, handle) = fake::handle();
         for i in 0..SAS {
-            handle.on_sa_event_view(stream.sa(i), Some(Box::new(|_, ev| {
-                black_box(ev.replay().seq64());
-            }))).unwrap();
+            handle
+                .on_sa_event_view(
+                    stream.sa(i),
+                    Some(Box::new(|_, ev| {
+                        black_box(ev.replay().seq64());
+                    })),
+                )
+                .unwrap();
         }
         let datagrams: Vec<&[u8]> = stream.messages().collect();
         for _ in 0..rounds {

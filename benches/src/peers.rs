@@ -60,7 +60,8 @@ pub fn npx_parse_read(msg: &[u8]) -> u64 {
         match nla {
             XfrmAttrs::ReplayState(r) => sum += u64::from(r.seq) + u64::from(r.oseq),
             XfrmAttrs::ReplayStateEsn(r) => {
-                sum += ((u64::from(r.seq_hi) << 32) | u64::from(r.seq)) + ((u64::from(r.oseq_hi) << 32) | u64::from(r.oseq))
+                sum += ((u64::from(r.seq_hi) << 32) | u64::from(r.seq))
+                    + ((u64::from(r.oseq_hi) << 32) | u64::from(r.oseq))
             }
             XfrmAttrs::LifetimeBytes(l) => sum += l.bytes + l.packets,
             _ => {}
@@ -91,8 +92,21 @@ struct Fields {
 }
 
 const FIELD_NAMES: [&str; 15] = [
-    "daddr", "saddr", "spi", "family", "proto", "reqid", "flags", "replay state", "lifetime counters", "mark", "if_id",
-    "replay threshold", "timer threshold", "nlmsg_seq", "nlmsg_pid",
+    "daddr",
+    "saddr",
+    "spi",
+    "family",
+    "proto",
+    "reqid",
+    "flags",
+    "replay state",
+    "lifetime counters",
+    "mark",
+    "if_id",
+    "replay threshold",
+    "timer threshold",
+    "nlmsg_seq",
+    "nlmsg_pid",
 ];
 
 impl Fields {
@@ -161,7 +175,9 @@ fn libnl(msg: &[u8]) -> Option<Fields> {
     let a = unsafe { out.assume_init() };
     let replay = match a.esn {
         0 => Some((false, a.oseq, a.seq, 0, 0, 0, vec![a.bmp[0]])),
-        1 => Some((true, a.oseq, a.seq, a.oseq_hi, a.seq_hi, a.window, a.bmp[..(a.bmp_len as usize).min(128)].to_vec())),
+        1 => {
+            Some((true, a.oseq, a.seq, a.oseq_hi, a.seq_hi, a.window, a.bmp[..(a.bmp_len as usize).min(128)].to_vec()))
+        }
         _ => None,
     };
     Some(Fields {
@@ -240,7 +256,9 @@ pub fn compare_fields() {
     // A marked SA bound to an XFRM interface: XFRMA_MARK and XFRMA_IF_ID
     // appended, as the kernel sends them for such an SA.
     let mut marked = msgs[0].clone();
-    for (kind, payload) in [(21u16, [7u32.to_ne_bytes(), 0xffu32.to_ne_bytes()].concat()), (31, 9u32.to_ne_bytes().to_vec())] {
+    for (kind, payload) in
+        [(21u16, [7u32.to_ne_bytes(), 0xffu32.to_ne_bytes()].concat()), (31, 9u32.to_ne_bytes().to_vec())]
+    {
         marked.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
         marked.extend_from_slice(&kind.to_ne_bytes());
         marked.extend_from_slice(&payload);

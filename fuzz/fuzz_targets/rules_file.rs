@@ -5,9 +5,9 @@
 
 #[path = "../../tools/xfrmsync/src/parse.rs"]
 mod parse;
-#[path = "../../tools/xfrmsync/src/rules_file.rs"]
-mod rules_file;
 #[path = "../rules_checks.rs"]
 mod rules_checks;
+#[path = "../../tools/xfrmsync/src/rules_file.rs"]
+mod rules_file;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| rules_checks::rules_file(data));

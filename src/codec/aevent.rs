@@ -109,15 +109,7 @@ impl EsnReplay {
         }
         let mut bmp = [0u32; MAX_BITMAP_WORDS];
         bmp[..bitmap.len()].copy_from_slice(bitmap);
-        Ok(EsnReplay {
-            oseq,
-            seq,
-            oseq_hi,
-            seq_hi,
-            replay_window,
-            bmp_len: bitmap.len() as u32,
-            bmp,
-        })
+        Ok(EsnReplay { oseq, seq, oseq_hi, seq_hi, replay_window, bmp_len: bitmap.len() as u32, bmp })
     }
 
     /// The bitmap words, `bmp_len` of them.
@@ -251,11 +243,7 @@ impl fmt::Display for Aevent {
         let cause = self.cause().map_or("query", |c| c.name());
         write!(f, "{cause} {} src {} reqid {}", self.sa, self.saddr, self.reqid)?;
         match &self.replay {
-            Replay::Legacy(r) => write!(
-                f,
-                " oseq 0x{:x} seq 0x{:x} bitmap 0x{:08x}",
-                r.oseq, r.seq, r.bitmap
-            )?,
+            Replay::Legacy(r) => write!(f, " oseq 0x{:x} seq 0x{:x} bitmap 0x{:08x}", r.oseq, r.seq, r.bitmap)?,
             Replay::Esn(r) => {
                 write!(
                     f,

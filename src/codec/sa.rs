@@ -60,20 +60,11 @@ impl std::hash::Hash for SaId {
 impl SaId {
     /// An ESP SA without mark or interface id.
     pub fn esp(daddr: IpAddr, spi: u32) -> SaId {
-        SaId {
-            daddr,
-            spi,
-            proto: IPPROTO_ESP,
-            mark: Mark::NONE,
-            if_id: 0,
-        }
+        SaId { daddr, spi, proto: IPPROTO_ESP, mark: Mark::NONE, if_id: 0 }
     }
 
     pub fn with_mark(self, value: u32, mask: u32) -> SaId {
-        SaId {
-            mark: Mark { value, mask },
-            ..self
-        }
+        SaId { mark: Mark { value, mask }, ..self }
     }
 
     pub fn with_if_id(self, if_id: u32) -> SaId {

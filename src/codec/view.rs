@@ -40,10 +40,7 @@ fn u64_at<const N: usize>(buf: &[u8; N], at: usize) -> u64 {
 /// The first `N` bytes of `payload` as an array, or `err`.
 #[inline]
 fn head<'a, const N: usize>(payload: &'a [u8], err: &'static str) -> Result<&'a [u8; N]> {
-    payload
-        .get(..N)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| Error::Malformed(err))
+    payload.get(..N).and_then(|b| b.try_into().ok()).ok_or_else(|| Error::Malformed(err))
 }
 
 #[inline]
@@ -139,9 +136,7 @@ impl<'a> ReplayView<'a> {
     pub fn bitmap_word(&self, i: usize) -> Option<u32> {
         match self.0 {
             Raw::Legacy(r) => (i == 0).then(|| u32_at(r, 8)),
-            Raw::Esn(_, words) => words
-                .get(4 * i..4 * i + 4)
-                .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]])),
+            Raw::Esn(_, words) => words.get(4 * i..4 * i + 4).map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]])),
         }
     }
 
@@ -152,22 +147,16 @@ impl<'a> ReplayView<'a> {
             Raw::Legacy(r) => (Some(u32_at(r, 8)), &[]),
             Raw::Esn(_, words) => (None, words),
         };
-        legacy.into_iter().chain(
-            words
-                .chunks_exact(4)
-                .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]])),
-        )
+        legacy.into_iter().chain(words.chunks_exact(4).map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
     }
 
     /// The owned value (the ESN bitmap copied into its fixed array).
     #[inline]
     pub fn to_replay(&self) -> Replay {
         match self.0 {
-            Raw::Legacy(r) => Replay::Legacy(LegacyReplay {
-                oseq: u32_at(r, 0),
-                seq: u32_at(r, 4),
-                bitmap: u32_at(r, 8),
-            }),
+            Raw::Legacy(r) => {
+                Replay::Legacy(LegacyReplay { oseq: u32_at(r, 0), seq: u32_at(r, 4), bitmap: u32_at(r, 8) })
+            }
             Raw::Esn(h, words) => {
                 let mut bmp = [0u32; MAX_BITMAP_WORDS];
                 for (word, raw) in bmp.iter_mut().zip(words.chunks_exact(4)) {
@@ -260,10 +249,7 @@ impl<'a> AeventView<'a> {
                 XFRMA_ETIMER_THRESH => etimer_100ms = Some(first_u32(payload, "field past the end of its buffer")?),
                 XFRMA_MARK => {
                     let raw = head::<8>(payload, "field past the end of its buffer")?;
-                    mark = Mark {
-                        value: u32_at(raw, 0),
-                        mask: u32_at(raw, 4),
-                    };
+                    mark = Mark { value: u32_at(raw, 0), mask: u32_at(raw, 4) };
                 }
                 XFRMA_IF_ID => if_id = first_u32(payload, "field past the end of its buffer")?,
                 _ => {} // XFRMA_PAD and everything we do not use
@@ -326,13 +312,7 @@ impl<'a> AeventView<'a> {
     /// The SA's identity, as events are routed by it.
     #[inline]
     pub fn sa(&self) -> SaId {
-        SaId {
-            daddr: self.daddr(),
-            spi: self.spi(),
-            proto: self.proto(),
-            mark: self.mark,
-            if_id: self.if_id,
-        }
+        SaId { daddr: self.daddr(), spi: self.spi(), proto: self.proto(), mark: self.mark, if_id: self.if_id }
     }
 
     #[inline]

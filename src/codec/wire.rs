@@ -333,12 +333,7 @@ fn decode_sa_attrs(buf: &[u8]) -> Result<SaAttrs> {
             XFRMA_LTIME_VAL => out.lifetime = Some(decode_lifetime(payload)?),
             XFRMA_REPLAY_THRESH => out.replay_threshold = Some(attr_u32(payload)?),
             XFRMA_ETIMER_THRESH => out.etimer_100ms = Some(attr_u32(payload)?),
-            XFRMA_MARK => {
-                out.mark = Mark {
-                    value: u32_at(payload, 0)?,
-                    mask: u32_at(payload, 4)?,
-                }
-            }
+            XFRMA_MARK => out.mark = Mark { value: u32_at(payload, 0)?, mask: u32_at(payload, 4)? },
             XFRMA_IF_ID => out.if_id = attr_u32(payload)?,
             XFRMA_SA_DIR => out.direction = payload.first().copied(),
             _ => {} // XFRMA_PAD and everything we do not use
@@ -427,10 +422,8 @@ pub fn decode_sa_message(msg: &NlMsg<'_>) -> Result<SaInfo> {
         }
         XFRM_MSG_EXPIRE => {
             // struct xfrm_user_expire { xfrm_usersa_info state; __u8 hard; } padded to 232.
-            let hard = *msg
-                .payload
-                .get(USERSA_INFO_LEN)
-                .ok_or_else(|| Error::Malformed("xfrm_user_expire truncated"))?;
+            let hard =
+                *msg.payload.get(USERSA_INFO_LEN).ok_or_else(|| Error::Malformed("xfrm_user_expire truncated"))?;
             let attrs = msg.payload.get(USERSA_INFO_LEN + 8..).unwrap_or(&[]);
             let mut info = decode_usersa_info(msg.payload, attrs)?;
             info.hard_expire = Some(hard != 0);
@@ -541,11 +534,8 @@ pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
     let mut ext_ack = None;
     if echoed_whole && msg.flags & NLM_F_ACK_TLVS != 0 {
         // Success acks and capped errors echo only the request header.
-        let echoed = if error == 0 || msg.flags & NLM_F_CAPPED != 0 {
-            NLMSG_HDRLEN
-        } else {
-            request_len.max(NLMSG_HDRLEN)
-        };
+        let echoed =
+            if error == 0 || msg.flags & NLM_F_CAPPED != 0 { NLMSG_HDRLEN } else { request_len.max(NLMSG_HDRLEN) };
         let tlvs = p.get(4 + align4(echoed)..).unwrap_or(&[]);
         for attr in Attrs::new(tlvs) {
             // Broken extended-ack attributes lose their text, not the errno.
@@ -556,12 +546,7 @@ pub fn decode_ack<'a>(msg: &NlMsg<'a>) -> Result<Ack<'a>> {
             }
         }
     }
-    Ok(Ack {
-        errno: error.checked_neg().unwrap_or(libc::EINVAL).max(0),
-        ext_ack,
-        request_kind,
-        request_seq,
-    })
+    Ok(Ack { errno: error.checked_neg().unwrap_or(libc::EINVAL).max(0), ext_ack, request_kind, request_seq })
 }
 
 /// Who sends a request: its sequence number and the sending socket's port id.
@@ -698,14 +683,7 @@ fn append_newae_with(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>
         Some(Replay::Esn(r)) => {
             let bitmap = r.bitmap();
             let mut raw = [0u8; ESN_HEADER_LEN + 4 * MAX_BITMAP_WORDS];
-            let fields = [
-                bitmap.len() as u32,
-                r.oseq,
-                r.seq,
-                r.oseq_hi,
-                r.seq_hi,
-                r.replay_window,
-            ];
+            let fields = [bitmap.len() as u32, r.oseq, r.seq, r.oseq_hi, r.seq_hi, r.replay_window];
             for (i, v) in fields.iter().chain(bitmap).enumerate() {
                 raw[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
             }

@@ -113,9 +113,7 @@ fn timer_steps(ms: u32, hz: u32) -> Result<u32> {
 
 fn read_u32(path: &str, operation: &'static str) -> Result<u32> {
     let mut text = String::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(|e| Error::from_io(operation, &e))?;
+    File::open(path).and_then(|mut f| f.read_to_string(&mut text)).map_err(|e| Error::from_io(operation, &e))?;
     let text = text.trim();
     // Kernels before proc_douintvec print these with %d: a value above
     // INT_MAX shows as negative there.
@@ -125,10 +123,7 @@ fn read_u32(path: &str, operation: &'static str) -> Result<u32> {
 }
 
 fn open_for_write(path: &str, operation: &'static str) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::from_io(operation, &e))
+    OpenOptions::new().write(true).open(path).map_err(|e| Error::from_io(operation, &e))
 }
 
 #[cfg(test)]

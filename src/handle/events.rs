@@ -32,7 +32,6 @@ impl<Ctx> Slot<Ctx> {
     }
 }
 
-
 /// An SA and its callback, one cache line each: a lookup that finds the
 /// key has the callback's pointer too, without a second line or a second
 /// indirection (a map of boxed callbacks touches a control group, an entry
@@ -68,12 +67,7 @@ pub(crate) struct Router<Ctx> {
 
 impl<Ctx> Default for Router<Ctx> {
     fn default() -> Self {
-        Router {
-            entries: Vec::new(),
-            slots: Vec::new(),
-            any: None,
-            hasher: SaHasher::default(),
-        }
+        Router { entries: Vec::new(), slots: Vec::new(), any: None, hasher: SaHasher::default() }
     }
 }
 
@@ -308,7 +302,14 @@ impl<Ctx> Router<Ctx> {
     /// unless the candidate's key is another (tags of 32 bits collide
     /// rarely).
     #[inline]
-    pub(crate) fn route_candidate(&mut self, ctx: &Ctx, event: &AeventView<'_>, key: &RouteKey, hash: u64, candidate: Candidate) -> bool {
+    pub(crate) fn route_candidate(
+        &mut self,
+        ctx: &Ctx,
+        event: &AeventView<'_>,
+        key: &RouteKey,
+        hash: u64,
+        candidate: Candidate,
+    ) -> bool {
         let found = match candidate {
             Candidate::Absent => None,
             Candidate::At(i) if self.entries.get(i).is_some_and(|e| same(&e.key, key)) => Some(i),

@@ -143,10 +143,8 @@ fn config_hz(path: &Path) -> std::result::Result<u32, String> {
 }
 
 fn parse_config_hz(config: &str) -> std::result::Result<u32, String> {
-    let value = config
-        .lines()
-        .find_map(|line| line.trim_end().strip_prefix("CONFIG_HZ="))
-        .ok_or("no CONFIG_HZ line")?;
+    let value =
+        config.lines().find_map(|line| line.trim_end().strip_prefix("CONFIG_HZ=")).ok_or("no CONFIG_HZ line")?;
     let hz: u32 = value.parse().map_err(|_| format!("CONFIG_HZ={value} is not a number"))?;
     if !HZ_RANGE.contains(&hz) {
         return Err(format!("CONFIG_HZ={hz} out of range"));
@@ -236,10 +234,7 @@ fn probe_until(deadline: Instant) -> Result<u32> {
         // Documentation addresses (RFC 5737): they name no real peer.
         let sa = SaId::esp(Ipv4Addr::new(192, 0, 2, 2).into(), PROBE_SPI);
         let new = NewSa::new(&sa, Ipv4Addr::new(192, 0, 2, 1).into(), PROBE_CIPHER, &[])?;
-        let probe = NewAe {
-            etimer_jiffies: Some(CALIBRATION_JIFFIES),
-            ..NewAe::default()
-        };
+        let probe = NewAe { etimer_jiffies: Some(CALIBRATION_JIFFIES), ..NewAe::default() };
         // Dropped (its sockets closed) before the thread ends, so nothing
         // keeps the namespace alive after it.
         let handle = Handle::builder().events(false).request_timeout(left).open()?;

@@ -5,7 +5,6 @@
 //! means exactly "events were lost". The event socket is the one fd handed
 //! out for poll/epoll; nothing blocks on it and no thread is started.
 
-
 pub mod defaults;
 pub mod events;
 pub(crate) mod fasthash;
@@ -131,10 +130,7 @@ impl HandleBuilder {
             Netns::Fd(Err(e)) => return Err(Error::from_io("duplicate netns fd", e)),
         };
         let mut address = SocketAddr::new(0, 0);
-        sockets
-            .requests
-            .get_address(&mut address)
-            .map_err(|e| Error::from_io("read request socket address", &e))?;
+        sockets.requests.get_address(&mut address).map_err(|e| Error::from_io("read request socket address", &e))?;
         self.assemble(sockets, address.port_number(), true)
     }
 
@@ -173,9 +169,7 @@ impl HandleBuilder {
         // just with the request echoed and no explanatory text.
         let _ = requests.set_ext_ack(true);
         let _ = requests.set_cap_ack(true);
-        events
-            .set_non_blocking(true)
-            .map_err(|e| Error::from_io("set event socket non-blocking", &e))?;
+        events.set_non_blocking(true).map_err(|e| Error::from_io("set event socket non-blocking", &e))?;
         let handle = Handle {
             requests: RefCell::new(Requests {
                 socket: requests,
@@ -260,16 +254,19 @@ enum Expect {
 impl Requests {
     fn next_sender(&mut self) -> Sender {
         self.seq = self.seq.wrapping_add(1).max(1);
-        Sender {
-            seq: self.seq,
-            port_id: self.port_id,
-        }
+        Sender { seq: self.seq, port_id: self.port_id }
     }
 
     /// Sends `self.out` and waits until `deadline` for the answer with
     /// `seq`. Answers to earlier requests that timed out are skipped, as is
     /// anything not from the kernel; neither extends the wait.
-    fn transact(&mut self, operation: &'static str, seq: u32, expect: Expect, deadline: Instant) -> Result<Option<Aevent>> {
+    fn transact(
+        &mut self,
+        operation: &'static str,
+        seq: u32,
+        expect: Expect,
+        deadline: Instant,
+    ) -> Result<Option<Aevent>> {
         send(&self.socket, &self.out, operation)?;
         receive(&self.socket, &mut self.buf, operation, deadline, None, |msg| {
             if msg.seq != seq {
@@ -325,11 +322,7 @@ fn kernel_answer(operation: &'static str, msg: &NlMsg<'_>) -> Result<()> {
     if ack.errno == 0 {
         return Ok(());
     }
-    Err(Error::Kernel {
-        operation,
-        errno: ack.errno,
-        ext_ack: ack.ext_ack.map(str::to_owned),
-    })
+    Err(Error::Kernel { operation, errno: ack.errno, ext_ack: ack.ext_ack.map(str::to_owned) })
 }
 
 /// Waits until `deadline` for datagrams from the kernel on `socket`, and
@@ -352,11 +345,7 @@ fn receive<T>(
             return Err(Error::TimedOut(operation));
         }
         if wait {
-            let mut ready = libc::pollfd {
-                fd: socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut ready = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd, alive for the call.
             if unsafe { libc::poll(&mut ready, 1, poll_ms(left)) } < 0 {
                 let err = std::io::Error::last_os_error();
@@ -383,10 +372,7 @@ fn receive<T>(
             continue;
         }
         if size > buf.len() {
-            return Err(Error::Truncated {
-                size,
-                buffer: buf.len(),
-            });
+            return Err(Error::Truncated { size, buffer: buf.len() });
         }
         // A long dump may take longer than one timeout in all: each part
         // from the kernel gives it another.
@@ -452,9 +438,7 @@ fn item(bytes: &[u8]) -> Result<Item<'_>> {
     };
     let info = wire::decode_sa_message(&msg)?;
     let change = match change {
-        SaChange::Expired { .. } => SaChange::Expired {
-            hard: info.hard_expire.unwrap_or(false),
-        },
+        SaChange::Expired { .. } => SaChange::Expired { hard: info.hard_expire.unwrap_or(false) },
         other => other,
     };
     Ok(Item::Sa(SaNotice { change, info }))
@@ -492,7 +476,10 @@ impl EventReader {
     /// comes with the cursor behind that datagram, so that it is reported
     /// once and reading goes on after it.
     #[allow(clippy::type_complexity)]
-    fn message_at(&self, mut from: Cursor) -> std::result::Result<Option<(NlMsg<'_>, std::ops::Range<usize>, Cursor)>, (Error, Cursor)> {
+    fn message_at(
+        &self,
+        mut from: Cursor,
+    ) -> std::result::Result<Option<(NlMsg<'_>, std::ops::Range<usize>, Cursor)>, (Error, Cursor)> {
         while from.datagram < self.datagrams {
             from.at = from.at.max(self.start(from.datagram));
             if from.at < self.ends[from.datagram] {
@@ -507,19 +494,10 @@ impl EventReader {
         match wire::parse_message(&self.buf[from.at..end]) {
             Ok((msg, consumed)) => {
                 let range = from.at..from.at + wire::NLMSG_HDRLEN + msg.payload.len();
-                let next = Cursor {
-                    at: from.at + consumed,
-                    ..from
-                };
+                let next = Cursor { at: from.at + consumed, ..from };
                 Ok(Some((msg, range, next)))
             }
-            Err(e) => Err((
-                e,
-                Cursor {
-                    datagram: from.datagram + 1,
-                    at: end,
-                },
-            )),
+            Err(e) => Err((e, Cursor { datagram: from.datagram + 1, at: end })),
         }
     }
 
@@ -578,10 +556,7 @@ impl EventReader {
             return Ok(true);
         }
         if size > EVENT_BUFFER {
-            return Err(Error::Truncated {
-                size,
-                buffer: EVENT_BUFFER,
-            });
+            return Err(Error::Truncated { size, buffer: EVENT_BUFFER });
         }
         self.ends[self.datagrams] = start + size;
         self.datagrams += 1;
@@ -692,8 +667,7 @@ impl Handle {
     /// (`net.core.rmem_max`) is bypassed.
     pub fn set_receive_buffer(&self, bytes: usize) -> Result<()> {
         let events = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
-        let value = libc::c_int::try_from(bytes)
-            .map_err(|_| Error::invalid("receive buffer larger than INT_MAX"))?;
+        let value = libc::c_int::try_from(bytes).map_err(|_| Error::invalid("receive buffer larger than INT_MAX"))?;
         // SAFETY: the pointer and length describe `value`, alive for the call.
         let forced = unsafe {
             libc::setsockopt(
@@ -707,10 +681,7 @@ impl Handle {
         if forced == 0 {
             return Ok(());
         }
-        events
-            .socket
-            .set_rx_buf_sz(value)
-            .map_err(|e| Error::from_io("set receive buffer", &e))
+        events.socket.set_rx_buf_sz(value).map_err(|e| Error::from_io("set receive buffer", &e))
     }
 
     /// How many datagrams one [`Handle::dispatch`] reads at most.
@@ -729,29 +700,26 @@ impl Handle {
         if outer.is_none() {
             self.deadline.set(Some(Instant::now() + self.request_timeout));
         }
-        Restore {
-            cell: &self.deadline,
-            value: outer,
-        }
+        Restore { cell: &self.deadline, value: outer }
     }
 
     /// A deadline of its own, for undoing a change after the call's time may
     /// already be spent.
     fn undo_call(&self) -> Restore<'_, Option<Instant>> {
         let outer = self.deadline.replace(Some(Instant::now() + self.request_timeout));
-        Restore {
-            cell: &self.deadline,
-            value: outer,
-        }
+        Restore { cell: &self.deadline, value: outer }
     }
 
     fn requests(&self) -> Result<std::cell::RefMut<'_, Requests>> {
-        self.requests
-            .try_borrow_mut()
-            .map_err(|_| Error::Busy("a request is in progress on this handle"))
+        self.requests.try_borrow_mut().map_err(|_| Error::Busy("a request is in progress on this handle"))
     }
 
-    fn request(&self, operation: &'static str, expect: Expect, encode: impl FnOnce(&mut Vec<u8>, Sender)) -> Result<Option<Aevent>> {
+    fn request(
+        &self,
+        operation: &'static str,
+        expect: Expect,
+        encode: impl FnOnce(&mut Vec<u8>, Sender),
+    ) -> Result<Option<Aevent>> {
         let _call = self.call();
         let deadline = self.deadline.get().unwrap_or_else(|| Instant::now() + self.request_timeout);
         let mut req = self.requests()?;
@@ -766,8 +734,7 @@ impl Handle {
     }
 
     fn newae(&self, sa: &SaId, set: &NewAe<'_>) -> Result<()> {
-        self.request("XFRM_MSG_NEWAE", Expect::Ack, |out, from| wire::encode_newae(out, from, sa, set))
-            .map(|_| ())
+        self.request("XFRM_MSG_NEWAE", Expect::Ack, |out, from| wire::encode_newae(out, from, sa, set)).map(|_| ())
     }
 
     /// A request the caller encodes, answered by an ack: the HZ probe's
@@ -910,10 +877,7 @@ impl Handle {
                  be restored after measuring HZ on it; declare HZ (set_kernel_hz) or measure on another SA"
             )));
         }
-        let probe = NewAe {
-            etimer_jiffies: Some(timer::CALIBRATION_JIFFIES),
-            ..NewAe::default()
-        };
+        let probe = NewAe { etimer_jiffies: Some(timer::CALIBRATION_JIFFIES), ..NewAe::default() };
         match self.newae(sa, &probe) {
             Ok(()) => {}
             // The kernel refused it: the SA is as it was.
@@ -950,10 +914,7 @@ impl Handle {
             ),
             cause: Box::new(cause),
         };
-        let restore = NewAe {
-            etimer_jiffies: Some(timer::ms_to_jiffies(ms, hz).map_err(left)?),
-            ..NewAe::default()
-        };
+        let restore = NewAe { etimer_jiffies: Some(timer::ms_to_jiffies(ms, hz).map_err(left)?), ..NewAe::default() };
         self.newae(sa, &restore).map_err(left)
     }
 
@@ -963,10 +924,7 @@ impl Handle {
         if self.dispatching.get() {
             return Err(Error::Busy("reading events from inside dispatch"));
         }
-        self.events
-            .try_borrow_mut()
-            .map_err(|_| Error::Busy("event socket in use"))?
-            .next()
+        self.events.try_borrow_mut().map_err(|_| Error::Busy("event socket in use"))?.next()
     }
 
     /// Iterates over the pending events; ends when the socket is drained.
@@ -1034,14 +992,8 @@ impl Handle {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
-        let _done = Restore {
-            cell: &self.dispatching,
-            value: false,
-        };
-        let mut router = self
-            .router
-            .try_borrow_mut()
-            .map_err(|_| Error::Busy("callbacks in use"))?;
+        let _done = Restore { cell: &self.dispatching, value: false };
+        let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
         let mut datagrams_left = self.dispatch_limit.get();
         let mut count = 0;
         let mut lost = false;
@@ -1098,7 +1050,9 @@ impl Handle {
                 // Read ahead, the socket may have reported lost events (or
                 // another failure) already: that report must not give way
                 // to one about a single message, which is passed over.
-                Err(e) if lost || failed.is_some() => log::warn!("passed over a bad event message, to report lost events or a read error: {e}"),
+                Err(e) if lost || failed.is_some() => {
+                    log::warn!("passed over a bad event message, to report lost events or a read error: {e}")
+                }
                 Err(e) => return Err(e),
             }
             if let Some(e) = failed {
@@ -1160,7 +1114,12 @@ impl Handle {
     /// Hands a message other than an event (events go through `Batch`) to
     /// its callback: an SA notice to `on_sa`. Returns whether it counts as
     /// an event.
-    fn deliver_other(&self, router: &mut Router<Handle>, bytes: &[u8], on_sa: &mut dyn FnMut(&Handle, &SaNotice)) -> Result<bool> {
+    fn deliver_other(
+        &self,
+        router: &mut Router<Handle>,
+        bytes: &[u8],
+        on_sa: &mut dyn FnMut(&Handle, &SaNotice),
+    ) -> Result<bool> {
         match item(bytes)? {
             Item::Aevent(view) => {
                 router.route(self, &view);
@@ -1186,10 +1145,7 @@ impl Handle {
         if self.dispatching.replace(true) {
             return Err(Error::Busy("dispatch called from inside dispatch"));
         }
-        let _done = Restore {
-            cell: &self.dispatching,
-            value: false,
-        };
+        let _done = Restore { cell: &self.dispatching, value: false };
         let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
         let mut batch = Batch::new(None);
         let mut count = 0;
@@ -1236,11 +1192,7 @@ impl Handle {
         }
         let events = self.events.try_borrow().map_err(|_| Error::Busy("event socket in use"))?;
         for group in [wire::XFRMNLGRP_SA, wire::XFRMNLGRP_EXPIRE] {
-            let result = if join {
-                events.socket.add_membership(group)
-            } else {
-                events.socket.drop_membership(group)
-            };
+            let result = if join { events.socket.add_membership(group) } else { events.socket.drop_membership(group) };
             result.map_err(|e| Error::from_io("join XFRMNLGRP_SA/EXPIRE", &e))?;
         }
         Ok(())
@@ -1279,7 +1231,11 @@ impl Handle {
     /// (an acknowledgement for the last, an error for any that fails);
     /// `each` learns every SA's result by its index in `items`. The timeout
     /// applies to each datagram's answers.
-    pub fn set_thresholds_many(&self, items: &[(SaId, u32, u32)], mut each: impl FnMut(usize, Result<()>)) -> Result<()> {
+    pub fn set_thresholds_many(
+        &self,
+        items: &[(SaId, u32, u32)],
+        mut each: impl FnMut(usize, Result<()>),
+    ) -> Result<()> {
         let Some((first, _, _)) = items.first() else { return Ok(()) };
         let hz = self.hz_for(first)?;
         let mut batch: Vec<(usize, u32, u32)> = Vec::with_capacity(BATCH);
@@ -1306,11 +1262,7 @@ impl Handle {
             seqs.clear();
             for (n, (i, replay, jiffies)) in batch.iter().enumerate() {
                 let from = req.next_sender();
-                let set = NewAe {
-                    replay_threshold: Some(*replay),
-                    etimer_jiffies: Some(*jiffies),
-                    ..NewAe::default()
-                };
+                let set = NewAe { replay_threshold: Some(*replay), etimer_jiffies: Some(*jiffies), ..NewAe::default() };
                 let sa = &chunk[*i].0;
                 if n + 1 == batch.len() {
                     wire::append_newae(&mut req.out, from, sa, &set);

@@ -87,10 +87,7 @@ fn on_helper_thread<T: Send>(
             .map_err(|e| Error::from_io("start a netns helper thread", &e))?
             .join()
             .unwrap_or_else(|_| {
-                Err(Error::Os {
-                    operation: "work in another netns (helper thread panicked)",
-                    errno: libc::EIO,
-                })
+                Err(Error::Os { operation: "work in another netns (helper thread panicked)", errno: libc::EIO })
             })
     })
 }

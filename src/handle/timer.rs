@@ -101,9 +101,7 @@ pub fn hz_from_readback(set_jiffies: u32, read_100ms: u32) -> Option<u32> {
     let scaled = u64::from(set_jiffies) * 10;
     let highest = scaled / u64::from(read_100ms);
     let below_lowest = scaled / (u64::from(read_100ms) + 1);
-    (highest == below_lowest + 1)
-        .then(|| u32::try_from(highest).ok())
-        .flatten()
+    (highest == below_lowest + 1).then(|| u32::try_from(highest).ok()).flatten()
 }
 
 /// Milliseconds to jiffies, rounded to the nearest jiffy; a non-zero time
@@ -111,14 +109,9 @@ pub fn hz_from_readback(set_jiffies: u32, read_100ms: u32) -> Option<u32> {
 pub fn ms_to_jiffies(ms: u32, hz: u32) -> Result<u32> {
     let jiffies = (u64::from(ms) * u64::from(hz) + 500) / 1000;
     let jiffies = if ms > 0 { jiffies.max(1) } else { 0 };
-    u32::try_from(jiffies)
-        .ok()
-        .filter(|j| *j <= MAX_JIFFIES)
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "timer threshold {ms} ms is too large for the kernel to report back at HZ {hz}"
-            ))
-        })
+    u32::try_from(jiffies).ok().filter(|j| *j <= MAX_JIFFIES).ok_or_else(|| {
+        Error::invalid(format!("timer threshold {ms} ms is too large for the kernel to report back at HZ {hz}"))
+    })
 }
 
 /// What [`crate::Handle::calibrate_hz`] measured on a live SA.

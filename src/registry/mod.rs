@@ -80,11 +80,8 @@ impl Batch {
     /// `pending` as chosen under `rules`. The names are copied only when
     /// there is something to apply: most dispatches bring no new SA.
     fn new(pending: Vec<Pending>, rules: &RuleSet) -> Batch {
-        let rule_names = if pending.is_empty() {
-            Vec::new()
-        } else {
-            rules.rules().iter().map(|r| r.name.clone()).collect()
-        };
+        let rule_names =
+            if pending.is_empty() { Vec::new() } else { rules.rules().iter().map(|r| r.name.clone()).collect() };
         Batch { pending, rule_names }
     }
 }
@@ -112,10 +109,7 @@ impl Registry {
     /// Wraps `handle`. Nothing is watched until the first rule or
     /// registration arrives.
     pub fn new(handle: Handle) -> Registry {
-        Registry {
-            handle,
-            state: RefCell::new(State::default()),
-        }
+        Registry { handle, state: RefCell::new(State::default()) }
     }
 
     pub fn handle(&self) -> &Handle {
@@ -123,9 +117,7 @@ impl Registry {
     }
 
     fn state(&self) -> Result<std::cell::RefMut<'_, State>> {
-        self.state
-            .try_borrow_mut()
-            .map_err(|_| Error::Busy("the registry is in use (called from its own callback?)"))
+        self.state.try_borrow_mut().map_err(|_| Error::Busy("the registry is in use (called from its own callback?)"))
     }
 
     /// Adds a rule, or replaces the one of the same name, then applies the
@@ -300,10 +292,8 @@ impl Registry {
         if pending.is_empty() {
             return Ok(());
         }
-        let items: Vec<(SaId, u32, u32)> = pending
-            .iter()
-            .map(|p| (p.sa, p.thresholds.replay_packets, p.thresholds.timer_ms))
-            .collect();
+        let items: Vec<(SaId, u32, u32)> =
+            pending.iter().map(|p| (p.sa, p.thresholds.replay_packets, p.thresholds.timer_ms)).collect();
         let mut results: Vec<Option<Result<()>>> = vec![None; items.len()];
         self.handle.set_thresholds_many(&items, |i, result| results[i] = Some(result))?;
         {
@@ -343,12 +333,7 @@ fn direction_of(info: &SaInfo, local: &[IpAddr]) -> Option<Direction> {
 }
 
 fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {
-    SaFacts {
-        sa: info.sa,
-        saddr: info.saddr,
-        reqid: info.reqid,
-        direction: direction_of(info, local),
-    }
+    SaFacts { sa: info.sa, saddr: info.saddr, reqid: info.reqid, direction: direction_of(info, local) }
 }
 
 /// Updates what is known of an SA and queues its thresholds when it lacks
@@ -380,13 +365,8 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
         // New, another SA under the same identity, one replaced in place,
         // or an announced install (see above).
         _ => {
-            let fresh = Tracked {
-                reqid: info.reqid,
-                esn: info.esn(),
-                direction: facts.direction,
-                applied: None,
-                add_time,
-            };
+            let fresh =
+                Tracked { reqid: info.reqid, esn: info.esn(), direction: facts.direction, applied: None, add_time };
             state.tracked.set(&info.sa, &fresh);
             fresh
         }

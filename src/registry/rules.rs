@@ -117,13 +117,12 @@ impl FromStr for Prefix {
             Some((addr, len)) => (addr, Some(len)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| Error::invalid(format!("'{addr}' is not an IPv4 or IPv6 address")))?;
+        let addr: IpAddr =
+            addr.parse().map_err(|_| Error::invalid(format!("'{addr}' is not an IPv4 or IPv6 address")))?;
         let len = match len {
-            Some(len) => len
-                .parse::<u8>()
-                .map_err(|_| Error::invalid(format!("prefix length '{len}' is not a number")))?,
+            Some(len) => {
+                len.parse::<u8>().map_err(|_| Error::invalid(format!("prefix length '{len}' is not a number")))?
+            }
             None if addr.is_ipv4() => 32,
             None => 128,
         };
@@ -307,8 +306,7 @@ impl RuleSet {
 
     /// The thresholds `sa` gets, and from where.
     pub fn resolve(&self, sa: &SaFacts) -> Option<(Source<'_>, Thresholds)> {
-        self.resolve_at(sa)
-            .map(|(rule, t)| (rule.map_or(Source::Sa, |at| Source::Rule(&self.rules[at].name)), t))
+        self.resolve_at(sa).map(|(rule, t)| (rule.map_or(Source::Sa, |at| Source::Rule(&self.rules[at].name)), t))
     }
 
     /// [`RuleSet::resolve`] with the rule as its place in
@@ -318,10 +316,7 @@ impl RuleSet {
         if let Some(t) = self.per_sa.get(&sa.sa) {
             return Some((None, *t));
         }
-        self.rules
-            .iter()
-            .position(|r| r.matches.matches(sa))
-            .map(|at| (Some(at), self.rules[at].thresholds))
+        self.rules.iter().position(|r| r.matches.matches(sa)).map(|at| (Some(at), self.rules[at].thresholds))
     }
 }
 
@@ -339,11 +334,7 @@ mod tests {
     }
 
     fn rule(name: &str, matches: SaMatch, replay: u32) -> Rule {
-        Rule {
-            name: name.into(),
-            matches,
-            thresholds: Thresholds { replay_packets: replay, timer_ms: 1000 },
-        }
+        Rule { name: name.into(), matches, thresholds: Thresholds { replay_packets: replay, timer_ms: 1000 } }
     }
 
     fn winner<'a>(set: &'a RuleSet, sa: &SaFacts) -> Option<Source<'a>> {

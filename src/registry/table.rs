@@ -251,9 +251,7 @@ impl Table {
     /// Whether `add_time` is the install time recorded for `sa`.
     pub(crate) fn same_install(&self, sa: &SaId, add_time: u64) -> bool {
         if plain(sa) {
-            self.compact
-                .find(&Entry::key(sa))
-                .is_some_and(|i| self.compact.entries[i].add_time == add_time as u32)
+            self.compact.find(&Entry::key(sa)).is_some_and(|i| self.compact.entries[i].add_time == add_time as u32)
         } else {
             self.other.get(sa).is_some_and(|(_, t)| *t == add_time)
         }
@@ -349,7 +347,11 @@ mod tests {
                 } else {
                     SaId::esp(IpAddr::V4([10, 0, 0, (i % 5) as u8].into()), i)
                 };
-                if i % 97 == 0 { sa.with_mark(i, 0xff) } else { sa }
+                if i % 97 == 0 {
+                    sa.with_mark(i, 0xff)
+                } else {
+                    sa
+                }
             })
             .collect();
         for (i, sa) in sas.iter().enumerate() {

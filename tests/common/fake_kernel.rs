@@ -108,7 +108,10 @@ fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
 
 fn send(fd: &OwnedFd, bytes: &[u8], flags: i32) -> bool {
     // SAFETY: the pointer and length describe `bytes`.
-    unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags | libc::MSG_NOSIGNAL) == bytes.len() as isize }
+    unsafe {
+        libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags | libc::MSG_NOSIGNAL)
+            == bytes.len() as isize
+    }
 }
 
 fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, port_id: u32) {
@@ -147,7 +150,8 @@ pub fn aevent(out: &mut Vec<u8>, s: &SaState, ae_flags: u32, seq: u32, port_id: 
     out.extend_from_slice(&id);
     let replay: Vec<u8> = [s.oseq, s.seq, s.bitmap].iter().flat_map(|v| v.to_ne_bytes()).collect();
     attr(out, XFRMA_REPLAY_VAL, &replay);
-    let lifetime: Vec<u8> = [s.packets * 64, s.packets, 1_700_000_000, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let lifetime: Vec<u8> =
+        [s.packets * 64, s.packets, 1_700_000_000, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
     attr(out, XFRMA_LTIME_VAL, &lifetime);
     if ae_flags & flags::RTHR != 0 {
         attr(out, XFRMA_REPLAY_THRESH, &s.replay_threshold.to_ne_bytes());
@@ -173,12 +177,8 @@ impl FakeKernel {
     pub fn start(state: SaState, builder: HandleBuilder, port_id: u32) -> (FakeKernel, Handle) {
         let (user_requests, kernel_requests) = seqpacket_pair();
         let (user_events, kernel_events) = seqpacket_pair();
-        let shared = Arc::new(Mutex::new(Shared {
-            state,
-            faults: VecDeque::new(),
-            seen: Vec::new(),
-            scripts: VecDeque::new(),
-        }));
+        let shared =
+            Arc::new(Mutex::new(Shared { state, faults: VecDeque::new(), seen: Vec::new(), scripts: VecDeque::new() }));
         let requests = Arc::new(kernel_requests);
         let events = kernel_events.try_clone().unwrap();
         let server = {
@@ -189,12 +189,7 @@ impl FakeKernel {
             .events(false)
             .open_with_sockets(user_requests, user_events, port_id)
             .expect("handle on a socket pair");
-        let fake = FakeKernel {
-            shared,
-            requests,
-            events: kernel_events,
-            server: Some(server),
-        };
+        let fake = FakeKernel { shared, requests, events: kernel_events, server: Some(server) };
         (fake, handle)
     }
 
@@ -261,13 +256,8 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
         }
         let datagram = &buf[..n as usize];
         let Some(Ok(msg)) = Messages::new(datagram).next() else { continue };
-        let mut seen = Seen {
-            kind: msg.kind,
-            seq: msg.seq,
-            port_id: msg.port_id,
-            timer_jiffies: None,
-            replay_threshold: None,
-        };
+        let mut seen =
+            Seen { kind: msg.kind, seq: msg.seq, port_id: msg.port_id, timer_jiffies: None, replay_threshold: None };
         if msg.kind == wire::XFRM_MSG_NEWAE {
             for (kind, payload) in Attrs::new(&msg.payload[48..]).flatten() {
                 let value = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));

@@ -36,11 +36,7 @@ fn sh(script: &str) {
 
 /// `ip -batch` from lines, in namespace `ns`.
 fn ip_batch(ns: &str, lines: &str) {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("ip");
+    let mut child = Command::new("ip").args(["-n", ns, "-batch", "-"]).stdin(Stdio::piped()).spawn().expect("ip");
     child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "ip -batch in {ns} failed");
 }
@@ -108,8 +104,16 @@ fn many(n: usize) {
     assert_eq!(check.replay_threshold, Some(21), "the batched values are the SA's now");
     println!("| way | SAs/s | time for {n} SAs |");
     println!("|---|---|---|");
-    println!("| one request and one ACK per SA (set_thresholds) | {:.0} | {:.2} s |", n as f64 / single_best, single_best);
-    println!("| batched, 64 NEWAE a datagram (set_thresholds_many) | {:.0} | {:.2} s |", n as f64 / batched_best, batched_best);
+    println!(
+        "| one request and one ACK per SA (set_thresholds) | {:.0} | {:.2} s |",
+        n as f64 / single_best,
+        single_best
+    );
+    println!(
+        "| batched, 64 NEWAE a datagram (set_thresholds_many) | {:.0} | {:.2} s |",
+        n as f64 / batched_best,
+        batched_best
+    );
     println!("RATIO batched/single {:.1}x (goal >= 10x)", single_best / batched_best);
     sh("ip netns del xm");
 }
@@ -208,12 +212,8 @@ struct Run {
 /// of dispatching (a daemon's other work), so a backlog builds up that the
 /// next dispatch call meets.
 fn phase(seconds: f64, rcvbuf: usize, limit: usize, resync: bool, busy: bool) -> Run {
-    let handle = Handle::builder()
-        .netns_path("/run/netns/xb")
-        .receive_buffer(rcvbuf)
-        .dispatch_limit(limit)
-        .open()
-        .unwrap();
+    let handle =
+        Handle::builder().netns_path("/run/netns/xb").receive_buffer(rcvbuf).dispatch_limit(limit).open().unwrap();
     let state: Arc<Vec<AtomicU64>> = Arc::new((0..STORM_SAS).map(|_| AtomicU64::new(0)).collect());
     let delivered = Arc::new(AtomicU64::new(0));
     for i in 0..STORM_SAS {
@@ -338,7 +338,9 @@ fn storm(seconds: f64, only_bound: bool) {
         }
     }
     match needed {
-        Some(kib) => println!("RATIO storm: receive buffer needed for no ENOBUFS: {kib} KiB (SO_RCVBUFFORCE; the kernel doubles it)"),
+        Some(kib) => println!(
+            "RATIO storm: receive buffer needed for no ENOBUFS: {kib} KiB (SO_RCVBUFFORCE; the kernel doubles it)"
+        ),
         None => println!("RATIO storm: even 4 MiB saw ENOBUFS"),
     }
     // A deliberately small buffer: every overrun must be seen and resynced.
@@ -355,7 +357,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("many") => many(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(10_000)),
-        Some("storm") => storm(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(5.0), args.get(2).map(String::as_str) == Some("bound")),
+        Some("storm") => storm(
+            args.get(1).and_then(|v| v.parse().ok()).unwrap_or(5.0),
+            args.get(2).map(String::as_str) == Some("bound"),
+        ),
         Some("send") => send(args[1].parse().unwrap()),
         _ => {
             eprintln!("usage: vm_bench many N | storm SECONDS [bound]");

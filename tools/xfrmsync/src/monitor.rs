@@ -100,7 +100,6 @@ impl State {
     }
 }
 
-
 fn sa_filters(words: &[String]) -> Result<Vec<(IpAddr, u32)>, Failure> {
     words
         .chunks(2)

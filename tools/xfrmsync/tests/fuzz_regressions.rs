@@ -7,10 +7,10 @@
 
 #[path = "../src/parse.rs"]
 mod parse;
-#[path = "../src/rules_file.rs"]
-mod rules_file;
 #[path = "../../../fuzz/rules_checks.rs"]
 mod rules_checks;
+#[path = "../src/rules_file.rs"]
+mod rules_file;
 
 #[test]
 fn every_rules_file_crash_found_by_fuzzing_stays_fixed() {
