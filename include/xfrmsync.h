@@ -491,6 +491,10 @@ int xfrmsync_caused(const struct xfrmsync_handle *handle, const struct xfrmsync_
  Reads the SA's replay state and lifetime counters into `*out`; with
  `XFRMSYNC_QUERY_THRESHOLDS` in `flags`, both thresholds too.
  -ESRCH: no such SA (a marked SA needs its mark).
+ For a marked SA the thresholds are read in two requests, one each:
+ asked for both at once, Linux before 7081d46d3231 (Debian 11's 5.10)
+ can panic on an SA with a mark and an if_id. Give a marked SA's mark,
+ even one of value 0, so that it is read that way.
  */
 int xfrmsync_query(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, uint32_t flags, struct xfrmsync_aevent *out);
 

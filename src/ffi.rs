@@ -594,6 +594,10 @@ pub extern "C" fn xfrmsync_caused(handle: *const xfrmsync_handle, event: *const 
 /// Reads the SA's replay state and lifetime counters into `*out`; with
 /// `XFRMSYNC_QUERY_THRESHOLDS` in `flags`, both thresholds too.
 /// -ESRCH: no such SA (a marked SA needs its mark).
+/// For a marked SA the thresholds are read in two requests, one each:
+/// asked for both at once, Linux before 7081d46d3231 (Debian 11's 5.10)
+/// can panic on an SA with a mark and an if_id. Give a marked SA's mark,
+/// even one of value 0, so that it is read that way.
 #[no_mangle]
 pub extern "C" fn xfrmsync_query(
     handle: *mut xfrmsync_handle,

@@ -9,7 +9,7 @@ mod common;
 use common::{corpus_dir, datagrams};
 
 use xfrmsync::aevent::flags;
-use xfrmsync::wire::{self, Messages, NlMsg, Sender};
+use xfrmsync::wire::{self, GetaeAsk, Messages, NlMsg, Sender};
 use xfrmsync::{Aevent, Replay, SaId};
 
 fn messages(datagram: &[u8]) -> Vec<NlMsg<'_>> {
@@ -205,14 +205,24 @@ fn esn_events_carry_the_esn_state() {
 #[test]
 fn our_getae_encoding_is_byte_identical_to_the_captured_requests() {
     let requests = datagrams("requests.bin");
-    let cases = [(101, sa_1001(), false), (102, sa_1001(), true), (103, sa_2001(), false), (104, sa_2001(), true)];
+    let cases = [
+        (101, sa_1001(), GetaeAsk::Counters),
+        (102, sa_1001(), GetaeAsk::BothThresholds),
+        (103, sa_2001(), GetaeAsk::Counters),
+        (104, sa_2001(), GetaeAsk::BothThresholds),
+    ];
     let mut out = Vec::new();
-    for (i, (seq, sa, thresholds)) in cases.iter().enumerate() {
+    for (i, (seq, sa, ask)) in cases.iter().enumerate() {
         // The captures were made from a socket that sent port id 0.
-        wire::encode_getae(&mut out, Sender { seq: *seq, port_id: 0 }, sa, *thresholds);
+        wire::encode_getae(&mut out, Sender { seq: *seq, port_id: 0 }, sa, *ask);
         assert_eq!(out, requests[i], "GETAE #{i}");
     }
-    wire::encode_getae(&mut out, Sender { seq: 105, port_id: 0 }, &SaId::esp(ip("10.9.0.2"), 0xdead), false);
+    wire::encode_getae(
+        &mut out,
+        Sender { seq: 105, port_id: 0 },
+        &SaId::esp(ip("10.9.0.2"), 0xdead),
+        GetaeAsk::Counters,
+    );
     assert_eq!(out, requests[4], "GETAE for the unknown SPI");
 }
 

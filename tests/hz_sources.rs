@@ -158,6 +158,23 @@ fn the_live_sa_is_the_last_resort_and_says_so() {
     hz::restart_for_tests(None);
 }
 
+#[test]
+fn measuring_on_a_route_based_sa_reads_the_timer_alone() {
+    let _turn = turn();
+    hz::restart_for_tests(Some((Vec::new(), false)));
+    // Mark and if_id: a GETAE for both thresholds would panic 5.10, which
+    // the fake kernel models (tests/kernel_room.rs).
+    let sa = SaId::esp("10.9.0.2".parse().unwrap(), 0x108).with_mark(7, 0xff).with_if_id(5);
+    let (fake, handle) = FakeKernel::start(SaState { sa, hz: 300, ..SaState::new(300) }, Handle::builder(), PORT);
+    handle.set_thresholds(&sa, 5, 2_000).unwrap();
+    assert!(!fake.panicked());
+    let asked: Vec<u32> =
+        fake.seen().iter().filter(|s| s.kind == xfrmsync::wire::XFRM_MSG_GETAE).map(|s| s.ae_flags).collect();
+    assert_eq!(asked, [8, 8], "XFRM_AE_ETHR alone, before and after the probe");
+    assert_eq!(timer::kernel_hz(), Some(300));
+    hz::restart_for_tests(None);
+}
+
 extern "C" {
     fn xfrmsync_learn_kernel_hz(hz_out: *mut u32) -> std::ffi::c_int;
     fn xfrmsync_kernel_hz_source() -> std::ffi::c_int;

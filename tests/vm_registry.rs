@@ -58,24 +58,28 @@ fn raw_thresholds_of(netns: &str, sas: &[SaId]) -> Vec<(u32, u32)> {
         let (mut out, mut buf) = (Vec::new(), vec![0u8; 8192]);
         sas.iter()
             .map(|sa| {
-                wire::encode_getae(&mut out, Sender { seq: 77, port_id: 0 }, sa, true);
-                socket.send(&out, 0).unwrap();
-                let (n, _) = socket.recv_from(&mut &mut buf[..], 0).unwrap();
-                let msg = Messages::new(&buf[..n]).next().unwrap().unwrap();
-                assert_eq!(msg.kind, wire::XFRM_MSG_NEWAE, "GETAE for {sa} answered with type {}", msg.kind);
-                // struct xfrm_aevent_id is 48 bytes; attributes follow, 4-aligned.
-                let (mut at, attrs) = (0, &msg.payload[48..]);
+                // As the library reads them: a marked SA one threshold a
+                // request, which no kernel can crash on.
                 let (mut replay, mut timer) = (None, None);
-                while at + 4 <= attrs.len() {
-                    let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
-                    let kind = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]);
-                    let value = || u32::from_ne_bytes(attrs[at + 4..at + 8].try_into().unwrap());
-                    match kind {
-                        11 => replay = Some(value()), // XFRMA_REPLAY_THRESH
-                        12 => timer = Some(value()),  // XFRMA_ETIMER_THRESH
-                        _ => {}
+                for &ask in wire::threshold_reads(sa) {
+                    wire::encode_getae(&mut out, Sender { seq: 77, port_id: 0 }, sa, ask);
+                    socket.send(&out, 0).unwrap();
+                    let (n, _) = socket.recv_from(&mut &mut buf[..], 0).unwrap();
+                    let msg = Messages::new(&buf[..n]).next().unwrap().unwrap();
+                    assert_eq!(msg.kind, wire::XFRM_MSG_NEWAE, "GETAE for {sa} answered with type {}", msg.kind);
+                    // struct xfrm_aevent_id is 48 bytes; attributes follow, 4-aligned.
+                    let (mut at, attrs) = (0, &msg.payload[48..]);
+                    while at + 4 <= attrs.len() {
+                        let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
+                        let kind = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]);
+                        let value = || u32::from_ne_bytes(attrs[at + 4..at + 8].try_into().unwrap());
+                        match kind {
+                            11 => replay = Some(value()), // XFRMA_REPLAY_THRESH
+                            12 => timer = Some(value()),  // XFRMA_ETIMER_THRESH
+                            _ => {}
+                        }
+                        at += (len + 3) & !3;
                     }
-                    at += (len + 3) & !3;
                 }
                 (replay.expect("XFRMA_REPLAY_THRESH"), timer.expect("XFRMA_ETIMER_THRESH"))
             })

@@ -607,12 +607,59 @@ fn finish(out: &mut [u8], start: usize) {
     out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
 
-/// `XFRM_MSG_GETAE` for one SA; with `thresholds` the answer carries both.
-pub fn encode_getae(out: &mut Vec<u8>, from: Sender, sa: &SaId, thresholds: bool) {
+/// What one `XFRM_MSG_GETAE` asks the kernel to add to the SA's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetaeAsk {
+    /// The counters alone.
+    Counters,
+    /// Both thresholds in one answer: only where [`threshold_reads`] says so.
+    BothThresholds,
+    ReplayThreshold,
+    TimerThreshold,
+}
+
+impl GetaeAsk {
+    pub fn ae_flags(self) -> u32 {
+        match self {
+            GetaeAsk::Counters => 0,
+            GetaeAsk::BothThresholds => flags::RTHR | flags::ETHR,
+            GetaeAsk::ReplayThreshold => flags::RTHR,
+            GetaeAsk::TimerThreshold => flags::ETHR,
+        }
+    }
+}
+
+/// The GETAEs that read `sa`'s counters with both thresholds, in the order
+/// to send them: the kernel must never be asked for an answer larger than
+/// the buffer it allocates for it.
+///
+/// That buffer (`xfrm_aevent_msgsize`) counts the mark and both thresholds
+/// but, before upstream 7081d46d3231, not `XFRMA_IF_ID`; the answer is
+/// built under `BUG_ON(err < 0)`. An SA with a mark *and* an `if_id` asked
+/// for both thresholds overflows it where the allocation has no slack
+/// (Debian 11's 5.10.0-32 panics on ESN window 256). Without a mark, the
+/// 12 bytes counted for it hold the `if_id`'s 8; asking for one threshold
+/// at a time leaves 8 counted bytes free. The `if_id` cannot be known from
+/// an `SaId` (the kernel's lookup ignores it) and a kernel's version cannot
+/// prove the fix (stable and vendor backports), so every marked SA is read
+/// in two requests, on every kernel; an unmarked one keeps its single one.
+/// An SA installed with a mark of value 0 is found by an unmarked query as
+/// well: name it with its mark (mask included) to be read safely.
+pub fn threshold_reads(sa: &SaId) -> &'static [GetaeAsk] {
+    if sa.mark.is_set() {
+        &[GetaeAsk::ReplayThreshold, GetaeAsk::TimerThreshold]
+    } else {
+        &[GetaeAsk::BothThresholds]
+    }
+}
+
+/// `XFRM_MSG_GETAE` for one SA, asking for what `ask` names. Reading both
+/// thresholds of a marked SA in one request can crash older kernels: see
+/// [`threshold_reads`].
+pub fn encode_getae(out: &mut Vec<u8>, from: Sender, sa: &SaId, ask: GetaeAsk) {
     out.clear();
     let start = begin(out, XFRM_MSG_GETAE, 0, from);
-    let ae_flags = if thresholds { flags::RTHR | flags::ETHR } else { 0 };
-    put_aevent_id(out, sa, ae_flags);
+    put_aevent_id(out, sa, ask.ae_flags());
     put_identity_attrs(out, sa);
     finish(out, start);
 }

@@ -241,10 +241,8 @@ fn probe_until(deadline: Instant) -> Result<u32> {
         handle.one_call(|| {
             handle.request_ack("XFRM_MSG_NEWSA (HZ probe)", |out, from| wire::encode_newsa(out, from, &new))?;
             handle.request_ack("XFRM_MSG_NEWAE (HZ probe)", |out, from| wire::encode_newae(out, from, &sa, &probe))?;
-            handle
-                .query_with_thresholds(&sa)?
-                .timer_threshold_ms
-                .and_then(|ms| timer::hz_from_readback(CALIBRATION_JIFFIES, ms / 100))
+            let ms = handle.timer_threshold_ms(&sa)?;
+            timer::hz_from_readback(CALIBRATION_JIFFIES, ms / 100)
                 .ok_or(Error::Malformed("HZ probe: timer threshold read back unusable"))
         })
     })

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::events::{Candidate, Router};
 use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
-use crate::wire::{self, Messages, NewAe, NlMsg, SaInfo, Sender};
+use crate::wire::{self, GetaeAsk, Messages, NewAe, NlMsg, SaInfo, Sender};
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
 /// and gets the handle, so it may query and configure SAs through it.
@@ -728,8 +728,8 @@ impl Handle {
         req.transact(operation, from.seq, expect, deadline)
     }
 
-    fn getae(&self, sa: &SaId, thresholds: bool) -> Result<Aevent> {
-        self.request("XFRM_MSG_GETAE", Expect::Aevent, |out, from| wire::encode_getae(out, from, sa, thresholds))?
+    fn getae(&self, sa: &SaId, ask: GetaeAsk) -> Result<Aevent> {
+        self.request("XFRM_MSG_GETAE", Expect::Aevent, |out, from| wire::encode_getae(out, from, sa, ask))?
             .ok_or(Error::Malformed("GETAE answered without an aevent"))
     }
 
@@ -751,12 +751,41 @@ impl Handle {
 
     /// Current replay state and lifetime counters of `sa`.
     pub fn query(&self, sa: &SaId) -> Result<Aevent> {
-        self.getae(sa, false)
+        self.getae(sa, GetaeAsk::Counters)
     }
 
     /// Like [`Handle::query`], with both thresholds filled in.
+    ///
+    /// A marked SA is read in two requests, one threshold each, so that no
+    /// kernel is asked for more than it makes room for (Debian 11's 5.10
+    /// panics otherwise on an SA with a mark and an `if_id`: see
+    /// [`wire::threshold_reads`]). The counters are then those of the second
+    /// answer. Name an SA installed with a mark by its mark, even one of
+    /// value 0.
     pub fn query_with_thresholds(&self, sa: &SaId) -> Result<Aevent> {
-        self.getae(sa, true)
+        let _call = self.call();
+        let mut merged: Option<Aevent> = None;
+        for &ask in wire::threshold_reads(sa) {
+            let answer = self.getae(sa, ask)?;
+            merged = Some(match merged {
+                None => answer,
+                Some(earlier) => Aevent {
+                    flags: earlier.flags | answer.flags,
+                    replay_threshold: answer.replay_threshold.or(earlier.replay_threshold),
+                    timer_threshold_ms: answer.timer_threshold_ms.or(earlier.timer_threshold_ms),
+                    ..answer
+                },
+            });
+        }
+        merged.ok_or(Error::Malformed("no GETAE reads the thresholds"))
+    }
+
+    /// `sa`'s timer threshold in milliseconds (100 ms steps), read alone:
+    /// one request whatever the SA's mark and `if_id`.
+    pub(crate) fn timer_threshold_ms(&self, sa: &SaId) -> Result<u32> {
+        self.getae(sa, GetaeAsk::TimerThreshold)?
+            .timer_threshold_ms
+            .ok_or(Error::Malformed("GETAE answer without the timer threshold"))
     }
 
     /// Sets values and thresholds of `sa` in one `XFRM_MSG_NEWAE`: all or
@@ -867,10 +896,7 @@ impl Handle {
     /// written back.
     pub fn calibrate_hz(&self, sa: &SaId) -> Result<u32> {
         let _call = self.call();
-        let before_ms = self
-            .query_with_thresholds(sa)?
-            .timer_threshold_ms
-            .ok_or(Error::Malformed("GETAE answer without the timer threshold"))?;
+        let before_ms = self.timer_threshold_ms(sa)?;
         if before_ms == 0 {
             return Err(Error::invalid(format!(
                 "{sa}: its timer threshold reads 0 (off, or under the kernel's 100 ms step), so it could not \
@@ -888,9 +914,8 @@ impl Handle {
                 return Err(unknown);
             }
         }
-        let measured = self.query_with_thresholds(sa).and_then(|read| {
-            read.timer_threshold_ms
-                .and_then(|ms| timer::hz_from_readback(timer::CALIBRATION_JIFFIES, ms / 100))
+        let measured = self.timer_threshold_ms(sa).and_then(|ms| {
+            timer::hz_from_readback(timer::CALIBRATION_JIFFIES, ms / 100)
                 .ok_or(Error::Malformed("timer threshold read back unusable for HZ calibration"))
         });
         self.restore_timer(sa, before_ms, measured.as_ref().ok().copied())?;

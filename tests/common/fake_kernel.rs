@@ -3,7 +3,10 @@
 //! stored in jiffies, read back as `jiffies * 10 / HZ`), answers a handle's
 //! requests, multicasts an update event for each `NEWAE` (with the request's
 //! seq and port id, before the ack, as the kernel does), and injects faults
-//! request by request.
+//! request by request. Like Linux before 7081d46d3231 (Debian 11's 5.10),
+//! it makes room for an aevent without its `XFRMA_IF_ID` and, where the
+//! answer outgrows that, "panics": it never answers again, and says so
+//! ([`FakeKernel::panicked`]). It has no allocator slack to hide that.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -21,6 +24,13 @@ const XFRMA_LTIME_VAL: u16 = 9;
 const XFRMA_REPLAY_VAL: u16 = 10;
 const XFRMA_REPLAY_THRESH: u16 = 11;
 const XFRMA_ETIMER_THRESH: u16 = 12;
+const XFRMA_MARK: u16 = 21;
+const XFRMA_IF_ID: u16 = 31;
+
+/// `xfrm_aevent_msgsize()` of Linux 5.10 for an SA with legacy replay
+/// state: the aevent id, the replay state, the lifetime, the mark and both
+/// thresholds; no `XFRMA_IF_ID`.
+pub const AEVENT_ROOM_5_10: usize = 48 + (4 + 12) + (4 + 32) + (4 + 8) + 8 + 8;
 
 /// What the fake does with the next request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +91,8 @@ pub struct Seen {
     pub port_id: u32,
     pub timer_jiffies: Option<u32>,
     pub replay_threshold: Option<u32>,
+    /// The `xfrm_aevent_id` flags of a GETAE or NEWAE.
+    pub ae_flags: u32,
 }
 
 struct Shared {
@@ -88,6 +100,7 @@ struct Shared {
     faults: VecDeque<Fault>,
     seen: Vec<Seen>,
     scripts: VecDeque<Vec<Vec<u8>>>,
+    panicked: bool,
 }
 
 pub struct FakeKernel {
@@ -160,6 +173,14 @@ pub fn aevent(out: &mut Vec<u8>, s: &SaState, ae_flags: u32, seq: u32, port_id: 
         let reported = (u64::from(s.timer_jiffies) * 10 / u64::from(s.hz)) as u32;
         attr(out, XFRMA_ETIMER_THRESH, &reported.to_ne_bytes());
     }
+    let mark = s.sa.mark;
+    if mark.is_set() {
+        let raw: Vec<u8> = [mark.value, mark.mask].iter().flat_map(|v| v.to_ne_bytes()).collect();
+        attr(out, XFRMA_MARK, &raw);
+    }
+    if s.sa.if_id != 0 {
+        attr(out, XFRMA_IF_ID, &s.sa.if_id.to_ne_bytes());
+    }
     finish(out, start);
 }
 
@@ -177,8 +198,13 @@ impl FakeKernel {
     pub fn start(state: SaState, builder: HandleBuilder, port_id: u32) -> (FakeKernel, Handle) {
         let (user_requests, kernel_requests) = seqpacket_pair();
         let (user_events, kernel_events) = seqpacket_pair();
-        let shared =
-            Arc::new(Mutex::new(Shared { state, faults: VecDeque::new(), seen: Vec::new(), scripts: VecDeque::new() }));
+        let shared = Arc::new(Mutex::new(Shared {
+            state,
+            faults: VecDeque::new(),
+            seen: Vec::new(),
+            scripts: VecDeque::new(),
+            panicked: false,
+        }));
         let requests = Arc::new(kernel_requests);
         let events = kernel_events.try_clone().unwrap();
         let server = {
@@ -212,6 +238,12 @@ impl FakeKernel {
 
     pub fn state(&self) -> SaState {
         self.shared.lock().unwrap().state
+    }
+
+    /// Whether a request made the fake outgrow its answer's room, as
+    /// `BUG_ON(err < 0)` in 5.10's `xfrm_get_ae` does.
+    pub fn panicked(&self) -> bool {
+        self.shared.lock().unwrap().panicked
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -256,8 +288,18 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
         }
         let datagram = &buf[..n as usize];
         let Some(Ok(msg)) = Messages::new(datagram).next() else { continue };
-        let mut seen =
-            Seen { kind: msg.kind, seq: msg.seq, port_id: msg.port_id, timer_jiffies: None, replay_threshold: None };
+        let ae_flags = match msg.payload.get(40..44) {
+            Some(raw) => u32::from_ne_bytes(raw.try_into().unwrap()),
+            None => 0,
+        };
+        let mut seen = Seen {
+            kind: msg.kind,
+            seq: msg.seq,
+            port_id: msg.port_id,
+            timer_jiffies: None,
+            replay_threshold: None,
+            ae_flags,
+        };
         if msg.kind == wire::XFRM_MSG_NEWAE {
             for (kind, payload) in Attrs::new(&msg.payload[48..]).flatten() {
                 let value = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));
@@ -270,6 +312,9 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
         }
         let fault = {
             let mut s = shared.lock().unwrap();
+            if s.panicked {
+                continue;
+            }
             s.seen.push(seen);
             s.faults.pop_front().unwrap_or(Fault::Pass)
         };
@@ -308,8 +353,11 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
             Fault::Pass | Fault::Silent | Fault::Delay(_) => {
                 let mut s = shared.lock().unwrap();
                 if msg.kind == wire::XFRM_MSG_GETAE {
-                    let ae_flags = u32::from_ne_bytes(msg.payload[40..44].try_into().unwrap());
                     aevent(&mut answer, &s.state, ae_flags, msg.seq, msg.port_id);
+                    if answer.len() - 16 > AEVENT_ROOM_5_10 {
+                        s.panicked = true;
+                        continue;
+                    }
                 } else if msg.flags & wire::NLM_F_REPLACE == 0 {
                     error(&mut answer, libc::EINVAL, datagram, msg.seq);
                 } else {
