@@ -54,6 +54,9 @@ add_sa() { # add_sa NETNS SPI REQID REPLAY-ARGS...: an SA 10.9.0.1 -> 10.9.0.2
 # raw_getae NETNS DST,SPI[,MARK,MASK]...: "REPLAY_THRESH TIMER_MS" of each SA
 # straight from the kernel, one line each (XFRMA_ETIMER_THRESH is reported
 # in 100 ms units). One Python for all: each start costs seconds under TCG.
+# A marked SA is asked one threshold per GETAE (XFRM_AE_RTHR, then
+# XFRM_AE_ETHR): Linux 5.10 panics on one asking both about an SA with a
+# mark and an if_id (issue 16). An unmarked SA is asked both at once.
 raw_getae() {
     ip netns exec "$1" python3 - "${@:2}" <<'PY'
 import ipaddress, socket, struct, sys
@@ -62,14 +65,17 @@ XFRMA_REPLAY_THRESH, XFRMA_ETIMER_THRESH = 11, 12
 XFRM_AE_RTHR, XFRM_AE_ETHR = 1, 8
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)  # NETLINK_XFRM
 s.bind((0, 0))
-for seq, spec in enumerate(sys.argv[1:], 1):
+seq = 0
+def getae(spec, flags):
+    global seq
+    seq += 1
     words = spec.split(",")
     dst, spi = ipaddress.ip_address(words[0]), int(words[1], 0)
     family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
     # struct xfrm_aevent_id: xfrm_usersa_id (daddr, spi, family, proto,
     # pad), saddr, flags, reqid: 48 bytes.
     body = struct.pack("=16s4sHBx16sII", dst.packed.ljust(16, b"\0"), struct.pack(">I", spi), family, 50,
-                       b"\0" * 16, XFRM_AE_RTHR | XFRM_AE_ETHR, 0)
+                       b"\0" * 16, flags, 0)
     if len(words) > 2:
         body += struct.pack("=HHII", 12, XFRMA_MARK, int(words[2], 0), int(words[3], 0))
     s.send(struct.pack("=IHHII", 16 + len(body), XFRM_MSG_GETAE, 1, seq, 0) + body)
@@ -85,6 +91,13 @@ for seq, spec in enumerate(sys.argv[1:], 1):
         if atype in (XFRMA_REPLAY_THRESH, XFRMA_ETIMER_THRESH):
             found[atype] = struct.unpack_from("=I", data, at + 4)[0]
         at += (alen + 3) & ~3
+    return found
+for spec in sys.argv[1:]:
+    if len(spec.split(",")) > 2:  # marked: one threshold per request
+        found = getae(spec, XFRM_AE_RTHR)
+        found.update(getae(spec, XFRM_AE_ETHR))
+    else:
+        found = getae(spec, XFRM_AE_RTHR | XFRM_AE_ETHR)
     print(found[XFRMA_REPLAY_THRESH], found[XFRMA_ETIMER_THRESH] * 100)
 PY
 }
