@@ -25,6 +25,22 @@ case $set_name in
     *) echo "suites: XFRMSYNC_VM_SET is '$set_name', not core or full" >&2; exit 2 ;;
 esac
 echo "suites: $set_name set on $(uname -r): ${list[*]}"
+# The kernel switches tc's ingress and egress paths on and off with static
+# keys, patching its own code, whenever the first clsact qdisc of the
+# machine appears or the last one goes: the suites rebuild namespaces that
+# hold one (net-setup.sh, route-based-suite.sh, the daemon suites) while
+# traffic flows. 6.12.118 once panicked there under TCG, with RIP in the
+# middle of a 5-byte NOP (tc_run+0x44): one CPU ran the code another was
+# patching. A clsact qdisc of its own, kept for the whole boot, holds the
+# keys on, so no suite ever flips them.
+modprobe sch_ingress 2>/dev/null
+mkdir -p /run/netns
+ip netns add tc-keys 2>/dev/null
+if ip -n tc-keys link set lo up && tc -n tc-keys qdisc replace dev lo clsact; then
+    echo "suites: tc's static keys held on by a clsact qdisc in netns tc-keys"
+else
+    echo "suites: could not hold tc's static keys on (netns tc-keys)" >&2
+fi
 passed=0 failed=0 failures=()
 for suite in "${list[@]}"; do
     echo "=== suite $suite"
