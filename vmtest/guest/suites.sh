@@ -4,10 +4,12 @@
 # which:
 #   core  kernel-suite.sh (C and Rust API, examples, kernel facts),
 #         route-based-suite.sh (64 SAs with a mark and an if_id, which a
-#         GETAE for both thresholds panics 5.10 on) and registry-suite.sh
-#         (bursts of 5,000 SAs through `xfrmsync apply`)
-#   full  the same, plus tool-suite.sh (the xfrmsync command) and the
-#         daemon suites that exist
+#         GETAE for both thresholds panics 5.10 on), registry-suite.sh
+#         (bursts of 5,000 SAs through `xfrmsync apply`) and
+#         strongswan-suite.sh (charon with the plugin, a route-based child
+#         among its children)
+#   full  the same, plus tool-suite.sh (the xfrmsync command) and
+#         pfkey-suite.sh (racoon's path)
 # Each suite runs to its end even when one before it failed; the time each
 # took is printed. Ends with `guest-suites: N passed, N failed`.
 set -uo pipefail
@@ -16,12 +18,10 @@ cd "$(dirname "$0")/../.."
 set_name=${XFRMSYNC_VM_SET:-full}
 case $set_name in
     core) export XFRMSYNC_BURST=${XFRMSYNC_BURST:-5000}
-          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh) ;;
+          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh strongswan-suite.sh) ;;
     full) export XFRMSYNC_BURST=${XFRMSYNC_BURST:-5000}
-          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh tool-suite.sh)
-          for daemon in strongswan-suite.sh pfkey-suite.sh; do
-              [[ -f vmtest/guest/$daemon ]] && list+=("$daemon")
-          done ;;
+          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh tool-suite.sh strongswan-suite.sh
+              pfkey-suite.sh) ;;
     *) echo "suites: XFRMSYNC_VM_SET is '$set_name', not core or full" >&2; exit 2 ;;
 esac
 echo "suites: $set_name set on $(uname -r): ${list[*]}"
