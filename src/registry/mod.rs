@@ -296,6 +296,18 @@ impl Registry {
             pending.iter().map(|p| (p.sa, p.thresholds.replay_packets, p.thresholds.timer_ms)).collect();
         let mut results: Vec<Option<Result<()>>> = vec![None; items.len()];
         self.handle.set_thresholds_many(&items, |i, result| results[i] = Some(result))?;
+        // Every SA here was just announced or listed by the kernel, yet its
+        // lookup can miss it: xfrm_state_lookup walks the SPI hash without
+        // the resize seqcount, and a burst of installs resizes the table
+        // again and again (seen on 5.10: -ESRCH amid 5,000 new SAs). Those
+        // are asked once more, after the resize had time to finish; an SA
+        // deleted meanwhile answers -ESRCH again.
+        let missed: Vec<usize> = (0..items.len()).filter(|&i| is_esrch(&results[i])).collect();
+        if !missed.is_empty() {
+            std::thread::sleep(RESIZE_PAUSE);
+            let again: Vec<(SaId, u32, u32)> = missed.iter().map(|&i| items[i]).collect();
+            self.handle.set_thresholds_many(&again, |n, result| results[missed[n]] = Some(result))?;
+        }
         {
             let mut state = self.state()?;
             for (p, result) in pending.iter().zip(&results) {
@@ -326,6 +338,15 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// How long a NEWAE that missed a listed SA waits before it is sent again
+/// (see `Registry::apply_chunk`): longer than a resize of the kernel's SA
+/// hash tables takes under emulation.
+const RESIZE_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn is_esrch(result: &Option<Result<()>>) -> bool {
+    matches!(result, Some(Err(Error::Kernel { errno, .. })) if *errno == libc::ESRCH)
 }
 
 fn direction_of(info: &SaInfo, local: &[IpAddr]) -> Option<Direction> {
