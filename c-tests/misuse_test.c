@@ -80,6 +80,9 @@ static void null_everywhere(void)
 	check(xfrmsync_register_sa(NULL, &sa, 1, 1000) == -EINVAL, "register_sa(NULL, ...)");
 	check(xfrmsync_unregister_sa(NULL, &sa) == -EINVAL, "unregister_sa(NULL, ...)");
 	check(xfrmsync_on_applied(NULL, ignore_applied, NULL) == -EINVAL, "on_applied(NULL, ...)");
+	check(xfrmsync_on_applied_rule(NULL, NULL, NULL) == -EINVAL, "on_applied_rule(NULL, ...)");
+	check(xfrmsync_relist_due_ms(NULL) == -EINVAL, "relist_due_ms(NULL)");
+	check(xfrmsync_handle_port_id(NULL) == -EINVAL, "handle_port_id(NULL)");
 	check(xfrmsync_newsa_add_thresholds(NULL, buf, sizeof(buf)) == -EINVAL, "newsa_add_thresholds(NULL, ...)");
 
 	if (!check(xfrmsync_handle_new(&h) == 0, "a handle for the NULL arguments after it"))
@@ -102,6 +105,7 @@ static void null_everywhere(void)
 	check(xfrmsync_register_sa(h, NULL, 1, 1000) == -EINVAL, "register_sa(h, NULL)");
 	check(xfrmsync_unregister_sa(h, NULL) == -EINVAL, "unregister_sa(h, NULL)");
 	check(xfrmsync_on_applied(h, NULL, NULL) == 0, "on_applied(h, NULL): removes (none)");
+	check(xfrmsync_on_applied_rule(h, NULL, NULL) == 0, "on_applied_rule(h, NULL): removes (none)");
 	check(xfrmsync_newsa_add_thresholds(h, NULL, 64) == -EINVAL, "newsa_add_thresholds(h, NULL, 64)");
 	check(xfrmsync_newsa_add_thresholds(h, buf, 0) < 0, "newsa_add_thresholds(h, buf, 0): an error");
 	memset(buf, 0xff, sizeof(buf));

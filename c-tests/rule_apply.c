@@ -11,8 +11,11 @@
  *          | replay (packets) | timer (ms)
  *
  * Prints "ready" once every rule is added (and applied to the SAs there
- * were), then one line per application:
- *   applied spi=0x... dst=... replay=N timer=N result=0|-errno
+ * were), then one line per application, with the rule that gave it
+ * (xfrmsync_on_applied_rule):
+ *   applied spi=0x... dst=... replay=N timer=N result=0|-errno rule=NAME
+ * It polls with xfrmsync_relist_due_ms() as the timeout, so an owed listing
+ * of every SA is retried even when no event comes.
  * Exits 0 on a signal or at the end of --seconds, 1 on an error. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -113,14 +116,14 @@ static void parse_rule(char *arg, xfrmsync_rule *rule)
 }
 
 static void on_applied(void *user_data, const xfrmsync_sa_id *sa, uint32_t replay, uint32_t timer_ms,
-		       int result)
+		       int result, const char *rule)
 {
 	char dst[INET6_ADDRSTRLEN] = "?";
 
 	(void)user_data;
 	inet_ntop(sa->family, sa->daddr, dst, sizeof(dst));
-	printf("applied spi=0x%08x dst=%s replay=%u timer=%u result=%d\n", sa->spi, dst, replay, timer_ms,
-	       result);
+	printf("applied spi=0x%08x dst=%s replay=%u timer=%u result=%d rule=%s\n", sa->spi, dst, replay, timer_ms,
+	       result, rule ? rule : "(registered)");
 }
 
 int main(int argc, char **argv)
@@ -147,7 +150,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "rule_apply: %s\n", xfrmsync_last_error());
 		return 1;
 	}
-	xfrmsync_on_applied(h, on_applied, NULL);
+	xfrmsync_on_applied_rule(h, on_applied, NULL);
 	/* As `xfrmsync apply` does: learn HZ before the first SA needs it, so
 	 * that no SA waits for the probe. */
 	{
@@ -172,23 +175,25 @@ int main(int argc, char **argv)
 	clock_gettime(CLOCK_MONOTONIC, &start);
 	while (!stop) {
 		struct pollfd pfd = { .fd = xfrmsync_handle_fd(h), .events = POLLIN };
+		int due = xfrmsync_relist_due_ms(h);
 
 		if (seconds > 0) {
 			clock_gettime(CLOCK_MONOTONIC, &now);
 			if (now.tv_sec - start.tv_sec + (now.tv_nsec - start.tv_nsec) / 1e9 >= seconds)
 				break;
 		}
-		if (poll(&pfd, 1, 200) < 0) {
+		if (poll(&pfd, 1, due >= 0 && due < 200 ? due : 200) < 0) {
 			if (errno == EINTR)
 				continue;
 			perror("rule_apply: poll");
 			return 1;
 		}
-		if (!(pfd.revents & POLLIN))
+		if (!(pfd.revents & POLLIN) && due != 0)
 			continue;
 		rc = xfrmsync_dispatch(h);
 		if (rc == -ENOBUFS)
-			printf("lost events: every SA listed again\n");
+			printf("lost events: %s\n", xfrmsync_relist_due_ms(h) < 0 ? "every SA listed again"
+										  : "listing every SA failed; retried");
 		else if (rc < 0) {
 			fprintf(stderr, "rule_apply: dispatch: %s\n", xfrmsync_last_error());
 			return 1;

@@ -70,6 +70,9 @@ static void with_handle(void)
 	check((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0, "event fd is close-on-exec");
 	check(xfrmsync_handle_set_rcvbuf(h, 1 << 20) == 0, "receive buffer settable");
 	check(xfrmsync_dispatch(h) >= 0, "dispatch with nothing pending returns at once");
+	check(xfrmsync_relist_due_ms(h) == -1, "no listing owed on a new handle");
+	check(xfrmsync_handle_port_id(h) > 0, "the request port id is the kernel's, not 0 (%lld)",
+	      (long long)xfrmsync_handle_port_id(h));
 
 	memset(&ev, 0x5a, sizeof(ev));
 	rc = xfrmsync_query(h, &sa, XFRMSYNC_QUERY_THRESHOLDS, &ev);

@@ -14,8 +14,10 @@
  * Threads: the library keeps no thread of its own (opening in another
  * namespace and learning HZ run a short-lived helper thread they join
  * before returning). A handle may be used from any
- * thread, by one thread at a time. Callbacks run only inside
- * xfrmsync_dispatch(), on the thread that called it. From a callback you may
+ * thread, by one thread at a time. Event callbacks run only inside
+ * xfrmsync_dispatch(), on the thread that called it; the applied callback
+ * (xfrmsync_on_applied) also inside xfrmsync_rule_add, xfrmsync_rule_remove
+ * and xfrmsync_register_sa. From a callback you may
  * call xfrmsync_query, xfrmsync_update, xfrmsync_set_thresholds and
  * xfrmsync_calibrate_hz on the same handle; xfrmsync_dispatch,
  * xfrmsync_on_event, xfrmsync_on_sa_event, xfrmsync_rule_add,
@@ -26,10 +28,13 @@
  * normally: a C++ exception or a longjmp out of one is undefined behaviour.
  * Distinct handles are independent. The last-error message is per thread.
  *
- * Event loop: poll xfrmsync_handle_fd() for readability, then call
- * xfrmsync_dispatch(); it never blocks and reads at most 128 datagrams
- * (one event each) per call, so it returns promptly under a steady stream;
- * poll again for the rest. Requests wait for the kernel's answer on a
+ * Event loop: poll xfrmsync_handle_fd() for readability, with
+ * xfrmsync_relist_due_ms() as the timeout, then call xfrmsync_dispatch();
+ * it never waits for events and reads at most 128 datagrams (one event
+ * each) per call, so a steady stream cannot hold it; poll again for the
+ * rest. With rules or registrations it also waits for the kernel's answers
+ * to the NEWAE it sends, and after lost events lists every SA: see
+ * xfrmsync_dispatch for what that costs. Requests wait for the kernel's answer on a
  * second socket: each call (query, update, set_thresholds, calibrate_hz)
  * waits at most 5 seconds in all, however many requests it makes, and
  * -ETIMEDOUT then. Only a call that must undo its HZ probe after a failure
@@ -411,6 +416,14 @@ typedef struct xfrmsync_rule {
  */
 typedef void (*xfrmsync_applied_cb)(void *user_data, const struct xfrmsync_sa_id *sa, uint32_t replay_threshold, uint32_t timer_threshold_ms, int result);
 
+/*
+ Learns of each application of thresholds like `xfrmsync_applied_cb`,
+ and also of the rule that gave them: its name, or NULL when they were
+ registered for the SA itself (`xfrmsync_register_sa`). The name lives
+ until the callback returns.
+ */
+typedef void (*xfrmsync_applied_rule_cb)(void *user_data, const struct xfrmsync_sa_id *sa, uint32_t replay_threshold, uint32_t timer_threshold_ms, int result, const char *rule);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -461,6 +474,15 @@ void xfrmsync_handle_free(struct xfrmsync_handle *handle);
  negative errno.
  */
 int xfrmsync_handle_fd(const struct xfrmsync_handle *handle);
+
+/*
+ The port id the handle's requests are sent from: the kernel copies it
+ into the nlmsg_pid of the update events they cause, so a program with
+ two handles (one for aevents, one for rules) can tell the echoes of the
+ other's updates from everyone else's. It never changes; a negative
+ errno for an invalid handle.
+ */
+int64_t xfrmsync_handle_port_id(const struct xfrmsync_handle *handle);
 
 /*
  Joins (`join` true) or leaves the aevents group. The kernel generates
@@ -578,22 +600,40 @@ int xfrmsync_on_event(struct xfrmsync_handle *handle, xfrmsync_event_cb callback
 int xfrmsync_on_sa_event(struct xfrmsync_handle *handle, const struct xfrmsync_sa_id *sa, xfrmsync_event_cb callback, void *user_data);
 
 /*
- Dispatch also gives SAs that appeared the thresholds of their rules (see
- `xfrmsync_rule_add`), and after lost notifications lists every SA again
- before it returns -ENOBUFS.
-
  Reads pending events without blocking and runs their callbacks on this
  thread: at most the dispatch limit of datagrams per call (see
  `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
  cannot hold the caller here; what is left keeps the fd readable. Returns
- the number of events read, or a negative errno. -ENOBUFS means the
- kernel dropped events: it then drops every later one without a word
- until the socket is read empty, so dispatch reads it empty first
- (running the callbacks of what is there) and then returns -ENOBUFS;
- query your SAs after that and nothing is missed. After other errors the
- events behind them stay pending, so call again.
+ the number of events read, or a negative errno.
+
+ -ENOBUFS means the kernel dropped events. It then drops every later one
+ without a word until the socket has been read empty, so -ENOBUFS comes
+ from the call that reads it empty (with the dispatch limit, maybe a
+ later call than the one that met the loss; the fd stays readable until
+ then). Query your SAs when it comes and nothing is missed. After other
+ errors the events behind them stay pending, so call again.
+
+ With rules or registrations (see `xfrmsync_rule_add`), dispatch does
+ more than read, and takes longer than the read bound alone: it sends
+ NEWAE for the SAs that appeared, in batches of 64, waiting for each
+ batch's answer (up to 5 seconds; a NEWAE the kernel misses during a
+ resize of its SA tables is asked again after 20 ms). After lost
+ notifications it lists every SA (one GETSA dump, whose length grows
+ with the number of SAs) and gives those that lack them their
+ thresholds, then returns -ENOBUFS whether or not that listing worked. A
+ listing that failed is owed and retried by a later call, with a growing
+ wait: see `xfrmsync_relist_due_ms`.
  */
 int xfrmsync_dispatch(struct xfrmsync_handle *handle);
+
+/*
+ Milliseconds until `xfrmsync_dispatch` should be called even if the fd
+ is not readable: a listing of every SA is owed (one failed after lost
+ notifications, or thresholds could not reach the kernel) and is retried
+ by dispatch once due. 0: due now; -1: nothing owed, wait for the fd
+ alone. Use it as the poll timeout.
+ */
+int xfrmsync_relist_due_ms(const struct xfrmsync_handle *handle);
 
 /*
  Formats an event on one line, human-readable or (`json` true) as one JSON
@@ -629,10 +669,19 @@ int xfrmsync_unregister_sa(struct xfrmsync_handle *handle, const struct xfrmsync
 
 /*
  Sets the callback for applications of thresholds; NULL removes it. It
- runs inside xfrmsync_rule_add, xfrmsync_register_sa and xfrmsync_dispatch,
- on their thread, and must return normally.
+ runs inside xfrmsync_rule_add, xfrmsync_rule_remove,
+ xfrmsync_register_sa and xfrmsync_dispatch, on their thread, and must
+ return normally; those four calls return -EBUSY when made from it.
+ There is one such callback: this and xfrmsync_on_applied_rule replace
+ each other.
  */
 int xfrmsync_on_applied(struct xfrmsync_handle *handle, xfrmsync_applied_cb callback, void *user_data);
+
+/*
+ Like xfrmsync_on_applied, for a callback that also learns the rule's
+ name. Replaces the callback set by either.
+ */
+int xfrmsync_on_applied_rule(struct xfrmsync_handle *handle, xfrmsync_applied_rule_cb callback, void *user_data);
 
 /*
  Appends `XFRMA_REPLAY_THRESH` and `XFRMA_ETIMER_THRESH` to an

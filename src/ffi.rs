@@ -5,7 +5,7 @@
 #![allow(non_camel_case_types)]
 
 use std::cell::{Cell, RefCell};
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -558,6 +558,23 @@ pub extern "C" fn xfrmsync_handle_fd(handle: *const xfrmsync_handle) -> c_int {
     boundary(|| Ok(self::handle(handle)?.event_fd()))
 }
 
+/// The port id the handle's requests are sent from: the kernel copies it
+/// into the nlmsg_pid of the update events they cause, so a program with
+/// two handles (one for aevents, one for rules) can tell the echoes of the
+/// other's updates from everyone else's. It never changes; a negative
+/// errno for an invalid handle.
+#[no_mangle]
+pub extern "C" fn xfrmsync_handle_port_id(handle: *const xfrmsync_handle) -> i64 {
+    match catch_unwind(AssertUnwindSafe(|| self::handle(handle).map(Handle::port_id))) {
+        Ok(Ok(port)) => i64::from(port),
+        Ok(Err(err)) => {
+            remember(&err.to_string());
+            -i64::from(err.errno())
+        }
+        Err(_) => -i64::from(libc::EIO),
+    }
+}
+
 /// Joins (`join` true) or leaves the aevents group. The kernel generates
 /// events only while some socket has joined.
 #[no_mangle]
@@ -865,26 +882,53 @@ pub extern "C" fn xfrmsync_on_sa_event(
     })
 }
 
-/// Dispatch also gives SAs that appeared the thresholds of their rules (see
-/// `xfrmsync_rule_add`), and after lost notifications lists every SA again
-/// before it returns -ENOBUFS.
-///
 /// Reads pending events without blocking and runs their callbacks on this
 /// thread: at most the dispatch limit of datagrams per call (see
 /// `xfrmsync_handle_set_dispatch_limit`), so a steady stream of events
 /// cannot hold the caller here; what is left keeps the fd readable. Returns
-/// the number of events read, or a negative errno. -ENOBUFS means the
-/// kernel dropped events: it then drops every later one without a word
-/// until the socket is read empty, so dispatch reads it empty first
-/// (running the callbacks of what is there) and then returns -ENOBUFS;
-/// query your SAs after that and nothing is missed. After other errors the
-/// events behind them stay pending, so call again.
+/// the number of events read, or a negative errno.
+///
+/// -ENOBUFS means the kernel dropped events. It then drops every later one
+/// without a word until the socket has been read empty, so -ENOBUFS comes
+/// from the call that reads it empty (with the dispatch limit, maybe a
+/// later call than the one that met the loss; the fd stays readable until
+/// then). Query your SAs when it comes and nothing is missed. After other
+/// errors the events behind them stay pending, so call again.
+///
+/// With rules or registrations (see `xfrmsync_rule_add`), dispatch does
+/// more than read, and takes longer than the read bound alone: it sends
+/// NEWAE for the SAs that appeared, in batches of 64, waiting for each
+/// batch's answer (up to 5 seconds; a NEWAE the kernel misses during a
+/// resize of its SA tables is asked again after 20 ms). After lost
+/// notifications it lists every SA (one GETSA dump, whose length grows
+/// with the number of SAs) and gives those that lack them their
+/// thresholds, then returns -ENOBUFS whether or not that listing worked. A
+/// listing that failed is owed and retried by a later call, with a growing
+/// wait: see `xfrmsync_relist_due_ms`.
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {
         let (_active, c) = Active::enter(handle)?;
         let count = c.registry.dispatch()?;
         Ok(c_int::try_from(count).unwrap_or(c_int::MAX))
+    })
+}
+
+/// Milliseconds until `xfrmsync_dispatch` should be called even if the fd
+/// is not readable: a listing of every SA is owed (one failed after lost
+/// notifications, or thresholds could not reach the kernel) and is retried
+/// by dispatch once due. 0: due now; -1: nothing owed, wait for the fd
+/// alone. Use it as the poll timeout.
+#[no_mangle]
+pub extern "C" fn xfrmsync_relist_due_ms(handle: *const xfrmsync_handle) -> c_int {
+    boundary(|| {
+        Ok(match registry(handle)?.relist_due() {
+            None => -1,
+            Some(due) => {
+                let ms = due.saturating_duration_since(std::time::Instant::now()).as_nanos().div_ceil(1_000_000);
+                c_int::try_from(ms).unwrap_or(c_int::MAX)
+            }
+        })
     })
 }
 
@@ -1100,19 +1144,63 @@ pub type xfrmsync_applied_cb = Option<
 >;
 
 /// Sets the callback for applications of thresholds; NULL removes it. It
-/// runs inside xfrmsync_rule_add, xfrmsync_register_sa and xfrmsync_dispatch,
-/// on their thread, and must return normally.
+/// runs inside xfrmsync_rule_add, xfrmsync_rule_remove,
+/// xfrmsync_register_sa and xfrmsync_dispatch, on their thread, and must
+/// return normally; those four calls return -EBUSY when made from it.
+/// There is one such callback: this and xfrmsync_on_applied_rule replace
+/// each other.
 #[no_mangle]
 pub extern "C" fn xfrmsync_on_applied(
     handle: *mut xfrmsync_handle,
     callback: xfrmsync_applied_cb,
     user_data: *mut c_void,
 ) -> c_int {
+    set_applied_callback(handle, callback.map(AppliedFunction::Plain), user_data)
+}
+
+/// Learns of each application of thresholds like `xfrmsync_applied_cb`,
+/// and also of the rule that gave them: its name, or NULL when they were
+/// registered for the SA itself (`xfrmsync_register_sa`). The name lives
+/// until the callback returns.
+pub type xfrmsync_applied_rule_cb = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        sa: *const xfrmsync_sa_id,
+        replay_threshold: u32,
+        timer_threshold_ms: u32,
+        result: c_int,
+        rule: *const c_char,
+    ),
+>;
+
+/// Like xfrmsync_on_applied, for a callback that also learns the rule's
+/// name. Replaces the callback set by either.
+#[no_mangle]
+pub extern "C" fn xfrmsync_on_applied_rule(
+    handle: *mut xfrmsync_handle,
+    callback: xfrmsync_applied_rule_cb,
+    user_data: *mut c_void,
+) -> c_int {
+    set_applied_callback(handle, callback.map(AppliedFunction::WithRule), user_data)
+}
+
+/// The two shapes of C callback for applications.
+#[derive(Clone, Copy)]
+enum AppliedFunction {
+    Plain(unsafe extern "C" fn(*mut c_void, *const xfrmsync_sa_id, u32, u32, c_int)),
+    WithRule(unsafe extern "C" fn(*mut c_void, *const xfrmsync_sa_id, u32, u32, c_int, *const c_char)),
+}
+
+fn set_applied_callback(
+    handle: *mut xfrmsync_handle,
+    function: Option<AppliedFunction>,
+    user_data: *mut c_void,
+) -> c_int {
     boundary(|| {
         let c = chandle(handle)?;
         let registry = &c.registry;
         let closing = c.closing.clone();
-        let callback = callback.map(|function| {
+        let callback = function.map(|function| {
             let user = UserData(user_data);
             Box::new(move |_: &Handle, applied: &crate::registry::Applied<'_>| {
                 if closing.load(Ordering::Relaxed) {
@@ -1121,9 +1209,22 @@ pub extern "C" fn xfrmsync_on_applied(
                 let sa = xfrmsync_sa_id::from_rust(applied.sa);
                 let result = applied.result.as_ref().map_or_else(|e| -e.errno(), |_| 0);
                 let t = applied.thresholds;
-                // SAFETY: the caller registered a function taking these
-                // arguments; `sa` lives until it returns.
-                unsafe { function(user.ptr(), &sa, t.replay_packets, t.timer_ms, result) }
+                match function {
+                    // SAFETY: the caller registered a function taking these
+                    // arguments; `sa` lives until it returns.
+                    AppliedFunction::Plain(f) => unsafe { f(user.ptr(), &sa, t.replay_packets, t.timer_ms, result) },
+                    AppliedFunction::WithRule(f) => {
+                        // Rule names come from C strings or a rules file;
+                        // one with a NUL inside cannot be passed whole, and
+                        // is passed as far as C would read it.
+                        let name = applied
+                            .rule
+                            .map(|n| CString::new(n.split('\0').next().unwrap_or_default()).unwrap_or_default());
+                        let rule = name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr());
+                        // SAFETY: as above; `name` outlives the call.
+                        unsafe { f(user.ptr(), &sa, t.replay_packets, t.timer_ms, result, rule) }
+                    }
+                }
             }) as crate::registry::AppliedCallback
         });
         registry.on_applied(callback).map(|_| 0)

@@ -125,6 +125,24 @@ fn config_files_are_tried_in_order_and_the_answer_is_kept() {
 }
 
 #[test]
+fn a_failure_to_learn_hz_is_remembered() {
+    let _turn = turn();
+    let late = std::env::temp_dir().join(format!("xfrmsync-hz-late-{}", std::process::id()));
+    let _ = std::fs::remove_file(&late);
+    hz::restart_for_tests(Some((vec![late.clone()], false)));
+    let first = hz::kernel_hz_without_sa().unwrap_err();
+    // Were it tried again, the file would answer now: a daemon registering
+    // SA after SA would re-read the config and restart the probe each time.
+    std::fs::write(&late, "CONFIG_HZ=100\n").unwrap();
+    assert_eq!(hz::kernel_hz_without_sa(), Err(first), "the failure is the answer, without trying again");
+    // A declared HZ still wins.
+    timer::set_kernel_hz(100).unwrap();
+    assert_eq!(hz::kernel_hz_without_sa(), Ok((100, HzSource::Declared)));
+    std::fs::remove_file(&late).unwrap();
+    hz::restart_for_tests(None);
+}
+
+#[test]
 fn a_timer_set_learns_hz_from_the_config_and_leaves_the_sa_alone() {
     let _turn = turn();
     let config = temp_config("config-250", "CONFIG_HZ=250\n");

@@ -25,6 +25,8 @@ pub const NLMSG_OVERRUN: u16 = 4;
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_MULTI: u16 = 0x2;
 pub const NLM_F_ACK: u16 = 0x4;
+/// On a dump's answers: the list changed while the dump ran.
+pub const NLM_F_DUMP_INTR: u16 = 0x10;
 pub const NLM_F_REPLACE: u16 = 0x100;
 pub const NLM_F_DUMP: u16 = 0x300;
 /// In an `NLMSG_ERROR`: the echoed request was cut to its header.

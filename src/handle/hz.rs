@@ -18,7 +18,8 @@
 //!
 //! Only when all of them fail does [`crate::Handle`] measure on the live SA
 //! ([`crate::Handle::calibrate_hz`]), with a warning in the log. The result
-//! and its [`HzSource`] are kept for the whole process.
+//! and its [`HzSource`] are kept for the whole process, and so is a failure
+//! of all three (a timeout aside): it is not tried again.
 
 use std::io::Read;
 use std::net::Ipv4Addr;
@@ -47,6 +48,11 @@ const PROBE_SPI: u32 = 0x485a;
 
 /// Learning is serialised so that threads starting at once probe once.
 static LEARNING: Mutex<()> = Mutex::new(());
+/// Why learning failed, when it did for a reason that lasts (no config
+/// file, no probe): every later call answers this at once rather than
+/// read the files and start the probe's thread again, which a daemon
+/// registering SAs one by one would otherwise pay each time.
+static FAILED: Mutex<Option<Error>> = Mutex::new(None);
 /// Config files and probe for tests; `None`: the real ones.
 static TEST_SOURCES: Mutex<Option<(Vec<PathBuf>, bool)>> = Mutex::new(None);
 
@@ -64,6 +70,11 @@ pub fn kernel_hz_without_sa() -> Result<(u32, HzSource)> {
 pub(crate) fn learn_until(deadline: Instant) -> Result<(u32, HzSource)> {
     let _one_at_a_time = LEARNING.lock().unwrap_or_else(PoisonError::into_inner);
     let known = timer::known_hz();
+    if known.is_none() {
+        if let Some(why) = FAILED.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Err(why);
+        }
+    }
     let (configs, probe) = match TEST_SOURCES.lock().unwrap_or_else(PoisonError::into_inner).clone() {
         Some(sources) => sources,
         None => (config_paths(), true),
@@ -73,6 +84,12 @@ pub(crate) fn learn_until(deadline: Instant) -> Result<(u32, HzSource)> {
             probe_until(deadline)
         } else {
             Err(Error::Os { operation: "learn kernel HZ (no config file; probe disabled)", errno: libc::ENOENT })
+        }
+    })
+    .inspect_err(|why| {
+        // A caller's short deadline is no reason to give up for good.
+        if !matches!(why, Error::TimedOut(_)) {
+            *FAILED.lock().unwrap_or_else(PoisonError::into_inner) = Some(why.clone());
         }
     })?;
     if known.is_some() {
@@ -90,6 +107,7 @@ pub(crate) fn learn_until(deadline: Instant) -> Result<(u32, HzSource)> {
 pub fn restart_for_tests(sources: Option<(Vec<PathBuf>, bool)>) {
     let _one_at_a_time = LEARNING.lock().unwrap_or_else(PoisonError::into_inner);
     *TEST_SOURCES.lock().unwrap_or_else(PoisonError::into_inner) = sources;
+    *FAILED.lock().unwrap_or_else(PoisonError::into_inner) = None;
     timer::forget();
 }
 

@@ -51,10 +51,8 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// datagram, and decoding plus routing one takes a few microseconds, so a
 /// call returns within a millisecond or so even while events keep coming.
 pub const DEFAULT_DISPATCH_LIMIT: usize = 128;
-/// Datagrams read at most, after lost events, to empty the socket (which is
-/// what makes the kernel deliver again); a stream faster than that is an
-/// overflow again, reported by the next call.
-const DRAIN_LIMIT: usize = 1 << 16;
+/// Address dumps tried while the kernel says each was interrupted.
+const ADDRESS_DUMP_ATTEMPTS: u32 = 3;
 /// HZ assumed to undo an HZ probe whose measurement failed: with the usual
 /// HZ of 100-1000 it can only make the restored timer longer, never shorter.
 const UNDO_GUESS_HZ: u32 = 1000;
@@ -184,6 +182,7 @@ impl HandleBuilder {
                 ends: [0; READ_AHEAD],
                 datagrams: 0,
                 next: Cell::new(Cursor::default()),
+                loss_unreported: false,
             }),
             route: route.map(RefCell::new),
             router: RefCell::new(Router::default()),
@@ -285,6 +284,14 @@ impl Requests {
 
     /// Sends the dump request in `self.out` and hands each answer of `kind`
     /// to `each`, until the kernel's `NLMSG_DONE`.
+    ///
+    /// An error from `each` ends nothing early: the rest of the dump is read
+    /// (and passed over) first, since a dump left running in the kernel
+    /// makes the socket's next one fail with `EBUSY`. A dump the kernel
+    /// marks interrupted (`NLM_F_DUMP_INTR`: its list changed meanwhile, so
+    /// entries may be missing) is an error too, `EINTR`, after its end. A
+    /// dump refused with `EBUSY` (an earlier one timed out and still runs)
+    /// is sent again once that one has been read to its end.
     fn dump(
         &mut self,
         socket: Option<&Socket>,
@@ -295,20 +302,62 @@ impl Requests {
         mut each: impl FnMut(&NlMsg<'_>) -> Result<()>,
     ) -> Result<()> {
         let socket = socket.unwrap_or(&self.socket);
-        send(socket, &self.out, operation)?;
         let deadline = Instant::now() + timeout;
-        receive(socket, &mut self.buf, operation, deadline, Some(timeout), |msg| {
-            if msg.seq != seq {
-                return None;
+        let mut sent_again = false;
+        loop {
+            send(socket, &self.out, operation)?;
+            let mut failed = None;
+            let mut interrupted = false;
+            let answer = receive(socket, &mut self.buf, operation, deadline, Some(timeout), |msg| {
+                if msg.seq != seq {
+                    return None;
+                }
+                interrupted |= msg.flags & wire::NLM_F_DUMP_INTR != 0;
+                match msg.kind {
+                    wire::NLMSG_DONE => Some(Ok(())),
+                    wire::NLMSG_ERROR => Some(kernel_answer(operation, msg)),
+                    k if k == kind && failed.is_none() => {
+                        failed = each(msg).err();
+                        None
+                    }
+                    _ => None,
+                }
+            });
+            match answer {
+                Err(Error::Kernel { errno, .. }) if errno == libc::EBUSY && !sent_again => {
+                    sent_again = true;
+                    finish_abandoned_dump(socket, &mut self.buf, operation, seq, deadline)?;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    return match failed {
+                        Some(e) => Err(e),
+                        None if interrupted => Err(Error::Kernel {
+                            operation,
+                            errno: libc::EINTR,
+                            ext_ack: Some("dump interrupted (NLM_F_DUMP_INTR): the list changed while it ran".into()),
+                        }),
+                        None => Ok(()),
+                    };
+                }
             }
-            match msg.kind {
-                wire::NLMSG_DONE => Some(Ok(())),
-                wire::NLMSG_ERROR => Some(kernel_answer(operation, msg)),
-                k if k == kind => each(msg).err().map(Err),
-                _ => None,
-            }
-        })
+        }
     }
+}
+
+/// Reads a dump that an earlier call left running (it timed out) to its
+/// end, so that the kernel takes a new one: anything up to an `NLMSG_DONE`
+/// or `NLMSG_ERROR` that answers another request than `seq`.
+fn finish_abandoned_dump(
+    socket: &Socket,
+    buf: &mut [u8],
+    operation: &'static str,
+    seq: u32,
+    deadline: Instant,
+) -> Result<()> {
+    receive(socket, buf, operation, deadline, None, |msg| {
+        (msg.seq != seq && matches!(msg.kind, wire::NLMSG_DONE | wire::NLMSG_ERROR)).then_some(Ok(()))
+    })
 }
 
 fn send(socket: &Socket, datagram: &[u8], operation: &'static str) -> Result<()> {
@@ -410,6 +459,8 @@ struct EventReader {
     /// The next message not yet handed out. A `Cell`, so that dispatch can
     /// move it on as it runs callbacks, which share the reader.
     next: Cell<Cursor>,
+    /// The kernel said ENOBUFS and the socket has not been read empty since.
+    loss_unreported: bool,
 }
 
 /// What the event socket carries: aevents (read in place), and SA
@@ -537,6 +588,13 @@ impl EventReader {
     /// Reads one datagram without blocking, behind those buffered (there
     /// must be room); `false` when there is none. A datagram not from the
     /// kernel is read and dropped.
+    ///
+    /// [`Error::EventsLost`] comes where the socket reads empty after the
+    /// kernel said ENOBUFS, not where it said so: the kernel says it once,
+    /// then drops every later event for this socket without a word until a
+    /// read finds its queue empty (netlink's `NETLINK_S_CONGESTED`). Only
+    /// from that point on is a resync sure to miss nothing, and another
+    /// ENOBUFS on the way there is part of the same loss.
     fn read_datagram(&mut self) -> Result<bool> {
         let start = self.start(self.datagrams);
         let mut window = &mut self.buf[start..start + EVENT_BUFFER];
@@ -544,10 +602,15 @@ impl EventReader {
             match self.socket.recv_from(&mut window, libc::MSG_TRUNC | libc::MSG_DONTWAIT) {
                 Ok(r) => break r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return match std::mem::take(&mut self.loss_unreported) {
+                        true => Err(Error::EventsLost),
+                        false => Ok(false),
+                    };
+                }
                 // Only here does ENOBUFS mean what it means: the kernel could
                 // not queue events for this socket and dropped them.
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Error::EventsLost),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => self.loss_unreported = true,
                 Err(e) => return Err(Error::from_io("receive events", &e)),
             }
         };
@@ -944,7 +1007,8 @@ impl Handle {
     }
 
     /// The next pending event, or `None` when the socket is drained.
-    /// Never blocks.
+    /// Never blocks. [`Error::EventsLost`] comes where the socket is read
+    /// empty after the kernel dropped events (see [`Handle::dispatch`]).
     pub fn next_event(&self) -> Result<Option<Aevent>> {
         if self.dispatching.get() {
             return Err(Error::Busy("reading events from inside dispatch"));
@@ -1003,10 +1067,12 @@ impl Handle {
     ///
     /// [`Error::EventsLost`] (`ENOBUFS`): the kernel dropped events. It drops
     /// every later one too, without saying so, until the socket has been
-    /// read empty; so before returning this, dispatch reads the socket empty
-    /// (running the callbacks of the events there are). Query your SAs
-    /// afterwards: nothing after that point is lost unseen. On another error
-    /// the events behind it stay pending: call again.
+    /// read empty; so this comes from the call that reads it empty (the
+    /// events read before it reach their callbacks), which with the
+    /// dispatch limit may be a later call than the one that met the loss:
+    /// the fd stays readable until then. Query your SAs when it comes:
+    /// nothing after that point is lost unseen. On another error the events
+    /// behind it stay pending: call again.
     pub fn dispatch(&self) -> Result<usize> {
         self.dispatch_with(&mut |_, _| {})
     }
@@ -1021,7 +1087,6 @@ impl Handle {
         let mut router = self.router.try_borrow_mut().map_err(|_| Error::Busy("callbacks in use"))?;
         let mut datagrams_left = self.dispatch_limit.get();
         let mut count = 0;
-        let mut lost = false;
         loop {
             // Reading takes the reader mutably, so it reads ahead only when
             // every message read before has been handed out.
@@ -1039,18 +1104,10 @@ impl Handle {
                         match reader.read_datagram() {
                             Ok(true) => datagrams_left -= 1,
                             Ok(false) => break,
-                            // The kernel reports ENOBUFS once, then drops
-                            // every later event for this socket without a
-                            // word until its queue has been read empty. So
-                            // read it empty now (events that did arrive
-                            // still reach their callbacks), and a resync the
-                            // caller starts after this returns misses nothing.
-                            Err(Error::EventsLost) if !lost => {
-                                lost = true;
-                                datagrams_left = DRAIN_LIMIT;
-                            }
                             // After the events read before it, as when
-                            // datagrams were read one by one.
+                            // datagrams were read one by one; EventsLost
+                            // comes with the socket read empty, so a resync
+                            // the caller starts after this misses nothing.
                             Err(e) => {
                                 failed = Some(e);
                                 break;
@@ -1075,7 +1132,7 @@ impl Handle {
                 // Read ahead, the socket may have reported lost events (or
                 // another failure) already: that report must not give way
                 // to one about a single message, which is passed over.
-                Err(e) if lost || failed.is_some() => {
+                Err(e) if failed.is_some() => {
                     log::warn!("passed over a bad event message, to report lost events or a read error: {e}")
                 }
                 Err(e) => return Err(e),
@@ -1083,9 +1140,6 @@ impl Handle {
             if let Some(e) = failed {
                 return Err(e);
             }
-        }
-        if lost {
-            return Err(Error::EventsLost);
         }
         Ok(count)
     }
@@ -1241,14 +1295,23 @@ impl Handle {
         let Some(route) = &self.route else { return Ok(Vec::new()) };
         let route = route.try_borrow().map_err(|_| Error::Busy("route socket in use"))?;
         let mut req = self.requests()?;
-        let from = req.next_sender();
-        wire::encode_getaddr_dump(&mut req.out, from);
-        let mut addresses = Vec::new();
-        req.dump(Some(&route), "RTM_GETADDR dump", from.seq, wire::RTM_NEWADDR, self.request_timeout, |msg| {
-            addresses.extend(wire::decode_newaddr(msg)?);
-            Ok(())
-        })?;
-        Ok(addresses)
+        // An address added or removed during the dump interrupts it (the
+        // kernel says so); the next one is likely whole.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let from = req.next_sender();
+            wire::encode_getaddr_dump(&mut req.out, from);
+            let mut addresses = Vec::new();
+            match req.dump(Some(&route), "RTM_GETADDR dump", from.seq, wire::RTM_NEWADDR, self.request_timeout, |msg| {
+                addresses.extend(wire::decode_newaddr(msg)?);
+                Ok(())
+            }) {
+                Ok(()) => return Ok(addresses),
+                Err(Error::Kernel { errno, .. }) if errno == libc::EINTR && attempts < ADDRESS_DUMP_ATTEMPTS => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Sets the thresholds of many SAs: `(sa, replay packets, timer ms)`.

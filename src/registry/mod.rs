@@ -16,8 +16,9 @@
 pub mod rules;
 mod table;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::handle::{Handle, SaChange, SaNotice};
@@ -97,23 +98,63 @@ struct State {
     local: Vec<IpAddr>,
     watching: bool,
     on_applied: Option<AppliedCallback>,
+    /// A listing of every SA the registry owes (SA notifications were lost,
+    /// or a listing failed), kept until one succeeds.
+    relist: Option<Owed>,
+}
+
+/// When an owed listing is tried next, and how many attempts failed.
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    due: Instant,
+    failures: u32,
+}
+
+/// Waits between attempts at an owed listing: doubling from the first, up
+/// to the last, so a kernel that refuses for minutes (out of memory, a
+/// namespace going away) is asked twice a minute, not in a loop.
+const RELIST_FIRST_WAIT: Duration = Duration::from_millis(100);
+const RELIST_MAX_WAIT: Duration = Duration::from_secs(30);
+
+fn relist_wait(failures: u32) -> Duration {
+    RELIST_FIRST_WAIT.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RELIST_MAX_WAIT)
 }
 
 /// A handle that gives SAs their thresholds as they appear.
 pub struct Registry {
     handle: Handle,
     state: RefCell<State>,
+    /// A public call is in progress: an `on_applied` callback that calls
+    /// back in (C code can) gets [`Error::Busy`] rather than a nested
+    /// listing or dispatch.
+    entered: Cell<bool>,
+}
+
+/// Leaves the registry's public call, on unwind too.
+struct Entered<'a>(&'a Cell<bool>);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 impl Registry {
     /// Wraps `handle`. Nothing is watched until the first rule or
     /// registration arrives.
     pub fn new(handle: Handle) -> Registry {
-        Registry { handle, state: RefCell::new(State::default()) }
+        Registry { handle, state: RefCell::new(State::default()), entered: Cell::new(false) }
     }
 
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    fn enter(&self) -> Result<Entered<'_>> {
+        if self.entered.replace(true) {
+            return Err(Error::Busy("the registry is in use (called from its own callback?)"));
+        }
+        Ok(Entered(&self.entered))
     }
 
     fn state(&self) -> Result<std::cell::RefMut<'_, State>> {
@@ -123,6 +164,7 @@ impl Registry {
     /// Adds a rule, or replaces the one of the same name, then applies the
     /// rules to every SA there is.
     pub fn add_rule(&self, rule: Rule) -> Result<()> {
+        let _entered = self.enter()?;
         self.state()?.rules.add(rule);
         self.rules_changed()
     }
@@ -130,6 +172,7 @@ impl Registry {
     /// Removes the rule named `name` (whether there was one), then applies
     /// the rules again.
     pub fn remove_rule(&self, name: &str) -> Result<bool> {
+        let _entered = self.enter()?;
         let removed = self.state()?.rules.remove(name);
         self.rules_changed()?;
         Ok(removed)
@@ -137,41 +180,66 @@ impl Registry {
 
     /// Replaces every rule at once (a reloaded rules file).
     pub fn set_rules(&self, rules: Vec<Rule>) -> Result<()> {
+        let _entered = self.enter()?;
         self.state()?.rules.replace_rules(rules);
         self.rules_changed()
     }
 
     /// Gives exactly this SA these thresholds, before all rules; `None`
-    /// removes the registration.
+    /// lets one registration go. Registrations are counted: the SA keeps
+    /// its thresholds until as many `None` as `Some` have come, and the
+    /// latest `Some` says which thresholds.
     ///
     /// Only this SA is touched (no listing, unless this is the first rule or
     /// registration): a daemon registers each SA it installs. An SA that is
     /// not installed yet, or is still a placeholder from SPI allocation
     /// (the kernel answers `ESRCH` or `EINVAL`), gets its thresholds when
     /// the kernel announces it.
+    ///
+    /// An error means nothing was registered. Once registered, the SA's
+    /// thresholds are the registry's to deliver: if the kernel cannot be
+    /// asked now, a listing is owed and retried (see
+    /// [`Registry::relist_due`]), with a warning in the log.
     pub fn register_sa(&self, sa: SaId, thresholds: Option<Thresholds>) -> Result<()> {
+        let _entered = self.enter()?;
         let first = {
             let mut state = self.state()?;
             state.rules.register_sa(sa, thresholds);
             !state.watching
         };
-        match thresholds {
-            _ if first => self.rules_changed(),
-            None => Ok(()),
-            Some(t) => {
-                let mut result = Ok(());
-                self.handle.set_thresholds_many(&[(sa, t.replay_packets, t.timer_ms)], |_, r| result = r)?;
-                match result {
-                    Err(Error::Kernel { errno, .. }) if errno == libc::ESRCH || errno == libc::EINVAL => Ok(()),
-                    other => {
-                        if other.is_ok() {
-                            self.state()?.tracked.set_applied(&sa, t);
-                        }
-                        self.report(&[Pending { sa, thresholds: t, rule: REGISTERED }], &[], vec![Some(other)])
-                    }
+        let Some(t) = thresholds else { return Ok(()) };
+        if first {
+            if let Err(e) = self.start_watching() {
+                // Undone, so that a caller that takes the error as "not
+                // registered" leaves no entry behind for a later SA of this
+                // identity to inherit.
+                self.state()?.rules.register_sa(sa, None);
+                return Err(e);
+            }
+            return self.relist_or_owe();
+        }
+        let mut result = Ok(());
+        if let Err(e) = self.handle.set_thresholds_many(&[(sa, t.replay_packets, t.timer_ms)], |_, r| result = r) {
+            log::warn!("thresholds for {sa}: {e}; every SA will be listed again");
+            self.owe_relist(Instant::now(), 1)?;
+            return Ok(());
+        }
+        match result {
+            Err(Error::Kernel { errno, .. }) if errno == libc::ESRCH || errno == libc::EINVAL => Ok(()),
+            other => {
+                match &other {
+                    Ok(()) => self.state()?.tracked.set_applied(&sa, t),
+                    Err(e) if transient(e) => self.owe_relist(Instant::now() + relist_wait(1), 1)?,
+                    Err(_) => {}
                 }
+                self.report(&[Pending { sa, thresholds: t, rule: REGISTERED }], &[], vec![Some(other)])
             }
         }
+    }
+
+    /// How many owners have registered `sa` (see [`Registry::register_sa`]).
+    pub fn registrations(&self, sa: &SaId) -> u32 {
+        self.state.borrow().rules.owners(sa)
     }
 
     /// The rules, in the order they are tried.
@@ -209,25 +277,79 @@ impl Registry {
     }
 
     fn rules_changed(&self) -> Result<()> {
-        let start = {
-            let mut state = self.state()?;
-            let start = !state.watching && !state.rules.is_empty();
-            state.watching |= start;
-            start
-        };
-        if start {
-            self.handle.watch_sas(true)?;
+        if !self.state.borrow().watching {
+            if self.state.borrow().rules.is_empty() {
+                return Ok(());
+            }
+            self.start_watching()?;
         }
-        if self.state.borrow().watching {
-            self.resync()?;
+        self.relist()
+    }
+
+    fn start_watching(&self) -> Result<()> {
+        self.handle.watch_sas(true)?;
+        self.state()?.watching = true;
+        Ok(())
+    }
+
+    /// A listing that fails is owed, and the error logged rather than
+    /// returned: for a registration, which is in force either way.
+    fn relist_or_owe(&self) -> Result<()> {
+        if let Err(e) = self.relist() {
+            let wait = self.relist_due().map(|at| at.saturating_duration_since(Instant::now()));
+            log::warn!("listing every SA: {e}; trying again in {wait:?}");
         }
         Ok(())
     }
 
+    /// When an owed listing of every SA is due (SA notifications were lost
+    /// and the listing after it failed, or a registration could not reach
+    /// the kernel); `None` when none is owed. [`Registry::dispatch`] tries
+    /// it when it is due, so a caller that waits for the event fd should
+    /// wait no longer than this.
+    pub fn relist_due(&self) -> Option<Instant> {
+        // Inside a dispatch (a callback asking) the state is in use; that
+        // dispatch does what is due.
+        self.state.try_borrow().ok()?.relist.map(|owed| owed.due)
+    }
+
+    /// How many attempts at the owed listing failed in a row (0: none owed,
+    /// or none failed yet).
+    pub fn relist_failures(&self) -> u32 {
+        self.state.try_borrow().map_or(0, |state| state.relist.map_or(0, |owed| owed.failures))
+    }
+
+    fn owe_relist(&self, due: Instant, failures: u32) -> Result<()> {
+        let mut state = self.state()?;
+        let failures = failures.max(state.relist.map_or(0, |o| o.failures));
+        state.relist = Some(Owed { due: state.relist.map_or(due, |o| o.due.min(due)), failures });
+        Ok(())
+    }
+
     /// Lists every SA and applies the rules where an SA lacks its
-    /// thresholds; forgets SAs that are gone.
+    /// thresholds; forgets SAs that are gone. What a listing that fails
+    /// partway did list still gets its thresholds; the listing is then owed
+    /// (see [`Registry::relist_due`]) and the error returned.
     pub fn resync(&self) -> Result<()> {
-        let batch = {
+        let _entered = self.enter()?;
+        self.relist()
+    }
+
+    fn relist(&self) -> Result<()> {
+        let outcome = self.list_and_apply();
+        let mut state = self.state()?;
+        match &outcome {
+            Ok(()) => state.relist = None,
+            Err(_) => {
+                let failures = state.relist.map_or(0, |o| o.failures) + 1;
+                state.relist = Some(Owed { due: Instant::now() + relist_wait(failures), failures });
+            }
+        }
+        outcome
+    }
+
+    fn list_and_apply(&self) -> Result<()> {
+        let (batch, listed) = {
             let mut state = self.state()?;
             let mut pending = Vec::new();
             if state.rules.needs_direction() {
@@ -236,18 +358,24 @@ impl Registry {
             // Mark and sweep: what the dump lists is marked seen, the rest
             // forgotten, only once the whole dump arrived.
             state.tracked.begin_sweep();
-            self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending))?;
-            state.tracked.sweep_unseen();
-            Batch::new(pending, &state.rules)
+            let listed = self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending));
+            if listed.is_ok() {
+                state.tracked.sweep_unseen();
+            }
+            (Batch::new(pending, &state.rules), listed)
         };
-        self.apply(batch)
+        let applied = self.apply(batch);
+        listed.and(applied)
     }
 
     /// Dispatches the handle's events (see [`Handle::dispatch`]) and gives
     /// SAs that appeared their thresholds. After lost notifications it lists
-    /// every SA again before it returns [`Error::EventsLost`], which still
-    /// tells the caller that aevents were lost too.
+    /// every SA again, then returns [`Error::EventsLost`] whether or not the
+    /// listing succeeded (which also tells the caller that aevents were
+    /// lost); a listing that failed is owed, and tried again by a later
+    /// call once [`Registry::relist_due`] has come.
     pub fn dispatch(&self) -> Result<usize> {
+        let _entered = self.enter()?;
         let (batch, dispatched) = {
             let mut state = self.state()?;
             let mut pending = Vec::new();
@@ -269,14 +397,28 @@ impl Registry {
             });
             (Batch::new(pending, &state.rules), dispatched)
         };
-        self.apply(batch)?;
-        match dispatched {
-            Err(Error::EventsLost) if self.state.borrow().watching => {
-                self.resync()?;
-                Err(Error::EventsLost)
-            }
-            other => other,
+        let applied = self.apply(batch);
+        if applied.is_err() {
+            // What did not reach the kernel is found again by a listing.
+            self.owe_relist(Instant::now() + relist_wait(1), 1)?;
         }
+        let lost = matches!(dispatched, Err(Error::EventsLost));
+        if lost && self.state.borrow().watching {
+            self.owe_relist(Instant::now(), 0)?;
+        }
+        let relisted = match self.relist_due() {
+            Some(due) if due <= Instant::now() => self.relist(),
+            _ => Ok(()),
+        };
+        if lost {
+            if let Err(e) = relisted {
+                log::warn!("listing every SA after lost SA notifications: {e}; trying again later");
+            }
+            return Err(Error::EventsLost);
+        }
+        applied?;
+        relisted?;
+        dispatched
     }
 
     fn apply(&self, batch: Batch) -> Result<()> {
@@ -308,13 +450,19 @@ impl Registry {
             let again: Vec<(SaId, u32, u32)> = missed.iter().map(|&i| items[i]).collect();
             self.handle.set_thresholds_many(&again, |n, result| results[missed[n]] = Some(result))?;
         }
+        let mut retry = false;
         {
             let mut state = self.state()?;
             for (p, result) in pending.iter().zip(&results) {
-                if let Some(Ok(())) = result {
-                    state.tracked.set_applied(&p.sa, p.thresholds);
+                match result {
+                    Some(Ok(())) => state.tracked.set_applied(&p.sa, p.thresholds),
+                    Some(Err(e)) => retry |= transient(e),
+                    None => {}
                 }
             }
+        }
+        if retry {
+            self.owe_relist(Instant::now() + relist_wait(1), 1)?;
         }
         self.report(pending, rule_names, results)
     }
@@ -344,6 +492,18 @@ impl Registry {
 /// (see `Registry::apply_chunk`): longer than a resize of the kernel's SA
 /// hash tables takes under emulation.
 const RESIZE_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A failure that asking again later may not meet: the SA keeps its place
+/// in an owed listing, which gives it its thresholds then.
+fn transient(e: &Error) -> bool {
+    match e {
+        Error::TimedOut(_) => true,
+        Error::Kernel { errno, .. } | Error::Os { errno, .. } => {
+            [libc::ENOMEM, libc::ENOBUFS, libc::EAGAIN, libc::EBUSY, libc::EINTR].contains(errno)
+        }
+        _ => false,
+    }
+}
 
 fn is_esrch(result: &Option<Result<()>>) -> bool {
     matches!(result, Some(Err(Error::Kernel { errno, .. })) if *errno == libc::ESRCH)

@@ -219,11 +219,18 @@ pub enum Source<'a> {
     Rule(&'a str),
 }
 
+/// Thresholds registered for one SA identity, and by how many owners.
+#[derive(Debug, Clone, Copy)]
+struct Registration {
+    thresholds: Thresholds,
+    owners: u32,
+}
+
 /// Rules and per-SA registrations, kept most specific first.
 #[derive(Debug, Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    per_sa: HashMap<SaId, Thresholds>,
+    per_sa: HashMap<SaId, Registration>,
     /// Insertion counter, so equally specific rules keep their order.
     added: Vec<u64>,
     next: u64,
@@ -279,15 +286,36 @@ impl RuleSet {
         }
     }
 
-    pub fn register_sa(&mut self, sa: SaId, thresholds: Option<Thresholds>) {
+    /// `Some`: one more owner registers `sa` (its thresholds are the latest
+    /// given); `None`: one owner lets it go. The registration ends with its
+    /// last owner, so two daemons' (or two IKEv1 Quick Modes') claims on
+    /// one SA identity do not end each other's. Returns how many owners
+    /// are left.
+    pub fn register_sa(&mut self, sa: SaId, thresholds: Option<Thresholds>) -> u32 {
         match thresholds {
             Some(t) => {
-                self.per_sa.insert(sa, t);
+                let entry = self.per_sa.entry(sa).or_insert(Registration { thresholds: t, owners: 0 });
+                entry.thresholds = t;
+                entry.owners += 1;
+                entry.owners
             }
-            None => {
-                self.per_sa.remove(&sa);
-            }
+            None => match self.per_sa.get_mut(&sa) {
+                Some(entry) if entry.owners > 1 => {
+                    entry.owners -= 1;
+                    entry.owners
+                }
+                Some(_) => {
+                    self.per_sa.remove(&sa);
+                    0
+                }
+                None => 0,
+            },
         }
+    }
+
+    /// How many owners have registered `sa`.
+    pub fn owners(&self, sa: &SaId) -> u32 {
+        self.per_sa.get(sa).map_or(0, |r| r.owners)
     }
 
     /// The rules, most specific first: the order they are tried in.
@@ -313,8 +341,8 @@ impl RuleSet {
     /// [`RuleSet::rules`] (`None`: registered for this SA), which a caller
     /// can keep without borrowing the set.
     pub(crate) fn resolve_at(&self, sa: &SaFacts) -> Option<(Option<usize>, Thresholds)> {
-        if let Some(t) = self.per_sa.get(&sa.sa) {
-            return Some((None, *t));
+        if let Some(r) = self.per_sa.get(&sa.sa) {
+            return Some((None, r.thresholds));
         }
         self.rules.iter().position(|r| r.matches.matches(sa)).map(|at| (Some(at), self.rules[at].thresholds))
     }

@@ -93,6 +93,8 @@ pub struct Seen {
     pub replay_threshold: Option<u32>,
     /// The `xfrm_aevent_id` flags of a GETAE or NEWAE.
     pub ae_flags: u32,
+    /// The SPI a GETAE or NEWAE names.
+    pub spi: u32,
 }
 
 struct Shared {
@@ -184,11 +186,13 @@ pub fn aevent(out: &mut Vec<u8>, s: &SaState, ae_flags: u32, seq: u32, port_id: 
     finish(out, start);
 }
 
-fn error(out: &mut Vec<u8>, errno: i32, request: &[u8], seq: u32) {
+fn error(out: &mut Vec<u8>, errno: i32, request: &wire::NlMsg<'_>) {
     let start = out.len();
-    header(out, NLMSG_ERROR, 0x100, seq, 0); // NLM_F_CAPPED: only the header echoed
+    header(out, NLMSG_ERROR, 0x100, request.seq, 0); // NLM_F_CAPPED: only the header echoed
     out.extend_from_slice(&(-errno).to_ne_bytes());
-    out.extend_from_slice(&request[..16]);
+    header(out, request.kind, request.flags, request.seq, request.port_id);
+    let echoed = out.len() - 16;
+    out[echoed..echoed + 4].copy_from_slice(&(16 + request.payload.len() as u32).to_ne_bytes());
     finish(out, start);
 }
 
@@ -286,103 +290,114 @@ fn serve(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd) {
         if n <= 0 {
             return;
         }
-        let datagram = &buf[..n as usize];
-        let Some(Ok(msg)) = Messages::new(datagram).next() else { continue };
-        let ae_flags = match msg.payload.get(40..44) {
-            Some(raw) => u32::from_ne_bytes(raw.try_into().unwrap()),
-            None => 0,
-        };
-        let mut seen = Seen {
-            kind: msg.kind,
-            seq: msg.seq,
-            port_id: msg.port_id,
-            timer_jiffies: None,
-            replay_threshold: None,
-            ae_flags,
-        };
-        if msg.kind == wire::XFRM_MSG_NEWAE {
-            for (kind, payload) in Attrs::new(&msg.payload[48..]).flatten() {
-                let value = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));
-                match kind {
-                    XFRMA_ETIMER_THRESH => seen.timer_jiffies = value,
-                    XFRMA_REPLAY_THRESH => seen.replay_threshold = value,
-                    _ => {}
-                }
+        // As the kernel does: the messages of a datagram in order, each
+        // meeting the next fault.
+        for msg in Messages::new(&buf[..n as usize]).map_while(|m| m.ok()) {
+            serve_one(shared, requests, events, &msg);
+        }
+    }
+}
+
+fn serve_one(shared: &Mutex<Shared>, requests: &OwnedFd, events: &OwnedFd, msg: &wire::NlMsg<'_>) {
+    let word = |at: usize| msg.payload.get(at..at + 4).map_or(0, |raw| u32::from_ne_bytes(raw.try_into().unwrap()));
+    let ae_flags = word(40);
+    let mut seen = Seen {
+        kind: msg.kind,
+        seq: msg.seq,
+        port_id: msg.port_id,
+        timer_jiffies: None,
+        replay_threshold: None,
+        ae_flags,
+        spi: u32::from_be(word(16)),
+    };
+    if msg.kind == wire::XFRM_MSG_NEWAE {
+        for (kind, payload) in Attrs::new(&msg.payload[48..]).flatten() {
+            let value = Some(u32::from_ne_bytes(payload[..4].try_into().unwrap()));
+            match kind {
+                XFRMA_ETIMER_THRESH => seen.timer_jiffies = value,
+                XFRMA_REPLAY_THRESH => seen.replay_threshold = value,
+                _ => {}
             }
         }
-        let fault = {
+    }
+    let fault = {
+        let mut s = shared.lock().unwrap();
+        if s.panicked {
+            return;
+        }
+        s.seen.push(seen);
+        s.faults.pop_front().unwrap_or(Fault::Pass)
+    };
+    if fault == Fault::Script {
+        let script = shared.lock().unwrap().scripts.pop_front().unwrap_or_default();
+        for mut datagram in script {
+            let mut at = 0;
+            while at + 16 <= datagram.len() {
+                let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap()) as usize;
+                if datagram[at + 8..at + 12] == REQUEST_SEQ.to_ne_bytes() {
+                    datagram[at + 8..at + 12].copy_from_slice(&msg.seq.to_ne_bytes());
+                }
+                if len < 16 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+            send(requests, &datagram, 0);
+        }
+        return;
+    }
+    let mut answer = Vec::new();
+    match fault {
+        Fault::Errno(errno) => error(&mut answer, errno, msg),
+        Fault::Stale(times) => {
+            let state = shared.lock().unwrap().state;
+            for _ in 0..times {
+                let mut stale = Vec::new();
+                aevent(&mut stale, &state, 0, msg.seq.wrapping_sub(1000), msg.port_id);
+                send(requests, &stale, 0);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return;
+        }
+        Fault::Script => unreachable!("answered above"),
+        Fault::Pass | Fault::Silent | Fault::Delay(_) => {
             let mut s = shared.lock().unwrap();
-            if s.panicked {
-                continue;
-            }
-            s.seen.push(seen);
-            s.faults.pop_front().unwrap_or(Fault::Pass)
-        };
-        if fault == Fault::Script {
-            let script = shared.lock().unwrap().scripts.pop_front().unwrap_or_default();
-            for mut datagram in script {
-                let mut at = 0;
-                while at + 16 <= datagram.len() {
-                    let len = u32::from_ne_bytes(datagram[at..at + 4].try_into().unwrap()) as usize;
-                    if datagram[at + 8..at + 12] == REQUEST_SEQ.to_ne_bytes() {
-                        datagram[at + 8..at + 12].copy_from_slice(&msg.seq.to_ne_bytes());
-                    }
-                    if len < 16 {
-                        break;
-                    }
-                    at += (len + 3) & !3;
+            if msg.kind == wire::XFRM_MSG_GETAE {
+                aevent(&mut answer, &s.state, ae_flags, msg.seq, msg.port_id);
+                if answer.len() - 16 > AEVENT_ROOM_5_10 {
+                    s.panicked = true;
+                    return;
                 }
-                send(requests, &datagram, 0);
-            }
-            continue;
-        }
-        let mut answer = Vec::new();
-        match fault {
-            Fault::Errno(errno) => error(&mut answer, errno, datagram, msg.seq),
-            Fault::Stale(times) => {
-                let state = shared.lock().unwrap().state;
-                for _ in 0..times {
-                    let mut stale = Vec::new();
-                    aevent(&mut stale, &state, 0, msg.seq.wrapping_sub(1000), msg.port_id);
-                    send(requests, &stale, 0);
-                    std::thread::sleep(Duration::from_millis(100));
+            } else if msg.flags & wire::NLM_F_REPLACE == 0 {
+                error(&mut answer, libc::EINVAL, msg);
+            } else {
+                if let Some(j) = seen.timer_jiffies {
+                    s.state.timer_jiffies = j;
                 }
-                continue;
-            }
-            Fault::Script => unreachable!("answered above"),
-            Fault::Pass | Fault::Silent | Fault::Delay(_) => {
-                let mut s = shared.lock().unwrap();
-                if msg.kind == wire::XFRM_MSG_GETAE {
-                    aevent(&mut answer, &s.state, ae_flags, msg.seq, msg.port_id);
-                    if answer.len() - 16 > AEVENT_ROOM_5_10 {
-                        s.panicked = true;
-                        continue;
-                    }
-                } else if msg.flags & wire::NLM_F_REPLACE == 0 {
-                    error(&mut answer, libc::EINVAL, datagram, msg.seq);
-                } else {
-                    if let Some(j) = seen.timer_jiffies {
-                        s.state.timer_jiffies = j;
-                    }
-                    if let Some(t) = seen.replay_threshold {
-                        s.state.replay_threshold = t;
-                    }
-                    let mut update = Vec::new();
-                    aevent(&mut update, &s.state, flags::CU, msg.seq, msg.port_id);
-                    send(events, &update, libc::MSG_DONTWAIT);
-                    error(&mut answer, 0, datagram, msg.seq);
+                if let Some(t) = seen.replay_threshold {
+                    s.state.replay_threshold = t;
+                }
+                let mut update = Vec::new();
+                aevent(&mut update, &s.state, flags::CU, msg.seq, msg.port_id);
+                send(events, &update, libc::MSG_DONTWAIT);
+                // Netlink acknowledges a success only when asked to.
+                if msg.flags & wire::NLM_F_ACK != 0 {
+                    error(&mut answer, 0, msg);
                 }
             }
         }
-        match fault {
-            Fault::Silent => {}
-            Fault::Delay(ms) => {
-                std::thread::sleep(Duration::from_millis(ms));
-                send(requests, &answer, 0);
-            }
-            _ => {
-                send(requests, &answer, 0);
-            }
+    }
+    if answer.is_empty() {
+        return;
+    }
+    match fault {
+        Fault::Silent => {}
+        Fault::Delay(ms) => {
+            std::thread::sleep(Duration::from_millis(ms));
+            send(requests, &answer, 0);
+        }
+        _ => {
+            send(requests, &answer, 0);
         }
     }
 }

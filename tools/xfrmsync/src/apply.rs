@@ -34,9 +34,6 @@ pub struct Args {
     listening: Listening,
 }
 
-/// After a failed listing of SAs, how long until the next try.
-const RETRY: Duration = Duration::from_secs(5);
-
 /// Counts of what the registry applied, shared with its callback.
 #[derive(Default)]
 struct Tally {
@@ -99,10 +96,12 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         };
     };
 
-    let mut retry: Option<Instant> = None;
     loop {
-        let [events, signal] = sys::wait_readable([registry.handle().as_raw_fd(), signals.as_raw_fd()], retry)
-            .map_err(|e| Failure::new(format!("poll: {e}")))?;
+        // An owed listing of every SA (one that failed) is the registry's to
+        // retry, inside dispatch, once it is due: wake for it.
+        let [events, signal] =
+            sys::wait_readable([registry.handle().as_raw_fd(), signals.as_raw_fd()], registry.relist_due())
+                .map_err(|e| Failure::new(format!("poll: {e}")))?;
         if signal {
             while let Some(s) = signals.next().map_err(|e| Failure::new(format!("reading signals: {e}")))? {
                 if s != libc::SIGHUP {
@@ -120,27 +119,27 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
                     Ok(new) => {
                         output::line(&format!("xfrmsync apply: SIGHUP: {} rules from {file}", new.len()));
                         rules = new;
-                        retry = resync(registry.set_rules(rules.clone()), global);
+                        if let Err(e) = registry.set_rules(rules.clone()) {
+                            relist_failed(&registry, &e, global);
+                        }
                         output::line(&format!("xfrmsync apply: reloaded: {} rules in force", rules.len()));
                     }
                 }
             }
         }
-        if events {
+        let relist_due = registry.relist_due().is_some_and(|t| Instant::now() >= t);
+        if events || relist_due {
             match registry.dispatch() {
                 Ok(_) => {}
-                // The registry listed every SA again before saying so.
-                Err(Error::EventsLost) => {
-                    eprintln!("xfrmsync apply: SA notifications were lost; every SA was listed again");
-                }
-                Err(e) => {
-                    eprintln!("xfrmsync apply: {e}");
-                    retry = retry.or(Some(Instant::now() + RETRY));
-                }
+                Err(Error::EventsLost) => match registry.relist_due() {
+                    None => eprintln!("xfrmsync apply: SA notifications were lost; every SA was listed again"),
+                    Some(_) => eprintln!(
+                        "xfrmsync apply: SA notifications were lost; listing every SA failed, and is tried again in {}",
+                        wait_text(&registry)
+                    ),
+                },
+                Err(e) => relist_failed(&registry, &e, global),
             }
-        }
-        if retry.is_some_and(|t| Instant::now() >= t) {
-            retry = resync(registry.resync(), global);
         }
     }
 }
@@ -151,22 +150,24 @@ fn load(path: &Path) -> Result<Vec<Rule>, Failure> {
     rules_file::load(path, xfrmsync::timer::kernel_hz()).map_err(Failure::new)
 }
 
-/// After applying the rules to every SA: when that failed (the listing, or
-/// the HZ measurement), the rules are in force for new SAs and the listing
-/// is tried again after [`RETRY`].
-fn resync(result: xfrmsync::Result<()>, global: &Global) -> Option<Instant> {
-    match result {
-        Ok(()) => None,
-        Err(e) => {
-            eprintln!(
-                "xfrmsync apply: {}: applying the rules to every SA: {}; trying again in {} s",
-                global.where_(),
-                with_hint(&e),
-                RETRY.as_secs()
-            );
-            Some(Instant::now() + RETRY)
-        }
+/// A failure of the registry's work: the rules stay in force for new SAs,
+/// and an owed listing is retried by the registry itself, with backoff.
+fn relist_failed(registry: &Registry, e: &Error, global: &Global) {
+    match registry.relist_due() {
+        Some(_) => eprintln!(
+            "xfrmsync apply: {}: applying the rules to every SA: {}; trying again in {} (attempt {} failed)",
+            global.where_(),
+            with_hint(e),
+            wait_text(registry),
+            registry.relist_failures()
+        ),
+        None => eprintln!("xfrmsync apply: {}: {}", global.where_(), with_hint(e)),
     }
+}
+
+fn wait_text(registry: &Registry) -> String {
+    let wait = registry.relist_due().map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()));
+    format!("{:.1} s", wait.as_secs_f64())
 }
 
 fn with_hint(e: &Error) -> String {
