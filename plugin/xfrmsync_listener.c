@@ -32,33 +32,123 @@
  *    registrations end, so that an SPI used again later by another
  *    CHILD_SA never inherits them.
  *
- * Threads: hooks run on charon's threads with the bus lock held; the
- * library's fd is dispatched from lib->watcher's pool threads. The handle is
- * one thread at a time, so every use of it, and of the tables below, is
- * under this->mutex. Nothing that waits for an IKE_SA (e.g. the
- * child_sa_manager) is called under that mutex: a hook holding a checked-out
- * IKE_SA waits for the mutex.
+ * Threads: hooks run on charon's threads with the bus lock held, so no hook
+ * does netlink I/O or waits for the library: a hook updates the tables
+ * below and queues what the library must do (register, unregister, set)
+ * under table_lock, which nothing holds for longer than a table update,
+ * and wakes the watcher through a pipe. The kernel work happens on
+ * lib->watcher's pool threads: the registry handle (SA notifications only,
+ * on a socket of its own with a large buffer) runs the queue and
+ * dispatches under handle_lock, which no hook takes; the aevents handle,
+ * opened only when the log shows aevents (knl level 2), is dispatched by
+ * its own watcher callback. Lock order: handle_lock, then table_lock.
+ * Nothing that waits for an IKE_SA (e.g. the child_sa_manager) is called
+ * under either.
+ *
+ * A watched fd whose dispatch fails 64 times in a row rests, and is watched
+ * again after a backoff (1 s, doubling up to 60 s), logged at level 1 each
+ * time with the failures so far; a timerfd wakes the watcher for that and
+ * for a listing of every SA that the library owes (xfrmsync_relist_due_ms).
  */
 
 #include "xfrmsync_listener.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <string.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <daemon.h>
 #include <encoding/payloads/sa_payload.h>
+#include <collections/array.h>
 #include <collections/hashtable.h>
 #include <threading/mutex.h>
 #include <processing/watcher.h>
 
 #include <xfrmsync.h>
 
-/** Consecutive dispatch failures after which the fd is no longer watched */
+/** Consecutive dispatch failures after which a watched fd rests */
 #define MAX_DISPATCH_FAILURES 64
+/** First and longest rest of a watched fd, in ms */
+#define REST_FIRST_MS 1000
+#define REST_MAX_MS 60000
+/** Receive buffer of the SA notification socket, unless configured */
+#define DEFAULT_RECEIVE_BUFFER (8 << 20)
+/** Hook times: 1 us buckets up to this, then one bucket for the rest */
+#define HOOK_BUCKETS 4096
 
 typedef struct private_xfrmsync_listener_t private_xfrmsync_listener_t;
+
+/** The hooks timed, each on its own and all together (HOOK_KINDS) */
+enum {
+	HOOK_MESSAGE,
+	HOOK_IKE_STATE,
+	HOOK_CHILD_STATE,
+	HOOK_CHILD_UPDOWN,
+	HOOK_CHILD_REKEY,
+	HOOK_KINDS,
+};
+
+static const char *hook_names[] = {
+	"message", "ike_state_change", "child_state_change", "child_updown",
+	"child_rekey", "all hooks",
+};
+
+/**
+ * Time spent in hooks: counts per microsecond, the longest, in ns
+ */
+typedef struct {
+	u_int times[HOOK_BUCKETS + 1];
+	uint64_t max_ns;
+	uint64_t calls;
+} hook_stats_t;
+
+/**
+ * What a hook asks the library for, run on the watcher's side
+ */
+typedef struct {
+	enum { OP_REGISTER, OP_UNREGISTER, OP_SET, OP_LOG } kind;
+	xfrmsync_sa_id sa;
+	uint32_t replay_packets;
+	uint32_t timer_ms;
+	/** OP_LOG: the CHILD_SA's line, logged on the watcher's side so that no
+	 * hook formats or writes it */
+	char name[64];
+	uint32_t unique_id;
+	const char *hook;
+	uint32_t spis[2];
+} op_t;
+
+/**
+ * A child config's thresholds, as strongswan.conf gives them
+ */
+typedef struct {
+	bool configured;
+	uint32_t replay_packets;
+	uint32_t timer_ms;
+} child_thresholds_t;
+
+/**
+ * An fd in lib->watcher, and how its dispatch fares
+ */
+typedef struct {
+	int fd;
+	/** in lib->watcher */
+	bool watched;
+	/** taken out after MAX_DISPATCH_FAILURES, watched again at rest_until */
+	bool resting;
+	timeval_t rest_until;
+	u_int rest_ms;
+	/** failed dispatch calls: in a row, and since load */
+	u_int failures;
+	u_int total_failures;
+	/** name for the log */
+	const char *name;
+} watched_t;
 
 /**
  * Private data
@@ -71,29 +161,57 @@ struct private_xfrmsync_listener_t {
 	xfrmsync_listener_t public;
 
 	/**
-	 * The library handle, in charon's network namespace
+	 * The handle with the rules: SA notifications, NEWAE (handle_lock)
 	 */
-	xfrmsync_handle *handle;
+	xfrmsync_handle *registry;
+	watched_t registry_fd;
 
 	/**
-	 * Its event fd
+	 * The port its update events carry
 	 */
-	int fd;
+	int64_t registry_port;
 
 	/**
-	 * Whether the fd is in lib->watcher
+	 * The handle joined to aevents, NULL unless the log shows them
+	 */
+	xfrmsync_handle *aevents;
+	watched_t aevents_fd;
+
+	/**
+	 * Hooks write a byte to wake[1] when they queue something
+	 */
+	int wake[2];
+
+	/**
+	 * timerfd: a resting fd's backoff, an owed listing
+	 */
+	int timer;
+
+	/**
+	 * Whether the fds are in lib->watcher (watch())
 	 */
 	bool watching;
 
 	/**
-	 * Consecutive failed dispatch calls
+	 * Serialises the registry handle: the watcher's side only
 	 */
-	u_int failures;
+	mutex_t *handle_lock;
 
 	/**
-	 * Serialises the handle and the tables
+	 * Serialises the tables, the queue and unmatched; held briefly
 	 */
-	mutex_t *mutex;
+	mutex_t *table_lock;
+
+	/**
+	 * op_t queued by hooks for the watcher's side
+	 */
+	array_t *queue;
+
+	/**
+	 * xfrmsync_sa_id of registrations the library refused: their
+	 * unregistration is not passed on, so it never ends another owner's
+	 */
+	array_t *unmatched;
 
 	/**
 	 * CHILD_SA unique ID => entry_t
@@ -115,6 +233,31 @@ struct private_xfrmsync_listener_t {
 	 * The namespace's defaults, for a threshold that is not configured
 	 */
 	xfrmsync_netns_defaults defaults;
+
+	/**
+	 * Time spent in hooks: counts per microsecond, the longest, in ns
+	 */
+	hook_stats_t hooks[HOOK_KINDS + 1];
+
+	/**
+	 * Dispatch failures injected so far (test.fail_dispatch)
+	 */
+	u_int injected;
+
+	/**
+	 * The highest level the configured loggers show KNL messages at
+	 */
+	int log_level;
+
+	/**
+	 * A wake-up is pending: hooks skip the write (atomic)
+	 */
+	bool wake_pending;
+
+	/**
+	 * Child config name => child_thresholds_t, until settings reload
+	 */
+	hashtable_t *thresholds;
 };
 
 /** Index of the inbound and the outbound SA in entry_t */
@@ -221,10 +364,10 @@ static bool sa_id_of(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 
 		if (spi && spi == child_sa->get_spi(child_sa, TRUE))
 		{
-			this->mutex->lock(this->mutex);
+			this->table_lock->lock(this->table_lock);
 			spi = (uintptr_t)this->peer_spis->get(this->peer_spis,
 						(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
-			this->mutex->unlock(this->mutex);
+			this->table_lock->unlock(this->table_lock);
 		}
 		sa->spi = ntohl(spi);
 	}
@@ -253,10 +396,12 @@ static bool sa_id_of(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 }
 
 /**
- * The thresholds of a child config, FALSE if none is configured
+ * The thresholds of a child config from strongswan.conf, FALSE if none is
+ * configured
  */
-static bool thresholds_for(private_xfrmsync_listener_t *this, char *name,
-						   uint32_t *replay_packets, uint32_t *timer_ms)
+static bool thresholds_configured(private_xfrmsync_listener_t *this,
+								  char *name, uint32_t *replay_packets,
+								  uint32_t *timer_ms)
 {
 	int replay, timer;
 
@@ -279,6 +424,66 @@ static bool thresholds_for(private_xfrmsync_listener_t *this, char *name,
 	return TRUE;
 }
 
+/**
+ * The thresholds of a child config, FALSE if none is configured: from the
+ * cache that a settings reload empties, so a hook reads strongswan.conf
+ * once per child config
+ */
+static bool thresholds_for(private_xfrmsync_listener_t *this, char *name,
+						   uint32_t *replay_packets, uint32_t *timer_ms)
+{
+	child_thresholds_t *known, *fresh;
+	bool configured;
+
+	this->table_lock->lock(this->table_lock);
+	known = this->thresholds->get(this->thresholds, name);
+	if (known)
+	{
+		*replay_packets = known->replay_packets;
+		*timer_ms = known->timer_ms;
+		this->table_lock->unlock(this->table_lock);
+		return known->configured;
+	}
+	this->table_lock->unlock(this->table_lock);
+
+	INIT(fresh);
+	fresh->configured = thresholds_configured(this, name,
+								&fresh->replay_packets, &fresh->timer_ms);
+	*replay_packets = fresh->replay_packets;
+	*timer_ms = fresh->timer_ms;
+	configured = fresh->configured;
+	this->table_lock->lock(this->table_lock);
+	if (this->thresholds->get(this->thresholds, name))
+	{	/* another hook was quicker */
+		free(fresh);
+	}
+	else
+	{
+		this->thresholds->put(this->thresholds, strdup(name), fresh);
+	}
+	this->table_lock->unlock(this->table_lock);
+	return configured;
+}
+
+/**
+ * Empties the thresholds cache (table_lock held)
+ */
+static void forget_thresholds(private_xfrmsync_listener_t *this)
+{
+	enumerator_t *enumerator;
+	char *name;
+	child_thresholds_t *known;
+
+	enumerator = this->thresholds->create_enumerator(this->thresholds);
+	while (enumerator->enumerate(enumerator, &name, &known))
+	{
+		this->thresholds->remove_at(this->thresholds, enumerator);
+		free(name);
+		free(known);
+	}
+	enumerator->destroy(enumerator);
+}
+
 static void entry_destroy(entry_t *entry)
 {
 	free(entry->name);
@@ -286,13 +491,39 @@ static void entry_destroy(entry_t *entry)
 }
 
 /**
- * Ends the registration of one SA of an entry (mutex held)
+ * Queues what the library must do for an SA (table_lock held)
+ */
+static void enqueue(private_xfrmsync_listener_t *this, int kind,
+					const xfrmsync_sa_id *sa, uint32_t replay_packets,
+					uint32_t timer_ms)
+{
+	op_t op = {
+		.kind = kind,
+		.sa = *sa,
+		.replay_packets = replay_packets,
+		.timer_ms = timer_ms,
+	};
+
+	array_insert(this->queue, ARRAY_TAIL, &op);
+}
+
+/**
+ * Wakes the watcher's side to run the queue; a full pipe has a wake-up
+ * pending already
+ */
+static void wake(private_xfrmsync_listener_t *this)
+{
+	if (!__atomic_exchange_n(&this->wake_pending, TRUE, __ATOMIC_ACQ_REL))
+	{
+		ignore_result(write(this->wake[1], "", 1));
+	}
+}
+
+/**
+ * Ends the registration of one SA of an entry (table_lock held)
  */
 static void forget(private_xfrmsync_listener_t *this, entry_t *entry, int dir)
 {
-	char buf[128];
-	int rc;
-
 	if (!entry->registered[dir])
 	{
 		return;
@@ -301,29 +532,26 @@ static void forget(private_xfrmsync_listener_t *this, entry_t *entry, int dir)
 	{
 		this->sas->remove(this->sas, &entry->sa[dir]);
 	}
-	rc = xfrmsync_unregister_sa(this->handle, &entry->sa[dir]);
-	if (rc < 0)
-	{
-		DBG1(DBG_KNL, "xfrmsync: unregistering %s failed: %s",
-			 sa_str(&entry->sa[dir], buf, sizeof(buf)), xfrmsync_last_error());
-	}
+	enqueue(this, OP_UNREGISTER, &entry->sa[dir], 0, 0);
 	entry->registered[dir] = FALSE;
 }
 
 /**
  * Registers a CHILD_SA's SAs with their thresholds, or gives them the
- * thresholds again after an update (readd)
+ * thresholds again after an update (readd). Only tables and the queue:
+ * the library does the work on the watcher's side.
  */
 static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 				  child_sa_t *child_sa, bool installing, bool readd,
 				  const char *hook)
 {
 	xfrmsync_sa_id ids[2];
-	bool have[2];
+	bool have[2], queued = FALSE;
 	uint32_t replay, timer, unique_id;
 	entry_t *entry;
-	char *name, buf[128], done[2][16] = { "-", "-" };
-	int dir, rc;
+	uint32_t done[2] = { 0, 0 };
+	char *name;
+	int dir;
 
 	name = child_sa->get_name(child_sa);
 	if (!ike_sa || !thresholds_for(this, name, &replay, &timer))
@@ -338,7 +566,7 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 	}
 	unique_id = child_sa->get_unique_id(child_sa);
 
-	this->mutex->lock(this->mutex);
+	this->table_lock->lock(this->table_lock);
 	entry = this->children->get(this->children, (void*)(uintptr_t)unique_id);
 	if (!entry)
 	{
@@ -362,53 +590,53 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 			if (readd)
 			{	/* re-added under the same identity: apply now rather than
 				 * when the watcher sees the kernel's NEWSA */
-				rc = xfrmsync_set_thresholds(this->handle, &ids[dir],
-											 replay, timer);
-				if (rc < 0)
-				{
-					DBG1(DBG_KNL, "xfrmsync: thresholds for %s failed: %s",
-						 sa_str(&ids[dir], buf, sizeof(buf)),
-						 xfrmsync_last_error());
-				}
-				snprintf(done[dir], sizeof(done[dir]), "%.8x", ids[dir].spi);
+				enqueue(this, OP_SET, &ids[dir], replay, timer);
+				queued = TRUE;
+				done[dir] = ids[dir].spi;
 			}
 			continue;
 		}
 		/* a new SA, or a new identity after an update: end the old
 		 * registration, then register the new identity (in the table
-		 * first, so that on_applied knows the SA while registering) */
+		 * first, so that on_applied knows the SA) */
 		if (entry->registered[dir] &&
 			!sa_identical(&entry->sa[dir], &ids[dir]))
 		{
 			forget(this, entry, dir);
 		}
 		else if (entry->registered[dir])
-		{
+		{	/* new thresholds for the same identity: one registration
+			 * replaces the other */
+			enqueue(this, OP_UNREGISTER, &entry->sa[dir], 0, 0);
 			this->sas->remove(this->sas, &entry->sa[dir]);
 		}
 		entry->sa[dir] = ids[dir];
 		this->sas->put(this->sas, &entry->sa[dir], entry);
-		rc = xfrmsync_register_sa(this->handle, &ids[dir], replay, timer);
-		if (rc < 0)
-		{
-			DBG1(DBG_KNL, "xfrmsync: registering %s failed: %s",
-				 sa_str(&ids[dir], buf, sizeof(buf)), xfrmsync_last_error());
-			this->sas->remove(this->sas, &entry->sa[dir]);
-			entry->registered[dir] = FALSE;
-			continue;
-		}
+		enqueue(this, OP_REGISTER, &ids[dir], replay, timer);
+		queued = TRUE;
 		entry->registered[dir] = TRUE;
-		snprintf(done[dir], sizeof(done[dir]), "%.8x", ids[dir].spi);
+		done[dir] = ids[dir].spi;
 	}
 	entry->replay_packets = replay;
 	entry->timer_ms = timer;
-	this->mutex->unlock(this->mutex);
-
-	if (strcmp(done[DIR_IN], "-") || strcmp(done[DIR_OUT], "-"))
+	if (done[DIR_IN] || done[DIR_OUT])
 	{
-		DBG1(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} (%s): replay threshold %u "
-			 "packets, timer threshold %u ms for SPIs %s_i %s_o", name,
-			 unique_id, hook, replay, timer, done[DIR_IN], done[DIR_OUT]);
+		op_t line = {
+			.kind = OP_LOG,
+			.unique_id = unique_id,
+			.hook = hook,
+			.replay_packets = replay,
+			.timer_ms = timer,
+			.spis = { done[DIR_IN], done[DIR_OUT] },
+		};
+
+		snprintf(line.name, sizeof(line.name), "%s", name);
+		array_insert(this->queue, ARRAY_TAIL, &line);
+	}
+	this->table_lock->unlock(this->table_lock);
+	if (queued)
+	{
+		wake(this);
 	}
 }
 
@@ -420,18 +648,99 @@ static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
 	uint32_t unique_id = child_sa->get_unique_id(child_sa);
 	entry_t *entry;
 
-	this->mutex->lock(this->mutex);
+	this->table_lock->lock(this->table_lock);
 	entry = this->children->remove(this->children,
 								   (void*)(uintptr_t)unique_id);
 	if (entry)
 	{
 		forget(this, entry, DIR_IN);
 		forget(this, entry, DIR_OUT);
+	}
+	this->table_lock->unlock(this->table_lock);
+	if (entry)
+	{
+		wake(this);
 		DBG2(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} forgotten", entry->name,
 			 entry->unique_id);
 		entry_destroy(entry);
 	}
-	this->mutex->unlock(this->mutex);
+}
+
+/**
+ * Counts the time a hook took since start, for its kind and for all
+ */
+static void hook_done(private_xfrmsync_listener_t *this, int kind,
+					  struct timespec *start)
+{
+	struct timespec end;
+	uint64_t ns, max;
+	u_int bucket;
+	hook_stats_t *stats[] = { &this->hooks[kind], &this->hooks[HOOK_KINDS] };
+	int i;
+
+	clock_gettime(CLOCK_MONOTONIC, &end);
+	ns = (end.tv_sec - start->tv_sec) * 1000000000ULL + end.tv_nsec -
+		 start->tv_nsec;
+	bucket = ns / 1000 < HOOK_BUCKETS ? ns / 1000 : HOOK_BUCKETS;
+	for (i = 0; i < countof(stats); i++)
+	{
+		__atomic_add_fetch(&stats[i]->times[bucket], 1, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&stats[i]->calls, 1, __ATOMIC_RELAXED);
+		max = __atomic_load_n(&stats[i]->max_ns, __ATOMIC_RELAXED);
+		while (ns > max && !__atomic_compare_exchange_n(&stats[i]->max_ns,
+							&max, ns, FALSE, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+		{
+		}
+	}
+}
+
+/**
+ * The microsecond below which a share of the calls took their time
+ */
+static u_int hook_percentile(hook_stats_t *stats, uint64_t calls,
+							 u_int permille)
+{
+	uint64_t seen = 0, wanted = (calls * permille + 999) / 1000;
+	u_int bucket;
+
+	for (bucket = 0; bucket <= HOOK_BUCKETS; bucket++)
+	{
+		seen += __atomic_load_n(&stats->times[bucket], __ATOMIC_RELAXED);
+		if (seen >= wanted)
+		{
+			break;
+		}
+	}
+	return bucket + 1;
+}
+
+/**
+ * Logs the hook times so far (level 1: operators and the tests read it)
+ */
+static void log_hook_times(private_xfrmsync_listener_t *this, const char *when)
+{
+	hook_stats_t *stats;
+	uint64_t calls;
+	int kind;
+
+	for (kind = HOOK_KINDS; kind >= 0; kind--)
+	{
+		stats = &this->hooks[kind];
+		calls = __atomic_load_n(&stats->calls, __ATOMIC_RELAXED);
+		if (!calls)
+		{
+			continue;
+		}
+		DBG1(DBG_KNL, "xfrmsync: hook times (%s), %s: %llu calls, p50 < %u us,"
+			 " p99 < %u us, max %llu us", when, hook_names[kind],
+			 (unsigned long long)calls, hook_percentile(stats, calls, 500),
+			 hook_percentile(stats, calls, 990),
+			 (unsigned long long)(__atomic_load_n(&stats->max_ns,
+											__ATOMIC_RELAXED) + 999) / 1000);
+	}
+	DBG1(DBG_KNL, "xfrmsync: dispatch failures since load: %u (SA "
+		 "notifications), %u (aevents)", this->registry_fd.total_failures,
+		 this->aevents_fd.total_failures);
 }
 
 METHOD(listener_t, message_hook, bool,
@@ -442,11 +751,13 @@ METHOD(listener_t, message_hook, bool,
 	linked_list_t *proposals;
 	proposal_t *proposal;
 	uint32_t spi = 0;
+	struct timespec start;
 
 	if (!incoming || !plain || !message->get_request(message))
 	{
 		return TRUE;
 	}
+	clock_gettime(CLOCK_MONOTONIC, &start);
 	sa_payload = (sa_payload_t*)message->get_payload(message,
 											PLV2_SECURITY_ASSOCIATION);
 	if (!sa_payload)
@@ -456,6 +767,7 @@ METHOD(listener_t, message_hook, bool,
 	}
 	if (!sa_payload)
 	{
+		hook_done(this, HOOK_MESSAGE, &start);
 		return TRUE;
 	}
 	proposals = sa_payload->get_proposals(sa_payload);
@@ -468,24 +780,29 @@ METHOD(listener_t, message_hook, bool,
 	proposals->destroy_offset(proposals, offsetof(proposal_t, destroy));
 	if (spi)
 	{
-		this->mutex->lock(this->mutex);
+		this->table_lock->lock(this->table_lock);
 		this->peer_spis->put(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa),
 					(void*)(uintptr_t)spi);
-		this->mutex->unlock(this->mutex);
+		this->table_lock->unlock(this->table_lock);
 	}
+	hook_done(this, HOOK_MESSAGE, &start);
 	return TRUE;
 }
 
 METHOD(listener_t, ike_state_change, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, ike_sa_state_t state)
 {
+	struct timespec start;
+
 	if (state == IKE_DESTROYING)
 	{
-		this->mutex->lock(this->mutex);
+		clock_gettime(CLOCK_MONOTONIC, &start);
+		this->table_lock->lock(this->table_lock);
 		this->peer_spis->remove(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
-		this->mutex->unlock(this->mutex);
+		this->table_lock->unlock(this->table_lock);
+		hook_done(this, HOOK_IKE_STATE, &start);
 	}
 	return TRUE;
 }
@@ -494,8 +811,10 @@ METHOD(listener_t, child_state_change, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *child_sa,
 	child_sa_state_t state)
 {
+	struct timespec start;
 	bool updated;
 
+	clock_gettime(CLOCK_MONOTONIC, &start);
 	switch (state)
 	{
 		case CHILD_INSTALLING:
@@ -514,8 +833,9 @@ METHOD(listener_t, child_state_change, bool,
 			untrack(this, child_sa);
 			break;
 		default:
-			break;
+			return TRUE;
 	}
+	hook_done(this, HOOK_CHILD_STATE, &start);
 	return TRUE;
 }
 
@@ -523,6 +843,9 @@ METHOD(listener_t, child_updown, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *child_sa,
 	bool up)
 {
+	struct timespec start;
+
+	clock_gettime(CLOCK_MONOTONIC, &start);
 	if (up)
 	{
 		track(this, ike_sa, child_sa, FALSE, FALSE, "up");
@@ -531,6 +854,7 @@ METHOD(listener_t, child_updown, bool,
 	{
 		untrack(this, child_sa);
 	}
+	hook_done(this, HOOK_CHILD_UPDOWN, &start);
 	return TRUE;
 }
 
@@ -538,100 +862,378 @@ METHOD(listener_t, child_rekey, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *old,
 	child_sa_t *new)
 {
+	struct timespec start;
+
+	clock_gettime(CLOCK_MONOTONIC, &start);
 	track(this, ike_sa, new, FALSE, FALSE, "rekeyed");
+	hook_done(this, HOOK_CHILD_REKEY, &start);
 	return TRUE;
 }
 
 /**
- * Logs an aevent (inside xfrmsync_dispatch, mutex held)
+ * Logs an aevent (inside the aevents handle's dispatch); there is no such
+ * handle unless the log shows level 2
  */
 static void on_event(void *data, const xfrmsync_aevent *event)
 {
 	private_xfrmsync_listener_t *this = data;
 	entry_t *entry;
-	char text[512];
-	int dir;
+	char text[512], name[64] = "";
+	uint32_t unique_id = 0;
+	int dir = DIR_IN;
+	bool echo;
+
+	this->table_lock->lock(this->table_lock);
+	entry = this->sas->get(this->sas, &event->sa);
+	if (entry)
+	{
+		snprintf(name, sizeof(name), "%s", entry->name);
+		unique_id = entry->unique_id;
+		dir = sa_equals(&entry->sa[DIR_IN], &event->sa) ? DIR_IN : DIR_OUT;
+	}
+	this->table_lock->unlock(this->table_lock);
 
 	xfrmsync_aevent_format(event, FALSE, text, sizeof(text));
-	entry = this->sas->get(this->sas, &event->sa);
 	if (!entry)
 	{
 		DBG2(DBG_KNL, "xfrmsync: aevent %s", text);
 		return;
 	}
-	dir = sa_equals(&entry->sa[DIR_IN], &event->sa) ? DIR_IN : DIR_OUT;
-	if (xfrmsync_caused(this->handle, event) == 1)
-	{	/* the echo of our own update */
-		DBG3(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} %s: %s", entry->name,
-			 entry->unique_id, dir_names[dir], text);
+	/* the echo of the registry handle's own update: its NEWAE carried the
+	 * registry handle's port id */
+	echo = (event->cause & XFRMSYNC_CAUSE_UPDATE) &&
+		   (int64_t)event->nlmsg_pid == this->registry_port;
+	if (echo)
+	{
+		DBG3(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} %s: %s", name, unique_id,
+			 dir_names[dir], text);
 		return;
 	}
-	DBG2(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} %s: aevent %s", entry->name,
-		 entry->unique_id, dir_names[dir], text);
+	DBG2(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} %s: aevent %s", name, unique_id,
+		 dir_names[dir], text);
 }
 
 /**
- * Logs each application of thresholds (inside library calls, mutex held)
+ * Logs each application of thresholds (inside the registry handle's calls,
+ * handle_lock held)
  */
 static void on_applied(void *data, const xfrmsync_sa_id *sa,
-					   uint32_t replay_packets, uint32_t timer_ms, int result)
+					   uint32_t replay_packets, uint32_t timer_ms, int result,
+					   const char *rule)
 {
 	private_xfrmsync_listener_t *this = data;
-	entry_t *entry;
 	char buf[128];
 
 	if (result < 0)
 	{
-		entry = this->sas->get(this->sas, sa);
-		if (result == -EINVAL && entry && entry->installing)
-		{	/* registered ahead of the install: the inbound SA is still the
-			 * kernel's larval SA of the SPI allocation, which takes no
-			 * thresholds; the library applies them when the kernel
-			 * announces the installed SA */
-			DBG2(DBG_KNL, "xfrmsync: %s is not installed yet",
-				 sa_str(sa, buf, sizeof(buf)));
-			return;
-		}
 		DBG1(DBG_KNL, "xfrmsync: thresholds %u packets/%u ms for %s failed: "
 			 "%s", replay_packets, timer_ms, sa_str(sa, buf, sizeof(buf)),
 			 strerror(-result));
 		return;
 	}
-	DBG2(DBG_KNL, "xfrmsync: %s has thresholds %u packets/%u ms",
-		 sa_str(sa, buf, sizeof(buf)), replay_packets, timer_ms);
+	if (this->log_level >= 2)
+	{	/* per SA: not formatted for a log that does not show it */
+		DBG2(DBG_KNL, "xfrmsync: %s has thresholds %u packets/%u ms%s%s",
+			 sa_str(sa, buf, sizeof(buf)), replay_packets, timer_ms,
+			 rule ? " of rule " : "", rule ? rule : "");
+	}
 }
 
-CALLBACK(on_readable, bool,
+/**
+ * Runs one queued operation (handle_lock held)
+ */
+static void run_op(private_xfrmsync_listener_t *this, op_t *op)
+{
+	xfrmsync_sa_id refused;
+	char buf[128];
+	int i, rc;
+
+	switch (op->kind)
+	{
+		case OP_REGISTER:
+			rc = xfrmsync_register_sa(this->registry, &op->sa,
+									  op->replay_packets, op->timer_ms);
+			if (rc < 0)
+			{
+				DBG1(DBG_KNL, "xfrmsync: registering %s failed: %s",
+					 sa_str(&op->sa, buf, sizeof(buf)), xfrmsync_last_error());
+				array_insert(this->unmatched, ARRAY_TAIL, &op->sa);
+			}
+			return;
+		case OP_UNREGISTER:
+			for (i = 0; i < array_count(this->unmatched); i++)
+			{
+				array_get(this->unmatched, i, &refused);
+				if (sa_identical(&refused, &op->sa))
+				{	/* the library never counted it */
+					array_remove(this->unmatched, i, NULL);
+					return;
+				}
+			}
+			rc = xfrmsync_unregister_sa(this->registry, &op->sa);
+			if (rc < 0)
+			{
+				DBG1(DBG_KNL, "xfrmsync: unregistering %s failed: %s",
+					 sa_str(&op->sa, buf, sizeof(buf)), xfrmsync_last_error());
+			}
+			return;
+		case OP_LOG:
+		{
+			char in[16] = "-", out[16] = "-";
+
+			if (op->spis[DIR_IN])
+			{
+				snprintf(in, sizeof(in), "%.8x", op->spis[DIR_IN]);
+			}
+			if (op->spis[DIR_OUT])
+			{
+				snprintf(out, sizeof(out), "%.8x", op->spis[DIR_OUT]);
+			}
+			DBG1(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} (%s): replay threshold %u "
+				 "packets, timer threshold %u ms for SPIs %s_i %s_o", op->name,
+				 op->unique_id, op->hook, op->replay_packets, op->timer_ms, in,
+				 out);
+			return;
+		}
+		case OP_SET:
+			rc = xfrmsync_set_thresholds(this->registry, &op->sa,
+										 op->replay_packets, op->timer_ms);
+			if (rc < 0)
+			{
+				DBG1(DBG_KNL, "xfrmsync: thresholds for %s failed: %s",
+					 sa_str(&op->sa, buf, sizeof(buf)), xfrmsync_last_error());
+			}
+			return;
+	}
+}
+
+/**
+ * Milliseconds from now until tv, 0 if it has passed
+ */
+static u_int ms_until(timeval_t *tv)
+{
+	timeval_t now;
+
+	time_monotonic(&now);
+	if (!timercmp(&now, tv, <))
+	{
+		return 0;
+	}
+	return (tv->tv_sec - now.tv_sec) * 1000 +
+		   (tv->tv_usec - now.tv_usec) / 1000 + 1;
+}
+
+/**
+ * Arms the timerfd for the earliest of an owed listing and a resting fd's
+ * return (handle_lock held); disarms it when there is neither
+ */
+static void arm_timer(private_xfrmsync_listener_t *this)
+{
+	struct itimerspec when = {};
+	int due = xfrmsync_relist_due_ms(this->registry);
+	watched_t *all[] = { &this->registry_fd, &this->aevents_fd };
+	u_int i, ms;
+
+	for (i = 0; i < countof(all); i++)
+	{
+		if (all[i]->resting)
+		{
+			ms = ms_until(&all[i]->rest_until);
+			due = due < 0 ? (int)ms : min(due, (int)ms);
+		}
+	}
+	if (due >= 0)
+	{	/* 0 would disarm it */
+		due = max(due, 1);
+		when.it_value.tv_sec = due / 1000;
+		when.it_value.tv_nsec = (due % 1000) * 1000000L;
+	}
+	timerfd_settime(this->timer, 0, &when, NULL);
+}
+
+/**
+ * Counts a dispatch's outcome for a watched fd; FALSE when the fd must
+ * rest (taken out of the watcher, back after a backoff)
+ */
+static bool dispatch_fared(private_xfrmsync_listener_t *this, watched_t *w,
+						   int rc, const char *error)
+{
+	if (rc >= 0 || rc == -ENOBUFS)
+	{
+		w->failures = 0;
+		w->rest_ms = 0;
+		if (rc == -ENOBUFS && w == &this->registry_fd)
+		{
+			if (xfrmsync_relist_due_ms(this->registry) < 0)
+			{
+				DBG1(DBG_KNL, "xfrmsync: the kernel dropped SA notifications;"
+					 " every SA was listed again and given its thresholds");
+			}
+			else
+			{
+				DBG1(DBG_KNL, "xfrmsync: the kernel dropped SA notifications;"
+					 " listing every SA failed, and is tried again in %d ms",
+					 xfrmsync_relist_due_ms(this->registry));
+			}
+		}
+		else if (rc == -ENOBUFS)
+		{
+			DBG1(DBG_KNL, "xfrmsync: the kernel dropped aevents");
+		}
+		return TRUE;
+	}
+	w->total_failures++;
+	DBG1(DBG_KNL, "xfrmsync: dispatching %s failed: %s (%u in a row, %u since"
+		 " load)", w->name, error, w->failures + 1, w->total_failures);
+	if (++w->failures < MAX_DISPATCH_FAILURES)
+	{
+		return TRUE;
+	}
+	w->rest_ms = w->rest_ms ? min(w->rest_ms * 2, REST_MAX_MS) : REST_FIRST_MS;
+	time_monotonic(&w->rest_until);
+	timeval_add_ms(&w->rest_until, w->rest_ms);
+	w->resting = TRUE;
+	w->watched = FALSE;
+	w->failures = 0;
+	DBG1(DBG_KNL, "xfrmsync: %s: %u dispatch failures in a row; watched again"
+		 " in %u ms (%u failures since load)", w->name, MAX_DISPATCH_FAILURES,
+		 w->rest_ms, w->total_failures);
+	return FALSE;
+}
+
+/**
+ * The registry's side of the work: the queue, then dispatch. Returns
+ * FALSE when the registry fd must rest.
+ */
+static bool run_registry(private_xfrmsync_listener_t *this)
+{
+	array_t *queue;
+	op_t op;
+	char error[256] = "";
+	bool keep;
+	int rc;
+
+	this->handle_lock->lock(this->handle_lock);
+	this->table_lock->lock(this->table_lock);
+	queue = this->queue;
+	this->queue = array_create(sizeof(op_t), 0);
+	this->table_lock->unlock(this->table_lock);
+	while (array_remove(queue, ARRAY_HEAD, &op))
+	{
+		run_op(this, &op);
+	}
+	array_destroy(queue);
+	if (this->injected < (u_int)lib->settings->get_int(lib->settings,
+						"%s.plugins.xfrmsync.test.fail_dispatch", 0, lib->ns))
+	{	/* a test's way to a failing dispatch: the fd stays readable */
+		if (!this->injected++)
+		{
+			DBG1(DBG_KNL, "xfrmsync: injecting dispatch failures "
+				 "(charon.plugins.xfrmsync.test.fail_dispatch)");
+		}
+		rc = -EIO;
+		snprintf(error, sizeof(error), "injected failure %u "
+				 "(charon.plugins.xfrmsync.test.fail_dispatch)", this->injected);
+	}
+	else
+	{
+		rc = xfrmsync_dispatch(this->registry);
+		if (rc < 0)
+		{
+			snprintf(error, sizeof(error), "%s", xfrmsync_last_error());
+		}
+	}
+	keep = dispatch_fared(this, &this->registry_fd, rc, error);
+	arm_timer(this);
+	this->handle_lock->unlock(this->handle_lock);
+	return keep;
+}
+
+CALLBACK(on_registry_readable, bool,
+	private_xfrmsync_listener_t *this, int fd, watcher_event_t event)
+{
+	return run_registry(this);
+}
+
+CALLBACK(on_aevents_readable, bool,
 	private_xfrmsync_listener_t *this, int fd, watcher_event_t event)
 {
 	char error[256] = "";
+	bool keep;
 	int rc;
 
-	this->mutex->lock(this->mutex);
-	rc = xfrmsync_dispatch(this->handle);
+	/* only this callback uses the aevents handle; the watcher runs it on
+	 * one thread at a time */
+	rc = xfrmsync_dispatch(this->aevents);
 	if (rc < 0)
 	{
 		snprintf(error, sizeof(error), "%s", xfrmsync_last_error());
 	}
-	this->mutex->unlock(this->mutex);
-
-	if (rc >= 0 || rc == -ENOBUFS)
+	/* its watched_t is this callback's until it rests: on_timer touches it
+	 * only while the fd is out of the watcher */
+	keep = dispatch_fared(this, &this->aevents_fd, rc, error);
+	if (!keep)
 	{
-		this->failures = 0;
-		if (rc == -ENOBUFS)
-		{
-			DBG1(DBG_KNL, "xfrmsync: the kernel dropped events; every SA was "
-				 "listed again and given its thresholds");
-		}
-		return TRUE;
+		this->handle_lock->lock(this->handle_lock);
+		arm_timer(this);
+		this->handle_lock->unlock(this->handle_lock);
 	}
-	DBG1(DBG_KNL, "xfrmsync: dispatching events failed: %s", error);
-	if (++this->failures >= MAX_DISPATCH_FAILURES)
+	return keep;
+}
+
+CALLBACK(on_wake, bool,
+	private_xfrmsync_listener_t *this, int fd, watcher_event_t event)
+{
+	char drain[64];
+
+	/* cleared first: a hook queueing from now on writes again */
+	__atomic_store_n(&this->wake_pending, FALSE, __ATOMIC_RELEASE);
+	while (read(fd, drain, sizeof(drain)) > 0)
 	{
-		DBG1(DBG_KNL, "xfrmsync: %u dispatch failures in a row, no longer "
-			 "watching the kernel's events", this->failures);
-		this->watching = FALSE;
-		return FALSE;
+	}
+	if (!run_registry(this))
+	{	/* the registry fd rests; taking it out here, not from its own
+		 * callback, is what the watcher allows */
+		lib->watcher->remove(lib->watcher, this->registry_fd.fd);
+	}
+	return TRUE;
+}
+
+/**
+ * Puts a rested fd back into the watcher once its time has come (handle_lock
+ * held)
+ */
+static void rearm(private_xfrmsync_listener_t *this, watched_t *w,
+				  watcher_cb_t cb)
+{
+	if (!w->resting || !this->watching || ms_until(&w->rest_until))
+	{
+		return;
+	}
+	w->resting = FALSE;
+	w->watched = TRUE;
+	lib->watcher->add(lib->watcher, w->fd, WATCHER_READ, cb, this);
+	DBG1(DBG_KNL, "xfrmsync: %s watched again (%u failures since load)",
+		 w->name, w->total_failures);
+}
+
+CALLBACK(on_timer, bool,
+	private_xfrmsync_listener_t *this, int fd, watcher_event_t event)
+{
+	uint64_t expirations;
+
+	ignore_result(read(fd, &expirations, sizeof(expirations)));
+	this->handle_lock->lock(this->handle_lock);
+	rearm(this, &this->registry_fd, (watcher_cb_t)on_registry_readable);
+	if (this->aevents)
+	{
+		rearm(this, &this->aevents_fd, (watcher_cb_t)on_aevents_readable);
+	}
+	this->handle_lock->unlock(this->handle_lock);
+	/* an owed listing, or what the registry fd missed while it rested */
+	if (!run_registry(this))
+	{
+		lib->watcher->remove(lib->watcher, this->registry_fd.fd);
 	}
 	return TRUE;
 }
@@ -642,14 +1244,42 @@ METHOD(xfrmsync_listener_t, watch, void,
 	if (watch && !this->watching)
 	{
 		this->watching = TRUE;
-		lib->watcher->add(lib->watcher, this->fd, WATCHER_READ,
-						  (watcher_cb_t)on_readable, this);
+		this->registry_fd.watched = TRUE;
+		lib->watcher->add(lib->watcher, this->registry_fd.fd, WATCHER_READ,
+						  (watcher_cb_t)on_registry_readable, this);
+		if (this->aevents)
+		{
+			this->aevents_fd.watched = TRUE;
+			lib->watcher->add(lib->watcher, this->aevents_fd.fd, WATCHER_READ,
+							  (watcher_cb_t)on_aevents_readable, this);
+		}
+		lib->watcher->add(lib->watcher, this->wake[0], WATCHER_READ,
+						  (watcher_cb_t)on_wake, this);
+		lib->watcher->add(lib->watcher, this->timer, WATCHER_READ,
+						  (watcher_cb_t)on_timer, this);
 	}
 	else if (!watch && this->watching)
 	{
 		this->watching = FALSE;
-		lib->watcher->remove(lib->watcher, this->fd);
+		/* each waits for its callback to return; a resting fd is not in
+		 * the watcher, and removing it is harmless */
+		lib->watcher->remove(lib->watcher, this->timer);
+		lib->watcher->remove(lib->watcher, this->wake[0]);
+		lib->watcher->remove(lib->watcher, this->registry_fd.fd);
+		if (this->aevents)
+		{
+			lib->watcher->remove(lib->watcher, this->aevents_fd.fd);
+		}
+		log_hook_times(this, "unloading");
 	}
+}
+
+METHOD(xfrmsync_listener_t, reload, void,
+	private_xfrmsync_listener_t *this)
+{
+	this->table_lock->lock(this->table_lock);
+	forget_thresholds(this);
+	this->table_lock->unlock(this->table_lock);
 }
 
 METHOD(xfrmsync_listener_t, destroy, void,
@@ -668,9 +1298,50 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	this->children->destroy(this->children);
 	this->sas->destroy(this->sas);
 	this->peer_spis->destroy(this->peer_spis);
-	xfrmsync_handle_free(this->handle);
-	this->mutex->destroy(this->mutex);
+	array_destroy(this->queue);
+	array_destroy(this->unmatched);
+	forget_thresholds(this);
+	this->thresholds->destroy(this->thresholds);
+	xfrmsync_handle_free(this->registry);
+	if (this->aevents)
+	{
+		xfrmsync_handle_free(this->aevents);
+	}
+	close(this->wake[0]);
+	close(this->wake[1]);
+	close(this->timer);
+	this->handle_lock->destroy(this->handle_lock);
+	this->table_lock->destroy(this->table_lock);
 	free(this);
+}
+
+/**
+ * The highest level at which charon's file and syslog loggers show KNL
+ * messages, as configured
+ */
+static int knl_log_level()
+{
+	const char *kinds[] = { "filelog", "syslog" };
+	enumerator_t *enumerator;
+	char *name;
+	int level = 1, here;
+	u_int i;
+
+	for (i = 0; i < countof(kinds); i++)
+	{
+		enumerator = lib->settings->create_section_enumerator(lib->settings,
+												"%s.%s", lib->ns, kinds[i]);
+		while (enumerator->enumerate(enumerator, &name))
+		{
+			here = lib->settings->get_int(lib->settings, "%s.%s.%s.default",
+										  1, lib->ns, kinds[i], name);
+			here = lib->settings->get_int(lib->settings, "%s.%s.%s.knl", here,
+										  lib->ns, kinds[i], name);
+			level = max(level, here);
+		}
+		enumerator->destroy(enumerator);
+	}
+	return level;
 }
 
 /**
@@ -703,14 +1374,39 @@ static void learn_hz()
 		 source == XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE ? "probe" : "known");
 }
 
+/**
+ * Opens a handle in charon's namespace, joined to aevents or not
+ */
+static xfrmsync_handle *open_handle(bool aevents, int *fd)
+{
+	xfrmsync_handle *handle;
+
+	if (xfrmsync_handle_new(&handle) < 0)
+	{
+		DBG1(DBG_KNL, "xfrmsync: opening an XFRM netlink handle failed: %s",
+			 xfrmsync_last_error());
+		return NULL;
+	}
+	*fd = xfrmsync_handle_fd(handle);
+	if (*fd < 0 || (!aevents && xfrmsync_handle_subscribe(handle, FALSE) < 0))
+	{
+		DBG1(DBG_KNL, "xfrmsync: setting up a handle failed: %s",
+			 xfrmsync_last_error());
+		xfrmsync_handle_free(handle);
+		return NULL;
+	}
+	return handle;
+}
+
 /*
  * Described in header
  */
 xfrmsync_listener_t *xfrmsync_listener_create()
 {
 	private_xfrmsync_listener_t *this;
-	xfrmsync_handle *handle;
-	int fd;
+	xfrmsync_handle *registry, *aevents = NULL;
+	int registry_fd, aevents_fd = -1, wake[2], timer, log_level;
+	size_t buffer;
 
 	/* NEWAE and the GETSA dump need it after charon drops privileges */
 	if (!lib->caps->keep(lib->caps, CAP_NET_ADMIN))
@@ -718,17 +1414,52 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		DBG1(DBG_KNL, "xfrmsync: CAP_NET_ADMIN capability is required");
 		return NULL;
 	}
-	if (xfrmsync_handle_new(&handle) < 0)
+	/* SA notifications alone, on a socket of their own: a lost one costs
+	 * a listing of every SA, so they get a large buffer (SO_RCVBUFFORCE,
+	 * which CAP_NET_ADMIN permits beyond net.core.rmem_max) */
+	registry = open_handle(FALSE, &registry_fd);
+	if (!registry)
 	{
-		DBG1(DBG_KNL, "xfrmsync: opening the XFRM netlink handle failed: %s",
-			 xfrmsync_last_error());
 		return NULL;
 	}
-	fd = xfrmsync_handle_fd(handle);
-	if (fd < 0)
+	buffer = lib->settings->get_int(lib->settings,
+						"%s.plugins.xfrmsync.receive_buffer",
+						DEFAULT_RECEIVE_BUFFER, lib->ns);
+	if (buffer && xfrmsync_handle_set_rcvbuf(registry, buffer) < 0)
 	{
-		DBG1(DBG_KNL, "xfrmsync: no event fd: %s", xfrmsync_last_error());
-		xfrmsync_handle_free(handle);
+		DBG1(DBG_KNL, "xfrmsync: a receive buffer of %zu bytes for SA "
+			 "notifications failed: %s", buffer, xfrmsync_last_error());
+	}
+	/* aevents only where they are used: the kernel generates them only
+	 * while someone listens, and the log shows them at level 2 */
+	log_level = knl_log_level();
+	if (lib->settings->get_bool(lib->settings,
+						"%s.plugins.xfrmsync.log_aevents", log_level >= 2,
+						lib->ns))
+	{
+		aevents = open_handle(TRUE, &aevents_fd);
+	}
+	if (pipe2(wake, O_NONBLOCK | O_CLOEXEC) < 0)
+	{
+		DBG1(DBG_KNL, "xfrmsync: pipe: %s", strerror(errno));
+		xfrmsync_handle_free(registry);
+		if (aevents)
+		{
+			xfrmsync_handle_free(aevents);
+		}
+		return NULL;
+	}
+	timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	if (timer < 0)
+	{
+		DBG1(DBG_KNL, "xfrmsync: timerfd: %s", strerror(errno));
+		close(wake[0]);
+		close(wake[1]);
+		xfrmsync_handle_free(registry);
+		if (aevents)
+		{
+			xfrmsync_handle_free(aevents);
+		}
 		return NULL;
 	}
 	learn_hz();
@@ -743,14 +1474,26 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 				.child_rekey = _child_rekey,
 			},
 			.watch = _watch,
+			.reload = _reload,
 			.destroy = _destroy,
 		},
-		.handle = handle,
-		.fd = fd,
-		.mutex = mutex_create(MUTEX_TYPE_DEFAULT),
+		.registry = registry,
+		.registry_fd = { .fd = registry_fd, .name = "SA notifications" },
+		.registry_port = xfrmsync_handle_port_id(registry),
+		.log_level = log_level,
+		.aevents = aevents,
+		.aevents_fd = { .fd = aevents_fd, .name = "aevents" },
+		.wake = { wake[0], wake[1] },
+		.timer = timer,
+		.handle_lock = mutex_create(MUTEX_TYPE_DEFAULT),
+		.table_lock = mutex_create(MUTEX_TYPE_DEFAULT),
+		.queue = array_create(sizeof(op_t), 0),
+		.unmatched = array_create(sizeof(xfrmsync_sa_id), 0),
 		.children = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
 									 32),
 		.sas = hashtable_create(sa_hash, sa_equals, 32),
+		.thresholds = hashtable_create(hashtable_hash_str,
+									   hashtable_equals_str, 8),
 		.peer_spis = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
 									  8),
 		/* the kernel's own defaults, if the sysctls cannot be read */
@@ -762,13 +1505,17 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 			 "failed (%s), assuming %u packets/%u ms", xfrmsync_last_error(),
 			 this->defaults.replay_packets, this->defaults.timer_ms);
 	}
-	xfrmsync_on_event(handle, on_event, this);
-	xfrmsync_on_applied(handle, on_applied, this);
+	if (aevents)
+	{
+		xfrmsync_on_event(aevents, on_event, this);
+	}
+	xfrmsync_on_applied_rule(registry, on_applied, this);
 	DBG2(DBG_KNL, "xfrmsync: libxfrmsync %s, default thresholds %d packets/"
-		 "%d ms", xfrmsync_version(),
+		 "%d ms, aevents %s", xfrmsync_version(),
 		 lib->settings->get_int(lib->settings,
 						"%s.plugins.xfrmsync.replay_packets", -1, lib->ns),
 		 lib->settings->get_int(lib->settings,
-						"%s.plugins.xfrmsync.timer_ms", -1, lib->ns));
+						"%s.plugins.xfrmsync.timer_ms", -1, lib->ns),
+		 aevents ? "logged" : "not joined (knl log level below 2)");
 	return &this->public;
 }

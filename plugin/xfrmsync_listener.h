@@ -33,6 +33,11 @@ struct xfrmsync_listener_t {
 	void (*watch)(xfrmsync_listener_t *this, bool watch);
 
 	/**
+	 * Forget what was read from strongswan.conf (settings were reloaded).
+	 */
+	void (*reload)(xfrmsync_listener_t *this);
+
+	/**
 	 * Destroy a xfrmsync_listener_t.
 	 */
 	void (*destroy)(xfrmsync_listener_t *this);

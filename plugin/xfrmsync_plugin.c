@@ -64,6 +64,13 @@ METHOD(plugin_t, get_features, int,
 	return countof(f);
 }
 
+METHOD(plugin_t, reload, bool,
+	private_xfrmsync_plugin_t *this)
+{
+	this->listener->reload(this->listener);
+	return TRUE;
+}
+
 METHOD(plugin_t, destroy, void,
 	private_xfrmsync_plugin_t *this)
 {
@@ -89,6 +96,7 @@ plugin_t *xfrmsync_plugin_create()
 			.plugin = {
 				.get_name = _get_name,
 				.get_features = _get_features,
+				.reload = _reload,
 				.destroy = _destroy,
 			},
 		},

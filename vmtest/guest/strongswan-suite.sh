@@ -162,6 +162,9 @@ charon {
                     timer_ms = $ROUTED_TIMER
                 }
             }
+            test {
+                fail_dispatch = 0
+            }
         }
     }
     filelog {
@@ -464,9 +467,32 @@ sleep 1
 n=$(grep -c "xfrmsync: CHILD_SA net{[0-9]*} in: aevent" "$OUT/charon-b-plugin.log")
 ((n > n_in)) && ok "aevents after MOBIKE reach charon b's log ($((n - n_in)) more)" || not_ok "no aevents after MOBIKE in charon b's log"
 
+# --- 4b. a failing watcher rests and comes back -------------------------------------
+# 64 failed dispatch calls in a row (injected: test.fail_dispatch) take the
+# SA notification fd out of charon's watcher; it must come back after its
+# rest (1 s), and SAs installed afterwards still get their thresholds.
+phase rest
+sed -i 's/fail_dispatch = 0/fail_dispatch = 64/' "$RUN/b/strongswan.conf"
+sw b --reload-settings >"$OUT/reload-b.log" 2>&1 || not_ok "swanctl --reload-settings for b: $(cat "$OUT/reload-b.log")"
+old_busy=$(spis b $BUSY_REQID)
+sw b --rekey --child busy >"$OUT/rest-rekey.log" 2>&1 || not_ok "swanctl --rekey --child busy on b: $(cat "$OUT/rest-rekey.log")"
+deadline=$((SECONDS + 20)); while ((SECONDS < deadline)); do
+    grep -q "xfrmsync: SA notifications watched again" "$OUT/charon-b-plugin.log" && break
+    sleep 0.2
+done
+rested=$(grep -m1 "xfrmsync: SA notifications: 64 dispatch failures in a row" "$OUT/charon-b-plugin.log" | sed 's/^[0-9:.]* [0-9]*\[[A-Z]*\] //')
+back=$(grep -m1 "xfrmsync: SA notifications watched again" "$OUT/charon-b-plugin.log" | sed 's/^[0-9:.]* [0-9]*\[[A-Z]*\] //')
+[[ -n $rested && -n $back ]] && ok "64 failed dispatch calls: '$rested', then '$back'" ||
+    not_ok "the SA notification fd after 64 failed dispatch calls: rest '${rested:-none}', back '${back:-never}'"
+sw b --rekey --child net >>"$OUT/rest-rekey.log" 2>&1 || not_ok "swanctl --rekey --child net on b: $(cat "$OUT/rest-rekey.log")"
+until_ok 10 "after the watcher's rest, rekeyed CHILD_SAs (busy $old_busy -> $(spis b $BUSY_REQID)) have their thresholds" "$NET:2" "$BUSY:2" "$ROUTED:2"
+
 # --- 5. without the plugin: rules in a separate process -----------------------------
 stop_charon a
 stop_charon b
+for side in a b; do
+    grep -h "xfrmsync: hook times" "$OUT/charon-$side-plugin.log" | sed "s/^[0-9:.]* [0-9]*\[[A-Z]*\] /# charon $side: /"
+done
 for side in a b; do
     ip -n "sw$side" xfrm state flush
     ip -n "sw$side" xfrm policy flush
