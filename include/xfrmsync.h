@@ -33,7 +33,8 @@
  * it never waits for events and reads at most 128 datagrams (one event
  * each) per call, so a steady stream cannot hold it; poll again for the
  * rest. With rules or registrations it also waits for the kernel's answers
- * to the NEWAE it sends, and after lost events lists every SA: see
+ * to the NEWAE it sends, and after lost events lists every SA again in
+ * steps of at most 8 dump datagrams (some 800 SAs) a call: see
  * xfrmsync_dispatch for what that costs. Requests wait for the kernel's answer on a
  * second socket: each call (query, update, set_thresholds, calibrate_hz)
  * waits at most 5 seconds in all, however many requests it makes, and
@@ -614,24 +615,27 @@ int xfrmsync_on_sa_event(struct xfrmsync_handle *handle, const struct xfrmsync_s
  errors the events behind them stay pending, so call again.
 
  With rules or registrations (see `xfrmsync_rule_add`), dispatch does
- more than read, and takes longer than the read bound alone: it sends
- NEWAE for the SAs that appeared, in batches of 64, waiting for each
- batch's answer (up to 5 seconds; a NEWAE the kernel misses during a
- resize of its SA tables is asked again after 20 ms). After lost
- notifications it lists every SA (one GETSA dump, whose length grows
- with the number of SAs) and gives those that lack them their
- thresholds, then returns -ENOBUFS whether or not that listing worked. A
- listing that failed is owed and retried by a later call, with a growing
- wait: see `xfrmsync_relist_due_ms`.
+ more than read: it sends NEWAE for the SAs that appeared, in batches of
+ 64, waiting for each batch's answer (up to 5 seconds; a NEWAE the kernel
+ misses during a resize of its SA tables is asked again after 20 ms).
+ After lost notifications it returns -ENOBUFS and lists every SA again in
+ steps, one step in each later call: a step reads at most 8 datagrams of
+ the kernel's GETSA dump (up to 32 KiB, about 100 SAs, each) and gives
+ the SAs there that lack their thresholds theirs. So one call handles at
+ most 128 event datagrams and some 800 listed SAs, however many SAs the
+ namespace holds. While a listing runs, `xfrmsync_relist_due_ms` is 0:
+ call again without waiting for the fd. A listing that fails is owed and
+ tried again after a growing wait (100 ms, doubling to 30 s), and the
+ call that met the failure returns its error.
  */
 int xfrmsync_dispatch(struct xfrmsync_handle *handle);
 
 /*
  Milliseconds until `xfrmsync_dispatch` should be called even if the fd
- is not readable: a listing of every SA is owed (one failed after lost
- notifications, or thresholds could not reach the kernel) and is retried
- by dispatch once due. 0: due now; -1: nothing owed, wait for the fd
- alone. Use it as the poll timeout.
+ is not readable: a listing of every SA runs (0: its next step is due) or
+ is owed (one failed, or thresholds could not reach the kernel) and is
+ tried by dispatch once due. -1: nothing owed, wait for the fd alone. Use
+ it as the poll timeout.
  */
 int xfrmsync_relist_due_ms(const struct xfrmsync_handle *handle);
 

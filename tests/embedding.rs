@@ -175,7 +175,7 @@ fn events_behind_a_panicking_callback_stay_pending() {
 #[test]
 fn a_zero_dispatch_limit_is_refused() {
     let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    let err = Handle::builder().dispatch_limit(0).open_with_sockets(a.into(), b.into(), 1).err().unwrap();
+    let err = Handle::builder().dispatch_limit(0).open_with_sockets(a.into(), b.into(), None, 1).err().unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
 }
 
@@ -220,7 +220,8 @@ fn a_callback_queries_and_updates_through_its_handle() {
 #[test]
 fn a_zero_request_timeout_is_refused() {
     let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    let err = Handle::builder().request_timeout(Duration::ZERO).open_with_sockets(a.into(), b.into(), 1).err().unwrap();
+    let err =
+        Handle::builder().request_timeout(Duration::ZERO).open_with_sockets(a.into(), b.into(), None, 1).err().unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
 }
 

@@ -483,7 +483,7 @@ fn messages_from_a_non_kernel_port_are_dropped() {
 #[test]
 fn events_reach_the_callback_of_their_own_sa() {
     let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    let handle = Handle::builder().events(false).open_with_sockets(a.into(), b.into(), 1).unwrap();
+    let handle = Handle::builder().events(false).open_with_sockets(a.into(), b.into(), None, 1).unwrap();
     let base = legacy_event();
     let plain = decode(&base).unwrap().sa;
     let mut garbage_tail = base.clone();

@@ -81,6 +81,20 @@ fn lose_notifications(fake: &FakeKernel) {
     assert!(fake.send_event_datagram(&overrun));
 }
 
+/// Dispatches while a listing in steps runs (its next step is due at once),
+/// as a caller's loop does with `relist_due` as its poll timeout; returns
+/// each call's result.
+fn settle(registry: &Registry) -> Vec<Result<usize, Error>> {
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut results = Vec::new();
+    while registry.relist_due().is_some_and(|due| due <= Instant::now()) && Instant::now() < until {
+        results.push(registry.dispatch());
+        // The fake answers from its own thread.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    results
+}
+
 #[test]
 fn lost_notifications_reach_the_caller_and_a_failed_listing_is_retried() {
     let (fake, registry) = registry();
@@ -92,23 +106,31 @@ fn lost_notifications_reach_the_caller_and_a_failed_listing_is_retried() {
     // Notifications lost; the listing after it fails.
     lose_notifications(&fake);
     fake.faults(&[Fault::Errno(libc::ENOMEM)]);
-    let err = registry.dispatch().unwrap_err();
-    assert_eq!(err, Error::EventsLost, "the loss reaches the caller, not the listing's error");
+    assert_eq!(registry.dispatch(), Err(Error::EventsLost), "the loss reaches the caller");
+    let results = settle(&registry);
+    assert!(
+        results.iter().any(|r| matches!(r, Err(Error::Kernel { errno, .. }) if *errno == libc::ENOMEM)),
+        "the listing's failure is said too: {results:?}"
+    );
     let due = registry.relist_due().expect("the failed listing is owed");
     assert_eq!(registry.relist_failures(), 1);
     assert!(due > Instant::now(), "retried after a wait, not at once");
 
-    // Once due, dispatch lists again, with nothing on the socket; the SA
-    // whose notification was lost gets its thresholds.
-    fake.script(vec![listed(&[0x100, 0x101, 0x102]), done()]);
+    // Once due, dispatch lists again, with nothing on the event socket; the
+    // SA whose notification was lost gets its thresholds, and the one the
+    // listing no longer shows is forgotten.
+    fake.script(vec![listed(&[0x100, 0x102]), done()]);
     let dumps = dumps_sent(&fake);
     registry.dispatch().unwrap();
     assert_eq!(dumps_sent(&fake), dumps, "not before it is due");
     std::thread::sleep(due.saturating_duration_since(Instant::now()));
     registry.dispatch().unwrap();
+    assert!(settle(&registry).iter().all(Result::is_ok));
     assert_eq!(dumps_sent(&fake), dumps + 1, "listed again once due");
     assert_eq!(newae_spis(&fake).last(), Some(&(0x102, Some(7))));
     assert_eq!(registry.relist_due(), None, "nothing owed after a listing that worked");
+    assert!(registry.tracked(&sa(0x101)).is_none(), "an SA the whole listing did not show is forgotten");
+    assert!(registry.tracked(&sa(0x100)).is_some());
 }
 
 #[test]
@@ -120,14 +142,55 @@ fn failed_listings_back_off() {
     let mut waits = Vec::new();
     fake.faults(&[Fault::Errno(libc::ENOMEM); 4]);
     assert_eq!(registry.dispatch(), Err(Error::EventsLost));
+    settle(&registry);
     for _ in 0..3 {
         let due = registry.relist_due().unwrap();
         waits.push(due.saturating_duration_since(Instant::now()));
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        assert!(registry.dispatch().is_err(), "the retried listing fails again, and says so");
+        let mut results = vec![registry.dispatch()];
+        results.extend(settle(&registry));
+        assert!(results.iter().any(Result::is_err), "the retried listing fails again, and says so: {results:?}");
     }
     assert_eq!(registry.relist_failures(), 4);
     assert!(waits.windows(2).all(|w| w[1] > w[0]), "each wait longer than the last: {waits:?}");
+}
+
+#[test]
+fn a_listing_after_lost_notifications_is_read_in_steps() {
+    let (fake, registry) = registry();
+    fake.script(vec![listed(&[]), done()]);
+    registry.add_rule(rule_for_all()).unwrap();
+    // 20 datagrams of 3 SAs: more than one dispatch call reads.
+    let datagrams = 20;
+    let mut script: Vec<Vec<u8>> =
+        (0..datagrams).map(|d| listed(&[0x500 + 3 * d, 0x501 + 3 * d, 0x502 + 3 * d])).collect();
+    script.push(done());
+    fake.script(script);
+    lose_notifications(&fake);
+    assert_eq!(registry.dispatch(), Err(Error::EventsLost));
+    // Each call lists at most the documented 8 datagrams (of 3 SAs here).
+    let step = 8;
+    assert_eq!(xfrmsync::registry::LISTING_STEP, step, "the bound the header states");
+    let (mut before, mut growth, mut calls) = (registry.tracked_count(), Vec::new(), 1);
+    let until = Instant::now() + Duration::from_secs(5);
+    while registry.relist_due().is_some() && Instant::now() < until {
+        registry.dispatch().unwrap();
+        calls += 1;
+        growth.push(registry.tracked_count() - before);
+        before = registry.tracked_count();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        growth.iter().all(|&g| g <= 3 * step),
+        "SAs listed per dispatch call: {growth:?}, at most {step} datagrams"
+    );
+    assert!(calls > datagrams as usize / step, "{calls} dispatch calls for {datagrams} datagrams");
+    let given: Vec<u32> = newae_spis(&fake).into_iter().map(|(spi, _)| spi).collect();
+    for spi in 0x500..0x500 + 3 * datagrams {
+        assert!(given.contains(&spi), "SA {spi:#x} of the listing given its thresholds");
+    }
+    assert_eq!(registry.tracked_count(), 3 * datagrams as usize);
+    assert_eq!(registry.relist_due(), None);
 }
 
 #[test]

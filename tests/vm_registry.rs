@@ -286,7 +286,7 @@ fn burst(count: u32, receive_buffer: &str) -> (Vec<Duration>, usize) {
         for line in std::io::BufReader::new(stderr).lines() {
             let line = line.unwrap();
             let mut out = out.lock().unwrap();
-            if line.contains("SA notifications were lost; every SA was listed again") {
+            if line.contains("SA notifications were lost; every SA is being listed again") {
                 out.lost += 1;
             } else {
                 out.other_errors.push(line);

@@ -44,8 +44,11 @@ pub struct Kernel {
 pub fn handle() -> (Kernel, Handle) {
     let (user_req, kernel_req) = pair();
     let (user_ev, kernel_ev) = pair();
-    let handle =
-        Handle::builder().events(false).dispatch_limit(1 << 20).open_with_sockets(user_req, user_ev, 0x4242).unwrap();
+    let handle = Handle::builder()
+        .events(false)
+        .dispatch_limit(1 << 20)
+        .open_with_sockets(user_req, user_ev, None, 0x4242)
+        .unwrap();
     (Kernel { requests: kernel_req, events: kernel_ev }, handle)
 }
 
@@ -179,7 +182,7 @@ pub fn registry_memory(n: usize) -> Memory {
     let handle = Handle::builder()
         .events(false)
         .request_timeout(Duration::from_secs(30))
-        .open_with_sockets(user_req, user_ev, 0x4343)
+        .open_with_sockets(user_req, user_ev, None, 0x4343)
         .unwrap();
     let registry = Registry::new(handle);
     let (live0, rss0) = (alloc::live(), alloc::rss());

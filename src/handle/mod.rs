@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod events;
 pub(crate) mod fasthash;
 pub mod hz;
+mod listing;
 pub mod netns;
 pub mod timer;
 
@@ -26,6 +27,8 @@ use crate::events::{Candidate, Router};
 use crate::sa::{RouteKey, SaId};
 use crate::view::AeventView;
 use crate::wire::{self, GetaeAsk, Messages, NewAe, NlMsg, SaInfo, Sender};
+
+pub use listing::ListingStep;
 
 /// A callback for events: runs inside [`Handle::dispatch`], on its thread,
 /// and gets the handle, so it may query and configure SAs through it.
@@ -135,14 +138,22 @@ impl HandleBuilder {
     /// Builds a handle on sockets the caller made, for tests that put a fake
     /// kernel behind a socket pair (joining groups does nothing on them). `port_id` is what the handle's requests
     /// carry as their sender (a kernel socket's own port id in real use).
+    /// Without a listing socket, the registry lists every SA in one call.
     #[doc(hidden)]
-    pub fn open_with_sockets(self, requests: OwnedFd, events: OwnedFd, port_id: u32) -> Result<Handle> {
+    pub fn open_with_sockets(
+        self,
+        requests: OwnedFd,
+        events: OwnedFd,
+        listing: Option<OwnedFd>,
+        port_id: u32,
+    ) -> Result<Handle> {
         self.check()?;
         // SAFETY: the OwnedFds are ours; Socket takes over closing them.
         let sockets = unsafe {
             Sockets {
                 requests: Socket::from_raw_fd(requests.into_raw_fd()),
                 events: Socket::from_raw_fd(events.into_raw_fd()),
+                listing: listing.map(|fd| Socket::from_raw_fd(fd.into_raw_fd())),
                 route: None,
             }
         };
@@ -162,7 +173,7 @@ impl HandleBuilder {
     /// `netlink`: the sockets are the kernel's (else a socket pair with a
     /// fake behind it, which has no multicast groups to join).
     fn assemble(self, sockets: Sockets, port_id: u32, netlink: bool) -> Result<Handle> {
-        let Sockets { requests, events, route } = sockets;
+        let Sockets { requests, events, listing, route } = sockets;
         // Both options are best effort: without them errors still arrive,
         // just with the request echoed and no explanatory text.
         let _ = requests.set_ext_ack(true);
@@ -184,6 +195,7 @@ impl HandleBuilder {
                 next: Cell::new(Cursor::default()),
                 loss_unreported: false,
             }),
+            listing: listing.map(|socket| RefCell::new(listing::Listing::new(socket))),
             route: route.map(RefCell::new),
             router: RefCell::new(Router::default()),
             dispatching: Cell::new(false),
@@ -206,6 +218,9 @@ impl HandleBuilder {
 struct Sockets {
     requests: Socket,
     events: Socket,
+    /// Dumps read in steps (see `listing`); `None` on a fake transport
+    /// without one.
+    listing: Option<Socket>,
     /// `NETLINK_ROUTE`, for the namespace's own addresses (which SAs are
     /// outbound); `None` on a fake transport.
     route: Option<Socket>,
@@ -220,6 +235,7 @@ fn open_sockets() -> Result<Sockets> {
     Ok(Sockets {
         requests: open(NETLINK_XFRM, "open NETLINK_XFRM socket")?,
         events: open(NETLINK_XFRM, "open NETLINK_XFRM socket")?,
+        listing: Some(open(NETLINK_XFRM, "open NETLINK_XFRM socket")?),
         route: Some(open(netlink_sys::protocols::NETLINK_ROUTE, "open NETLINK_ROUTE socket")?),
     })
 }
@@ -668,6 +684,7 @@ impl<T: Copy> Drop for Restore<'_, T> {
 pub struct Handle {
     requests: RefCell<Requests>,
     events: RefCell<EventReader>,
+    listing: Option<RefCell<listing::Listing>>,
     route: Option<RefCell<Socket>>,
     router: RefCell<Router<Handle>>,
     dispatching: Cell<bool>,

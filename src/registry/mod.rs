@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::handle::{Handle, SaChange, SaNotice};
+use crate::handle::{Handle, ListingStep, SaChange, SaNotice};
 use crate::sa::SaId;
 use crate::wire::SaInfo;
 
@@ -101,7 +101,24 @@ struct State {
     /// A listing of every SA the registry owes (SA notifications were lost,
     /// or a listing failed), kept until one succeeds.
     relist: Option<Owed>,
+    /// A listing in steps that runs (see [`Registry::dispatch`]).
+    listing: Option<StepListing>,
 }
+
+/// A listing read a few datagrams per dispatch call.
+#[derive(Debug, Clone, Copy)]
+struct StepListing {
+    /// Whether forgetting the SAs it did not list still holds at its end: a
+    /// whole listing made meanwhile (a rule change) began a sweep of its own.
+    sweep: bool,
+    /// Failed attempts before this one, for the backoff if it fails too.
+    failures: u32,
+}
+
+/// Datagrams of a listing read per dispatch call. The kernel fills a dump
+/// datagram up to 32 KiB, about 100 SAs: so a call lists at most some 800
+/// SAs, and gives those that lack them their thresholds.
+pub const LISTING_STEP: usize = 8;
 
 /// When an owed listing is tried next, and how many attempts failed.
 #[derive(Debug, Clone, Copy)]
@@ -310,7 +327,12 @@ impl Registry {
     pub fn relist_due(&self) -> Option<Instant> {
         // Inside a dispatch (a callback asking) the state is in use; that
         // dispatch does what is due.
-        self.state.try_borrow().ok()?.relist.map(|owed| owed.due)
+        let state = self.state.try_borrow().ok()?;
+        // A listing in steps: the next step is due at once.
+        if state.listing.is_some() {
+            return Some(Instant::now());
+        }
+        state.relist.map(|owed| owed.due)
     }
 
     /// How many attempts at the owed listing failed in a row (0: none owed,
@@ -351,6 +373,10 @@ impl Registry {
     fn list_and_apply(&self) -> Result<()> {
         let (batch, listed) = {
             let mut state = self.state()?;
+            // This listing's sweep is the one that counts now.
+            if let Some(listing) = state.listing.as_mut() {
+                listing.sweep = false;
+            }
             let mut pending = Vec::new();
             if state.rules.needs_direction() {
                 state.local = self.handle.local_addresses()?;
@@ -406,10 +432,7 @@ impl Registry {
         if lost && self.state.borrow().watching {
             self.owe_relist(Instant::now(), 0)?;
         }
-        let relisted = match self.relist_due() {
-            Some(due) if due <= Instant::now() => self.relist(),
-            _ => Ok(()),
-        };
+        let relisted = self.advance_listing();
         if lost {
             if let Err(e) = relisted {
                 log::warn!("listing every SA after lost SA notifications: {e}; trying again later");
@@ -419,6 +442,71 @@ impl Registry {
         applied?;
         relisted?;
         dispatched
+    }
+
+    /// The owed listing, once due: started, then one step a call (see
+    /// [`LISTING_STEP`]); at once on a handle that cannot list in steps.
+    fn advance_listing(&self) -> Result<()> {
+        let start = {
+            let state = self.state()?;
+            state.listing.is_none() && state.relist.is_some_and(|owed| owed.due <= Instant::now())
+        };
+        if start {
+            if !self.handle.lists_in_steps() {
+                return self.relist();
+            }
+            let local = match self.state()?.rules.needs_direction() {
+                true => Some(self.handle.local_addresses()),
+                false => None,
+            };
+            let mut state = self.state()?;
+            let failures = state.relist.map_or(0, |owed| owed.failures);
+            let begun = match local {
+                Some(Err(e)) => Err(e),
+                Some(Ok(local)) => {
+                    state.local = local;
+                    self.handle.start_listing()
+                }
+                None => self.handle.start_listing(),
+            };
+            if let Err(e) = begun {
+                state.relist = Some(Owed { due: Instant::now() + relist_wait(failures + 1), failures: failures + 1 });
+                return Err(e);
+            }
+            state.tracked.begin_sweep();
+            state.relist = None;
+            state.listing = Some(StepListing { sweep: true, failures });
+        }
+        let (batch, step) = {
+            let mut state = self.state()?;
+            if state.listing.is_none() {
+                return Ok(());
+            }
+            let mut pending = Vec::new();
+            let step = self
+                .handle
+                .listing_step(LISTING_STEP, |info| observe(&mut state, SaChange::New, true, info, &mut pending));
+            (Batch::new(pending, &state.rules), step)
+        };
+        let applied = self.apply(batch);
+        let mut state = self.state()?;
+        let Some(listing) = state.listing.take() else { return applied };
+        match step {
+            Ok(ListingStep::More) => state.listing = Some(listing),
+            Ok(ListingStep::Done) => {
+                if listing.sweep {
+                    state.tracked.sweep_unseen();
+                }
+            }
+            Err(e) => {
+                // Loss meanwhile may have owed one sooner.
+                let failures = listing.failures + 1;
+                let due = Instant::now() + relist_wait(failures);
+                state.relist = Some(Owed { due: state.relist.map_or(due, |o| o.due.min(due)), failures });
+                return Err(e);
+            }
+        }
+        applied
     }
 
     fn apply(&self, batch: Batch) -> Result<()> {

@@ -108,8 +108,10 @@ struct Shared {
 pub struct FakeKernel {
     shared: Arc<Mutex<Shared>>,
     requests: Arc<OwnedFd>,
+    /// The handle's listing socket (dumps read in steps), served alike.
+    listing: Arc<OwnedFd>,
     events: OwnedFd,
-    server: Option<JoinHandle<()>>,
+    servers: Vec<JoinHandle<()>>,
 }
 
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
@@ -201,6 +203,7 @@ impl FakeKernel {
     /// does not join a multicast group (a socket pair has none).
     pub fn start(state: SaState, builder: HandleBuilder, port_id: u32) -> (FakeKernel, Handle) {
         let (user_requests, kernel_requests) = seqpacket_pair();
+        let (user_listing, kernel_listing) = seqpacket_pair();
         let (user_events, kernel_events) = seqpacket_pair();
         let shared = Arc::new(Mutex::new(Shared {
             state,
@@ -210,16 +213,19 @@ impl FakeKernel {
             panicked: false,
         }));
         let requests = Arc::new(kernel_requests);
-        let events = kernel_events.try_clone().unwrap();
-        let server = {
-            let (shared, requests) = (shared.clone(), requests.clone());
-            std::thread::spawn(move || serve(&shared, &requests, &events))
-        };
+        let listing = Arc::new(kernel_listing);
+        let servers = [requests.clone(), listing.clone()]
+            .into_iter()
+            .map(|socket| {
+                let (shared, events) = (shared.clone(), kernel_events.try_clone().unwrap());
+                std::thread::spawn(move || serve(&shared, &socket, &events))
+            })
+            .collect();
         let handle = builder
             .events(false)
-            .open_with_sockets(user_requests, user_events, port_id)
+            .open_with_sockets(user_requests, user_events, Some(user_listing), port_id)
             .expect("handle on a socket pair");
-        let fake = FakeKernel { shared, requests, events: kernel_events, server: Some(server) };
+        let fake = FakeKernel { shared, requests, listing, events: kernel_events, servers };
         (fake, handle)
     }
 
@@ -274,9 +280,11 @@ impl FakeKernel {
 
 impl Drop for FakeKernel {
     fn drop(&mut self) {
-        // SAFETY: shutdown on an fd we own; it wakes the server's recv.
-        unsafe { libc::shutdown(self.requests.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(server) = self.server.take() {
+        for socket in [&self.requests, &self.listing] {
+            // SAFETY: shutdown on an fd we own; it wakes the server's recv.
+            unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        for server in self.servers.drain(..) {
             let _ = server.join();
         }
     }

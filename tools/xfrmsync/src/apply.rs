@@ -131,13 +131,11 @@ pub fn run(global: &Global, args: &Args) -> Outcome {
         if events || relist_due {
             match registry.dispatch() {
                 Ok(_) => {}
-                Err(Error::EventsLost) => match registry.relist_due() {
-                    None => eprintln!("xfrmsync apply: SA notifications were lost; every SA was listed again"),
-                    Some(_) => eprintln!(
-                        "xfrmsync apply: SA notifications were lost; listing every SA failed, and is tried again in {}",
-                        wait_text(&registry)
-                    ),
-                },
+                // The registry lists every SA again, a step per call, from
+                // the next call on (relist_due says now meanwhile).
+                Err(Error::EventsLost) => {
+                    eprintln!("xfrmsync apply: SA notifications were lost; every SA is being listed again")
+                }
                 Err(e) => relist_failed(&registry, &e, global),
             }
         }
