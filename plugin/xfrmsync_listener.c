@@ -64,8 +64,10 @@
 
 #include <daemon.h>
 #include <encoding/payloads/sa_payload.h>
+#include <encoding/payloads/proposal_substructure.h>
 #include <collections/array.h>
 #include <collections/hashtable.h>
+#include <collections/linked_list.h>
 #include <threading/mutex.h>
 #include <processing/watcher.h>
 
@@ -78,6 +80,12 @@
 #define REST_MAX_MS 60000
 /** Receive buffer of the SA notification socket, unless configured */
 #define DEFAULT_RECEIVE_BUFFER (8 << 20)
+/** While hooks keep queueing, the watcher looks at the queue this often
+ * instead of being woken by each hook (a wake-up is a system call and a
+ * cross-CPU wake inside the hook) */
+#define POLL_MS 5
+/** and stops looking after this many looks found nothing */
+#define POLL_IDLE_LOOKS 20
 /** Hook times: 1 us buckets up to this, then one bucket for the rest */
 #define HOOK_BUCKETS 4096
 
@@ -87,25 +95,48 @@ typedef struct private_xfrmsync_listener_t private_xfrmsync_listener_t;
 enum {
 	HOOK_MESSAGE,
 	HOOK_IKE_STATE,
-	HOOK_CHILD_STATE,
+	HOOK_CHILD_INSTALLING,
+	HOOK_CHILD_UPDATING,
+	HOOK_CHILD_INSTALLED,
+	HOOK_CHILD_DESTROYING,
 	HOOK_CHILD_UPDOWN,
 	HOOK_CHILD_REKEY,
 	HOOK_KINDS,
 };
 
 static const char *hook_names[] = {
-	"message", "ike_state_change", "child_state_change", "child_updown",
-	"child_rekey", "all hooks",
+	"message", "ike_state_change", "child_state_change(INSTALLING)",
+	"child_state_change(UPDATING)", "child_state_change(INSTALLED)",
+	"child_state_change(DESTROYING)", "child_updown", "child_rekey",
+	"all hooks",
 };
 
 /**
- * Time spent in hooks: counts per microsecond, the longest, in ns
+ * Time spent in hooks, on the clock and on the CPU (without the time the
+ * thread was preempted or waited for a lock): counts per microsecond, the
+ * longest, in ns
  */
 typedef struct {
 	u_int times[HOOK_BUCKETS + 1];
 	uint64_t max_ns;
+	u_int cpu_times[HOOK_BUCKETS + 1];
+	uint64_t cpu_max_ns;
 	uint64_t calls;
 } hook_stats_t;
+
+/**
+ * When a hook began, on both clocks
+ */
+typedef struct {
+	struct timespec wall;
+	struct timespec cpu;
+} hook_clock_t;
+
+static void hook_start(hook_clock_t *start)
+{
+	clock_gettime(CLOCK_MONOTONIC, &start->wall);
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
+}
 
 /**
  * What a hook asks the library for, run on the watcher's side
@@ -205,7 +236,7 @@ struct private_xfrmsync_listener_t {
 	/**
 	 * op_t queued by hooks for the watcher's side
 	 */
-	array_t *queue;
+	linked_list_t *queue;
 
 	/**
 	 * xfrmsync_sa_id of registrations the library refused: their
@@ -253,6 +284,13 @@ struct private_xfrmsync_listener_t {
 	 * A wake-up is pending: hooks skip the write (atomic)
 	 */
 	bool wake_pending;
+
+	/**
+	 * The watcher looks at the queue every POLL_MS: hooks skip the wake-up
+	 * (atomic); the looks that found nothing in a row (handle_lock)
+	 */
+	bool polling;
+	u_int idle_looks;
 
 	/**
 	 * Child config name => child_thresholds_t, until settings reload
@@ -497,14 +535,17 @@ static void enqueue(private_xfrmsync_listener_t *this, int kind,
 					const xfrmsync_sa_id *sa, uint32_t replay_packets,
 					uint32_t timer_ms)
 {
-	op_t op = {
+	op_t *op;
+
+	/* one allocation each: a queue that grows while the watcher lists
+	 * 100,000 SAs is never copied inside a hook */
+	INIT(op,
 		.kind = kind,
 		.sa = *sa,
 		.replay_packets = replay_packets,
 		.timer_ms = timer_ms,
-	};
-
-	array_insert(this->queue, ARRAY_TAIL, &op);
+	);
+	this->queue->insert_last(this->queue, op);
 }
 
 /**
@@ -513,6 +554,10 @@ static void enqueue(private_xfrmsync_listener_t *this, int kind,
  */
 static void wake(private_xfrmsync_listener_t *this)
 {
+	if (__atomic_load_n(&this->polling, __ATOMIC_SEQ_CST))
+	{	/* the watcher looks within POLL_MS */
+		return;
+	}
 	if (!__atomic_exchange_n(&this->wake_pending, TRUE, __ATOMIC_ACQ_REL))
 	{
 		ignore_result(write(this->wake[1], "", 1));
@@ -621,17 +666,18 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 	entry->timer_ms = timer;
 	if (done[DIR_IN] || done[DIR_OUT])
 	{
-		op_t line = {
+		op_t *line;
+
+		INIT(line,
 			.kind = OP_LOG,
 			.unique_id = unique_id,
 			.hook = hook,
 			.replay_packets = replay,
 			.timer_ms = timer,
 			.spis = { done[DIR_IN], done[DIR_OUT] },
-		};
-
-		snprintf(line.name, sizeof(line.name), "%s", name);
-		array_insert(this->queue, ARRAY_TAIL, &line);
+		);
+		snprintf(line->name, sizeof(line->name), "%s", name);
+		this->queue->insert_last(this->queue, line);
 	}
 	this->table_lock->unlock(this->table_lock);
 	if (queued)
@@ -666,46 +712,58 @@ static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
 	}
 }
 
+static uint64_t ns_since(clockid_t clock, struct timespec *start)
+{
+	struct timespec end;
+
+	clock_gettime(clock, &end);
+	return (end.tv_sec - start->tv_sec) * 1000000000ULL + end.tv_nsec -
+		   start->tv_nsec;
+}
+
+static void count_time(u_int *times, uint64_t *max_ns, uint64_t ns)
+{
+	uint64_t max;
+	u_int bucket = ns / 1000 < HOOK_BUCKETS ? ns / 1000 : HOOK_BUCKETS;
+
+	__atomic_add_fetch(&times[bucket], 1, __ATOMIC_RELAXED);
+	max = __atomic_load_n(max_ns, __ATOMIC_RELAXED);
+	while (ns > max && !__atomic_compare_exchange_n(max_ns, &max, ns, FALSE,
+							__ATOMIC_RELAXED, __ATOMIC_RELAXED))
+	{
+	}
+}
+
 /**
  * Counts the time a hook took since start, for its kind and for all
  */
 static void hook_done(private_xfrmsync_listener_t *this, int kind,
-					  struct timespec *start)
+					  hook_clock_t *start)
 {
-	struct timespec end;
-	uint64_t ns, max;
-	u_int bucket;
+	uint64_t cpu = ns_since(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
+	uint64_t wall = ns_since(CLOCK_MONOTONIC, &start->wall);
 	hook_stats_t *stats[] = { &this->hooks[kind], &this->hooks[HOOK_KINDS] };
 	int i;
 
-	clock_gettime(CLOCK_MONOTONIC, &end);
-	ns = (end.tv_sec - start->tv_sec) * 1000000000ULL + end.tv_nsec -
-		 start->tv_nsec;
-	bucket = ns / 1000 < HOOK_BUCKETS ? ns / 1000 : HOOK_BUCKETS;
 	for (i = 0; i < countof(stats); i++)
 	{
-		__atomic_add_fetch(&stats[i]->times[bucket], 1, __ATOMIC_RELAXED);
+		count_time(stats[i]->times, &stats[i]->max_ns, wall);
+		count_time(stats[i]->cpu_times, &stats[i]->cpu_max_ns, cpu);
 		__atomic_add_fetch(&stats[i]->calls, 1, __ATOMIC_RELAXED);
-		max = __atomic_load_n(&stats[i]->max_ns, __ATOMIC_RELAXED);
-		while (ns > max && !__atomic_compare_exchange_n(&stats[i]->max_ns,
-							&max, ns, FALSE, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-		{
-		}
 	}
 }
 
 /**
  * The microsecond below which a share of the calls took their time
  */
-static u_int hook_percentile(hook_stats_t *stats, uint64_t calls,
-							 u_int permille)
+static u_int hook_percentile(u_int *times, uint64_t calls, u_int permille)
 {
 	uint64_t seen = 0, wanted = (calls * permille + 999) / 1000;
 	u_int bucket;
 
 	for (bucket = 0; bucket <= HOOK_BUCKETS; bucket++)
 	{
-		seen += __atomic_load_n(&stats->times[bucket], __ATOMIC_RELAXED);
+		seen += __atomic_load_n(&times[bucket], __ATOMIC_RELAXED);
 		if (seen >= wanted)
 		{
 			break;
@@ -731,11 +789,16 @@ static void log_hook_times(private_xfrmsync_listener_t *this, const char *when)
 		{
 			continue;
 		}
-		DBG1(DBG_KNL, "xfrmsync: hook times (%s), %s: %llu calls, p50 < %u us,"
-			 " p99 < %u us, max %llu us", when, hook_names[kind],
-			 (unsigned long long)calls, hook_percentile(stats, calls, 500),
-			 hook_percentile(stats, calls, 990),
+		DBG1(DBG_KNL, "xfrmsync: hook times (%s), %s: %llu calls; clock: p50 "
+			 "< %u us, p99 < %u us, max %llu us; CPU: p50 < %u us, p99 < %u us, "
+			 "max %llu us", when, hook_names[kind], (unsigned long long)calls,
+			 hook_percentile(stats->times, calls, 500),
+			 hook_percentile(stats->times, calls, 990),
 			 (unsigned long long)(__atomic_load_n(&stats->max_ns,
+											__ATOMIC_RELAXED) + 999) / 1000,
+			 hook_percentile(stats->cpu_times, calls, 500),
+			 hook_percentile(stats->cpu_times, calls, 990),
+			 (unsigned long long)(__atomic_load_n(&stats->cpu_max_ns,
 											__ATOMIC_RELAXED) + 999) / 1000);
 	}
 	DBG1(DBG_KNL, "xfrmsync: dispatch failures since load: %u (SA "
@@ -748,16 +811,18 @@ METHOD(listener_t, message_hook, bool,
 	bool incoming, bool plain)
 {
 	sa_payload_t *sa_payload;
-	linked_list_t *proposals;
-	proposal_t *proposal;
+	proposal_substructure_t *substructure;
+	enumerator_t *enumerator;
+	uint8_t protocol;
 	uint32_t spi = 0;
-	struct timespec start;
+	chunk_t raw;
+	hook_clock_t start;
 
 	if (!incoming || !plain || !message->get_request(message))
 	{
 		return TRUE;
 	}
-	clock_gettime(CLOCK_MONOTONIC, &start);
+	hook_start(&start);
 	sa_payload = (sa_payload_t*)message->get_payload(message,
 											PLV2_SECURITY_ASSOCIATION);
 	if (!sa_payload)
@@ -770,14 +835,20 @@ METHOD(listener_t, message_hook, bool,
 		hook_done(this, HOOK_MESSAGE, &start);
 		return TRUE;
 	}
-	proposals = sa_payload->get_proposals(sa_payload);
-	if (proposals->get_first(proposals, (void**)&proposal) == SUCCESS &&
-		(proposal->get_protocol(proposal) == PROTO_ESP ||
-		 proposal->get_protocol(proposal) == PROTO_AH))
+	/* the first proposal's SPI, read in place: building proposal_t objects
+	 * for every request would cost the hook far more */
+	enumerator = sa_payload->create_substructure_enumerator(sa_payload);
+	if (enumerator->enumerate(enumerator, &substructure))
 	{
-		spi = proposal->get_spi(proposal);
+		protocol = substructure->get_protocol_id(substructure);
+		raw = substructure->get_spi(substructure);
+		if ((protocol == PROTO_ESP || protocol == PROTO_AH) &&
+			raw.len == sizeof(spi))
+		{
+			memcpy(&spi, raw.ptr, sizeof(spi));
+		}
 	}
-	proposals->destroy_offset(proposals, offsetof(proposal_t, destroy));
+	enumerator->destroy(enumerator);
 	if (spi)
 	{
 		this->table_lock->lock(this->table_lock);
@@ -793,11 +864,11 @@ METHOD(listener_t, message_hook, bool,
 METHOD(listener_t, ike_state_change, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, ike_sa_state_t state)
 {
-	struct timespec start;
+	hook_clock_t start;
 
 	if (state == IKE_DESTROYING)
 	{
-		clock_gettime(CLOCK_MONOTONIC, &start);
+		hook_start(&start);
 		this->table_lock->lock(this->table_lock);
 		this->peer_spis->remove(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
@@ -811,31 +882,36 @@ METHOD(listener_t, child_state_change, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *child_sa,
 	child_sa_state_t state)
 {
-	struct timespec start;
+	hook_clock_t start;
 	bool updated;
+	int kind;
 
-	clock_gettime(CLOCK_MONOTONIC, &start);
+	hook_start(&start);
 	switch (state)
 	{
 		case CHILD_INSTALLING:
 			track(this, ike_sa, child_sa, TRUE, FALSE, "installing");
+			kind = HOOK_CHILD_INSTALLING;
 			break;
 		case CHILD_UPDATING:
 			track(this, ike_sa, child_sa, FALSE, FALSE, "updating");
+			kind = HOOK_CHILD_UPDATING;
 			break;
 		case CHILD_INSTALLED:
 			/* raised before the state is stored */
 			updated = child_sa->get_state(child_sa) == CHILD_UPDATING;
 			track(this, ike_sa, child_sa, FALSE, updated,
 				  updated ? "updated" : "installed");
+			kind = HOOK_CHILD_INSTALLED;
 			break;
 		case CHILD_DESTROYING:
 			untrack(this, child_sa);
+			kind = HOOK_CHILD_DESTROYING;
 			break;
 		default:
 			return TRUE;
 	}
-	hook_done(this, HOOK_CHILD_STATE, &start);
+	hook_done(this, kind, &start);
 	return TRUE;
 }
 
@@ -843,9 +919,9 @@ METHOD(listener_t, child_updown, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *child_sa,
 	bool up)
 {
-	struct timespec start;
+	hook_clock_t start;
 
-	clock_gettime(CLOCK_MONOTONIC, &start);
+	hook_start(&start);
 	if (up)
 	{
 		track(this, ike_sa, child_sa, FALSE, FALSE, "up");
@@ -862,9 +938,9 @@ METHOD(listener_t, child_rekey, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, child_sa_t *old,
 	child_sa_t *new)
 {
-	struct timespec start;
+	hook_clock_t start;
 
-	clock_gettime(CLOCK_MONOTONIC, &start);
+	hook_start(&start);
 	track(this, ike_sa, new, FALSE, FALSE, "rekeyed");
 	hook_done(this, HOOK_CHILD_REKEY, &start);
 	return TRUE;
@@ -1042,6 +1118,10 @@ static void arm_timer(private_xfrmsync_listener_t *this)
 			due = due < 0 ? (int)ms : min(due, (int)ms);
 		}
 	}
+	if (__atomic_load_n(&this->polling, __ATOMIC_SEQ_CST))
+	{
+		due = due < 0 ? POLL_MS : min(due, POLL_MS);
+	}
 	if (due >= 0)
 	{	/* 0 would disarm it */
 		due = max(due, 1);
@@ -1063,18 +1143,9 @@ static bool dispatch_fared(private_xfrmsync_listener_t *this, watched_t *w,
 		w->failures = 0;
 		w->rest_ms = 0;
 		if (rc == -ENOBUFS && w == &this->registry_fd)
-		{
-			if (xfrmsync_relist_due_ms(this->registry) < 0)
-			{
-				DBG1(DBG_KNL, "xfrmsync: the kernel dropped SA notifications;"
-					 " every SA was listed again and given its thresholds");
-			}
-			else
-			{
-				DBG1(DBG_KNL, "xfrmsync: the kernel dropped SA notifications;"
-					 " listing every SA failed, and is tried again in %d ms",
-					 xfrmsync_relist_due_ms(this->registry));
-			}
+		{	/* the library lists every SA again, a step per dispatch */
+			DBG1(DBG_KNL, "xfrmsync: the kernel dropped SA notifications; "
+				 "every SA is being listed again");
 		}
 		else if (rc == -ENOBUFS)
 		{
@@ -1107,22 +1178,50 @@ static bool dispatch_fared(private_xfrmsync_listener_t *this, watched_t *w,
  */
 static bool run_registry(private_xfrmsync_listener_t *this)
 {
-	array_t *queue;
-	op_t op;
+	linked_list_t *queue;
+	op_t *op;
 	char error[256] = "";
 	bool keep;
-	int rc;
+	int rc, ops;
 
 	this->handle_lock->lock(this->handle_lock);
-	this->table_lock->lock(this->table_lock);
-	queue = this->queue;
-	this->queue = array_create(sizeof(op_t), 0);
-	this->table_lock->unlock(this->table_lock);
-	while (array_remove(queue, ARRAY_HEAD, &op))
+	while (TRUE)
 	{
-		run_op(this, &op);
+		this->table_lock->lock(this->table_lock);
+		queue = this->queue;
+		this->queue = linked_list_create();
+		this->table_lock->unlock(this->table_lock);
+		ops = queue->get_count(queue);
+		while (queue->remove_first(queue, (void**)&op) == SUCCESS)
+		{
+			run_op(this, op);
+			free(op);
+		}
+		queue->destroy(queue);
+		/* a burst of CHILD_SAs: look every POLL_MS while it lasts, so that
+		 * its hooks need not wake the watcher each */
+		if (ops)
+		{
+			this->idle_looks = 0;
+			__atomic_store_n(&this->polling, TRUE, __ATOMIC_SEQ_CST);
+			break;
+		}
+		if (!__atomic_load_n(&this->polling, __ATOMIC_SEQ_CST) ||
+			++this->idle_looks < POLL_IDLE_LOOKS)
+		{
+			break;
+		}
+		/* done looking; a hook that queued before this saw polling and
+		 * did not wake us: look once more */
+		__atomic_store_n(&this->polling, FALSE, __ATOMIC_SEQ_CST);
+		this->table_lock->lock(this->table_lock);
+		ops = this->queue->get_count(this->queue);
+		this->table_lock->unlock(this->table_lock);
+		if (!ops)
+		{
+			break;
+		}
 	}
-	array_destroy(queue);
 	if (this->injected < (u_int)lib->settings->get_int(lib->settings,
 						"%s.plugins.xfrmsync.test.fail_dispatch", 0, lib->ns))
 	{	/* a test's way to a failing dispatch: the fd stays readable */
@@ -1298,7 +1397,7 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	this->children->destroy(this->children);
 	this->sas->destroy(this->sas);
 	this->peer_spis->destroy(this->peer_spis);
-	array_destroy(this->queue);
+	this->queue->destroy_function(this->queue, free);
 	array_destroy(this->unmatched);
 	forget_thresholds(this);
 	this->thresholds->destroy(this->thresholds);
@@ -1487,15 +1586,17 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		.timer = timer,
 		.handle_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.table_lock = mutex_create(MUTEX_TYPE_DEFAULT),
-		.queue = array_create(sizeof(op_t), 0),
+		.queue = linked_list_create(),
 		.unmatched = array_create(sizeof(xfrmsync_sa_id), 0),
+		/* sized for a concentrator: growing rehashes every entry, and
+		 * that would happen inside a hook */
 		.children = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
-									 32),
-		.sas = hashtable_create(sa_hash, sa_equals, 32),
+									 4096),
+		.sas = hashtable_create(sa_hash, sa_equals, 8192),
 		.thresholds = hashtable_create(hashtable_hash_str,
 									   hashtable_equals_str, 8),
 		.peer_spis = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
-									  8),
+									  1024),
 		/* the kernel's own defaults, if the sysctls cannot be read */
 		.defaults = { .timer_ms = 1000, .replay_packets = 2 },
 	);

@@ -353,9 +353,269 @@ fn storm(seconds: f64, only_bound: bool) {
     sh("ip netns del xa; ip netns del xb");
 }
 
+/// Concentrator SA `i`'s destination, one each: the kernel hashes SAs by
+/// their addresses, and walks an SA's whole bucket on every add (its genid
+/// bump), so SAs sharing addresses make installing them quadratic.
+fn concentrator_dst(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8)
+}
+
+/// Concentrator SA `i`: its own destination, a unique SPI, four reqids.
+fn concentrator_sa(i: usize) -> SaId {
+    SaId::esp(concentrator_dst(i).into(), 0x100000 + i as u32)
+}
+
+fn concentrator_reqid(i: usize) -> u32 {
+    1000 + (i % 4) as u32
+}
+
+fn concentrator_lines(from: usize, to: usize) -> String {
+    (from..to)
+        .map(|i| {
+            format!(
+                "xfrm state add src 10.98.0.1 dst {} proto esp spi 0x{:x} reqid {} mode transport \
+                 replay-window 32 enc ecb(cipher_null) \"\"\n",
+                concentrator_dst(i),
+                0x100000 + i,
+                concentrator_reqid(i)
+            )
+        })
+        .collect()
+}
+
+const ALL: xfrmsync::Thresholds = xfrmsync::Thresholds { replay_packets: 16, timer_ms: 2000 };
+const REQID_1001: xfrmsync::Thresholds = xfrmsync::Thresholds { replay_packets: 8, timer_ms: 1000 };
+
+fn concentrator_rules() -> Vec<xfrmsync::Rule> {
+    use xfrmsync::{Rule, SaMatch};
+    vec![
+        Rule {
+            name: "all".into(),
+            matches: SaMatch { dst: Some("10.96.0.0/11".parse().unwrap()), ..Default::default() },
+            thresholds: ALL,
+        },
+        Rule {
+            name: "reqid-1001".into(),
+            matches: SaMatch { reqid: Some(1001), ..Default::default() },
+            thresholds: REQID_1001,
+        },
+    ]
+}
+
+fn expected(i: usize) -> xfrmsync::Thresholds {
+    if concentrator_reqid(i) == 1001 {
+        REQID_1001
+    } else {
+        ALL
+    }
+}
+
+/// VmRSS and VmHWM of this process, in MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// The thresholds of `sas` as the kernel answers a raw GETAE (replay
+/// packets, timer in 100 ms units), from a socket of our own in `netns`.
+fn raw_thresholds(netns: &str, sas: Vec<SaId>) -> Vec<(u32, u32)> {
+    let ns = std::fs::File::open(netns).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        use xfrmsync::wire::{self, GetaeAsk, Messages, Sender};
+        // SAFETY: setns moves this short-lived thread only.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        // SAFETY: a plain socket(2); the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_XFRM) };
+        assert!(fd >= 0);
+        let (mut out, mut buf) = (Vec::new(), vec![0u8; 8192]);
+        let answers = sas
+            .iter()
+            .map(|sa| {
+                // Unmarked SAs: both thresholds in one request is safe.
+                wire::encode_getae(&mut out, Sender { seq: 77, port_id: 0 }, sa, GetaeAsk::BothThresholds);
+                // SAFETY: the pointers describe `out` and `buf`.
+                unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), 0) };
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                assert!(n > 0);
+                let msg = Messages::new(&buf[..n as usize]).next().unwrap().unwrap();
+                assert_eq!(msg.kind, wire::XFRM_MSG_NEWAE, "GETAE for {sa} answered with type {}", msg.kind);
+                let (mut replay, mut timer, mut at, attrs) = (0, 0, 0, &msg.payload[48..]);
+                while at + 8 <= attrs.len() {
+                    let len = u16::from_ne_bytes([attrs[at], attrs[at + 1]]) as usize;
+                    let kind = u16::from_ne_bytes([attrs[at + 2], attrs[at + 3]]);
+                    let value = u32::from_ne_bytes(attrs[at + 4..at + 8].try_into().unwrap());
+                    match kind {
+                        11 => replay = value, // XFRMA_REPLAY_THRESH
+                        12 => timer = value,  // XFRMA_ETIMER_THRESH
+                        _ => {}
+                    }
+                    at += (len.max(4) + 3) & !3;
+                }
+                (replay, timer)
+            })
+            .collect();
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+        answers
+    })
+    .join()
+    .unwrap()
+}
+
+/// A concentrator's namespace (issue 14): `n` SAs, then rules through a
+/// Registry: the first application, a relist, and recovery from a forced
+/// overrun (a 4 KiB buffer while `storm` more SAs arrive); every SA's
+/// thresholds checked in the kernel's raw GETAE answers.
+fn concentrator(n: usize, storm: usize) {
+    learn_hz();
+    sh("modprobe -a xfrm_user esp4 crypto_null; ip netns del xc 2>/dev/null || true; ip netns add xc; ip -n xc link set lo up");
+    let netns = "/run/netns/xc";
+    let t = Instant::now();
+    ip_batch("xc", &concentrator_lines(0, n));
+    println!("{n} SAs added with ip -batch in {:.1} s\n", t.elapsed().as_secs_f64());
+    println!("| step | time | dispatch calls | longest call | ENOBUFS | tool RSS after (peak) |");
+    println!("|---|---|---|---|---|---|");
+    let row = |step: &str, took: Duration, calls: u64, longest: Duration, lost: u64| {
+        let (rss, hwm) = memory();
+        println!(
+            "| {step} | {:.2} s | {calls} | {:.1} ms | {lost} | {rss:.1} MiB ({hwm:.1}) |",
+            took.as_secs_f64(),
+            longest.as_secs_f64() * 1e3
+        );
+    };
+    let (rss0, _) = memory();
+    let handle = Handle::builder().netns_path(netns).events(false).receive_buffer(8 << 20).open().unwrap();
+    let registry = xfrmsync::Registry::new(handle);
+    let t = Instant::now();
+    registry.set_rules(concentrator_rules()).unwrap();
+    row(&format!("first application: {n} SAs listed and given thresholds"), t.elapsed(), 0, Duration::ZERO, 0);
+    assert_eq!(registry.tracked_count(), n);
+    let t = Instant::now();
+    registry.resync().unwrap();
+    row("a relist (every SA listed, none lacking thresholds)", t.elapsed(), 0, Duration::ZERO, 0);
+
+    // Forced overrun: a 4 KiB buffer while more SAs arrive.
+    registry.handle().set_receive_buffer(4096).unwrap();
+    let lines = concentrator_lines(n, n + storm);
+    let adder = std::thread::spawn(move || {
+        let t = Instant::now();
+        ip_batch("xc", &lines);
+        t.elapsed()
+    });
+    let (mut calls, mut longest, mut lost) = (0u64, Duration::ZERO, 0u64);
+    let t = Instant::now();
+    let mut adds_took = None;
+    let mut settled_at = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        let wait =
+            registry.relist_due().map_or(50, |d| d.saturating_duration_since(Instant::now()).as_millis().min(50));
+        let mut p = libc::pollfd { fd: registry.handle().event_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd.
+        unsafe { libc::poll(&mut p, 1, wait as i32) };
+        let started = Instant::now();
+        match registry.dispatch() {
+            Ok(_) => {}
+            Err(Error::EventsLost) => lost += 1,
+            Err(e) => println!("dispatch: {e}"),
+        }
+        longest = longest.max(started.elapsed());
+        calls += 1;
+        if adds_took.is_none() && adder.is_finished() {
+            adds_took = Some(t.elapsed());
+        }
+        if adds_took.is_some() {
+            let applied = (n..n + storm)
+                .all(|i| registry.tracked(&concentrator_sa(i)).and_then(|tr| tr.applied) == Some(expected(i)));
+            if applied && registry.relist_due().is_none() {
+                settled_at = Some(t.elapsed());
+                break;
+            }
+        }
+    }
+    let adds_took = adds_took.unwrap_or(t.elapsed());
+    let settled = settled_at.expect("every SA of the storm given its thresholds within 600 s");
+    row(
+        &format!(
+            "overrun: {storm} SAs added ({:.1} s) with a 4 KiB buffer; until every one has its thresholds",
+            adds_took.as_secs_f64()
+        ),
+        settled,
+        calls,
+        longest,
+        lost,
+    );
+    println!(
+        "\nRATIO concentrator: recovered {:.2} s after the last add; longest dispatch call {:.1} ms; ENOBUFS {lost} times",
+        settled.saturating_sub(adds_took).as_secs_f64(),
+        longest.as_secs_f64() * 1e3
+    );
+
+    let all = n + storm;
+    let t = Instant::now();
+    let answers = raw_thresholds(netns, (0..all).map(concentrator_sa).collect());
+    let wrong: Vec<usize> =
+        (0..all).filter(|&i| answers[i] != (expected(i).replay_packets, expected(i).timer_ms / 100)).collect();
+    println!(
+        "raw GETAE of all {all} SAs ({:.1} s): {} on the wrong thresholds{}",
+        t.elapsed().as_secs_f64(),
+        wrong.len(),
+        wrong.first().map_or(String::new(), |&i| format!(", first SPI 0x{:x}: {:?}", 0x100000 + i, answers[i]))
+    );
+    let (rss, hwm) = memory();
+    println!("RATIO concentrator memory: {:.1} MiB RSS before the handle, {rss:.1} MiB after, peak {hwm:.1} MiB", rss0);
+    assert!(wrong.is_empty(), "every SA on its rule's thresholds");
+    sh("ip netns del xc");
+}
+
+/// The SAs of namespace `ns` whose destination is in `prefix` (a.b.c.0/24
+/// style, by its first three octets), their thresholds read raw: how many
+/// are on `replay`/`timer_ms`, and the first that is not.
+fn check(ns: &str, prefix: &str, replay: u32, timer_ms: u32) {
+    let netns = format!("/run/netns/{ns}");
+    let handle = Handle::builder().netns_path(&netns).events(false).open().unwrap();
+    let net = prefix.split('/').next().unwrap().rsplit_once('.').unwrap().0.to_string() + ".";
+    let mut sas = Vec::new();
+    handle
+        .dump_sas(|info| {
+            if info.sa.daddr.to_string().starts_with(&net) {
+                sas.push(info.sa);
+            }
+        })
+        .unwrap();
+    let answers = raw_thresholds(&netns, sas.clone());
+    let wrong: Vec<(SaId, (u32, u32))> =
+        sas.iter().zip(&answers).filter(|(_, a)| **a != (replay, timer_ms / 100)).map(|(sa, a)| (*sa, *a)).collect();
+    println!(
+        "thresholds in {ns}: {} SAs to {prefix}, {} on {replay} packets/{timer_ms} ms, {} not{}",
+        sas.len(),
+        sas.len() - wrong.len(),
+        wrong.len(),
+        wrong.first().map_or(String::new(), |(sa, a)| format!(" (first: {sa}: {} packets, {} x100 ms)", a.0, a.1))
+    );
+    if !wrong.is_empty() {
+        std::process::exit(1);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("check") if args.len() == 5 => {
+            check(&args[1], &args[2], args[3].parse().unwrap(), args[4].parse().unwrap())
+        }
+        Some("concentrator") => concentrator(
+            args.get(1).and_then(|v| v.parse().ok()).unwrap_or(100_000),
+            args.get(2).and_then(|v| v.parse().ok()).unwrap_or(20_000),
+        ),
         Some("many") => many(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(10_000)),
         Some("storm") => storm(
             args.get(1).and_then(|v| v.parse().ok()).unwrap_or(5.0),
@@ -363,7 +623,7 @@ fn main() {
         ),
         Some("send") => send(args[1].parse().unwrap()),
         _ => {
-            eprintln!("usage: vm_bench many N | storm SECONDS [bound]");
+            eprintln!("usage: vm_bench many N | storm SECONDS [bound] | concentrator SAS STORM_SAS | check NETNS PREFIX REPLAY TIMER_MS");
             std::process::exit(2);
         }
     }
