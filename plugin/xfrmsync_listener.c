@@ -52,6 +52,7 @@
  */
 
 #include "xfrmsync_listener.h"
+#include "xfrmsync_hook_times.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -86,57 +87,8 @@
 #define POLL_MS 5
 /** and stops looking after this many looks found nothing */
 #define POLL_IDLE_LOOKS 20
-/** Hook times: 1 us buckets up to this, then one bucket for the rest */
-#define HOOK_BUCKETS 4096
 
 typedef struct private_xfrmsync_listener_t private_xfrmsync_listener_t;
-
-/** The hooks timed, each on its own and all together (HOOK_KINDS) */
-enum {
-	HOOK_MESSAGE,
-	HOOK_IKE_STATE,
-	HOOK_CHILD_INSTALLING,
-	HOOK_CHILD_UPDATING,
-	HOOK_CHILD_INSTALLED,
-	HOOK_CHILD_DESTROYING,
-	HOOK_CHILD_UPDOWN,
-	HOOK_CHILD_REKEY,
-	HOOK_KINDS,
-};
-
-static const char *hook_names[] = {
-	"message", "ike_state_change", "child_state_change(INSTALLING)",
-	"child_state_change(UPDATING)", "child_state_change(INSTALLED)",
-	"child_state_change(DESTROYING)", "child_updown", "child_rekey",
-	"all hooks",
-};
-
-/**
- * Time spent in hooks, on the clock and on the CPU (without the time the
- * thread was preempted or waited for a lock): counts per microsecond, the
- * longest, in ns
- */
-typedef struct {
-	u_int times[HOOK_BUCKETS + 1];
-	uint64_t max_ns;
-	u_int cpu_times[HOOK_BUCKETS + 1];
-	uint64_t cpu_max_ns;
-	uint64_t calls;
-} hook_stats_t;
-
-/**
- * When a hook began, on both clocks
- */
-typedef struct {
-	struct timespec wall;
-	struct timespec cpu;
-} hook_clock_t;
-
-static void hook_start(hook_clock_t *start)
-{
-	clock_gettime(CLOCK_MONOTONIC, &start->wall);
-	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
-}
 
 /**
  * What a hook asks the library for, run on the watcher's side
@@ -268,7 +220,7 @@ struct private_xfrmsync_listener_t {
 	/**
 	 * Time spent in hooks: counts per microsecond, the longest, in ns
 	 */
-	hook_stats_t hooks[HOOK_KINDS + 1];
+	xfrmsync_hook_times_t *hooks;
 
 	/**
 	 * Dispatch failures injected so far (test.fail_dispatch)
@@ -712,100 +664,6 @@ static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
 	}
 }
 
-static uint64_t ns_since(clockid_t clock, struct timespec *start)
-{
-	struct timespec end;
-
-	clock_gettime(clock, &end);
-	return (end.tv_sec - start->tv_sec) * 1000000000ULL + end.tv_nsec -
-		   start->tv_nsec;
-}
-
-static void count_time(u_int *times, uint64_t *max_ns, uint64_t ns)
-{
-	uint64_t max;
-	u_int bucket = ns / 1000 < HOOK_BUCKETS ? ns / 1000 : HOOK_BUCKETS;
-
-	__atomic_add_fetch(&times[bucket], 1, __ATOMIC_RELAXED);
-	max = __atomic_load_n(max_ns, __ATOMIC_RELAXED);
-	while (ns > max && !__atomic_compare_exchange_n(max_ns, &max, ns, FALSE,
-							__ATOMIC_RELAXED, __ATOMIC_RELAXED))
-	{
-	}
-}
-
-/**
- * Counts the time a hook took since start, for its kind and for all
- */
-static void hook_done(private_xfrmsync_listener_t *this, int kind,
-					  hook_clock_t *start)
-{
-	uint64_t cpu = ns_since(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
-	uint64_t wall = ns_since(CLOCK_MONOTONIC, &start->wall);
-	hook_stats_t *stats[] = { &this->hooks[kind], &this->hooks[HOOK_KINDS] };
-	int i;
-
-	for (i = 0; i < countof(stats); i++)
-	{
-		count_time(stats[i]->times, &stats[i]->max_ns, wall);
-		count_time(stats[i]->cpu_times, &stats[i]->cpu_max_ns, cpu);
-		__atomic_add_fetch(&stats[i]->calls, 1, __ATOMIC_RELAXED);
-	}
-}
-
-/**
- * The microsecond below which a share of the calls took their time
- */
-static u_int hook_percentile(u_int *times, uint64_t calls, u_int permille)
-{
-	uint64_t seen = 0, wanted = (calls * permille + 999) / 1000;
-	u_int bucket;
-
-	for (bucket = 0; bucket <= HOOK_BUCKETS; bucket++)
-	{
-		seen += __atomic_load_n(&times[bucket], __ATOMIC_RELAXED);
-		if (seen >= wanted)
-		{
-			break;
-		}
-	}
-	return bucket + 1;
-}
-
-/**
- * Logs the hook times so far (level 1: operators and the tests read it)
- */
-static void log_hook_times(private_xfrmsync_listener_t *this, const char *when)
-{
-	hook_stats_t *stats;
-	uint64_t calls;
-	int kind;
-
-	for (kind = HOOK_KINDS; kind >= 0; kind--)
-	{
-		stats = &this->hooks[kind];
-		calls = __atomic_load_n(&stats->calls, __ATOMIC_RELAXED);
-		if (!calls)
-		{
-			continue;
-		}
-		DBG1(DBG_KNL, "xfrmsync: hook times (%s), %s: %llu calls; clock: p50 "
-			 "< %u us, p99 < %u us, max %llu us; CPU: p50 < %u us, p99 < %u us, "
-			 "max %llu us", when, hook_names[kind], (unsigned long long)calls,
-			 hook_percentile(stats->times, calls, 500),
-			 hook_percentile(stats->times, calls, 990),
-			 (unsigned long long)(__atomic_load_n(&stats->max_ns,
-											__ATOMIC_RELAXED) + 999) / 1000,
-			 hook_percentile(stats->cpu_times, calls, 500),
-			 hook_percentile(stats->cpu_times, calls, 990),
-			 (unsigned long long)(__atomic_load_n(&stats->cpu_max_ns,
-											__ATOMIC_RELAXED) + 999) / 1000);
-	}
-	DBG1(DBG_KNL, "xfrmsync: dispatch failures since load: %u (SA "
-		 "notifications), %u (aevents)", this->registry_fd.total_failures,
-		 this->aevents_fd.total_failures);
-}
-
 METHOD(listener_t, message_hook, bool,
 	private_xfrmsync_listener_t *this, ike_sa_t *ike_sa, message_t *message,
 	bool incoming, bool plain)
@@ -832,7 +690,7 @@ METHOD(listener_t, message_hook, bool,
 	}
 	if (!sa_payload)
 	{
-		hook_done(this, HOOK_MESSAGE, &start);
+		hook_times_done(this->hooks, HOOK_MESSAGE, &start);
 		return TRUE;
 	}
 	/* the first proposal's SPI, read in place: building proposal_t objects
@@ -857,7 +715,7 @@ METHOD(listener_t, message_hook, bool,
 					(void*)(uintptr_t)spi);
 		this->table_lock->unlock(this->table_lock);
 	}
-	hook_done(this, HOOK_MESSAGE, &start);
+	hook_times_done(this->hooks, HOOK_MESSAGE, &start);
 	return TRUE;
 }
 
@@ -873,7 +731,7 @@ METHOD(listener_t, ike_state_change, bool,
 		this->peer_spis->remove(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
 		this->table_lock->unlock(this->table_lock);
-		hook_done(this, HOOK_IKE_STATE, &start);
+		hook_times_done(this->hooks, HOOK_IKE_STATE, &start);
 	}
 	return TRUE;
 }
@@ -911,7 +769,7 @@ METHOD(listener_t, child_state_change, bool,
 		default:
 			return TRUE;
 	}
-	hook_done(this, kind, &start);
+	hook_times_done(this->hooks, kind, &start);
 	return TRUE;
 }
 
@@ -930,7 +788,7 @@ METHOD(listener_t, child_updown, bool,
 	{
 		untrack(this, child_sa);
 	}
-	hook_done(this, HOOK_CHILD_UPDOWN, &start);
+	hook_times_done(this->hooks, HOOK_CHILD_UPDOWN, &start);
 	return TRUE;
 }
 
@@ -942,7 +800,7 @@ METHOD(listener_t, child_rekey, bool,
 
 	hook_start(&start);
 	track(this, ike_sa, new, FALSE, FALSE, "rekeyed");
-	hook_done(this, HOOK_CHILD_REKEY, &start);
+	hook_times_done(this->hooks, HOOK_CHILD_REKEY, &start);
 	return TRUE;
 }
 
@@ -1369,7 +1227,10 @@ METHOD(xfrmsync_listener_t, watch, void,
 		{
 			lib->watcher->remove(lib->watcher, this->aevents_fd.fd);
 		}
-		log_hook_times(this, "unloading");
+		hook_times_log(this->hooks, "unloading");
+		DBG1(DBG_KNL, "xfrmsync: dispatch failures since load: %u (SA "
+			 "notifications), %u (aevents)", this->registry_fd.total_failures,
+			 this->aevents_fd.total_failures);
 	}
 }
 
@@ -1409,6 +1270,7 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	close(this->wake[0]);
 	close(this->wake[1]);
 	close(this->timer);
+	hook_times_destroy(this->hooks);
 	this->handle_lock->destroy(this->handle_lock);
 	this->table_lock->destroy(this->table_lock);
 	free(this);
@@ -1584,6 +1446,7 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		.aevents_fd = { .fd = aevents_fd, .name = "aevents" },
 		.wake = { wake[0], wake[1] },
 		.timer = timer,
+		.hooks = hook_times_create(),
 		.handle_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.table_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.queue = linked_list_create(),

@@ -175,30 +175,8 @@ EOF
         printf 'secrets {\n  ike-cc {\n    secret = "xfrmsync concentrator PSK, not a secret"\n  }\n}\n'
     } >"$dir/swanctl.conf"
 }
-declare -A CHARON
-start_charon() { # side mode
-    local side=$1 mode=$2 dir=$RUN/$1 i
-    write_conf "$side" "$mode"
-    rm -f "$dir/charon.vici"
-    ip netns exec "cc$side" sh -c 'mount --bind "$1/run" /run && STRONGSWAN_CONF="$1/strongswan.conf" exec /usr/lib/ipsec/charon' \
-        sh "$dir" >"$OUT/charon-$side-$mode.stderr" 2>&1 &
-    CHARON[$side]=$!
-    pids+=($!)
-    for ((i = 0; i < 600; i++)); do
-        [[ -S $dir/charon.vici ]] && break
-        kill -0 "${CHARON[$side]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    [[ -S $dir/charon.vici ]] || fatal "charon $side ($mode) did not come up: $(tail -5 "$OUT/charon-$side-$mode.stderr" "$OUT/charon-$side-$mode.log" 2>/dev/null)"
-}
-stop_charon() {
-    kill "${CHARON[$1]}" 2>/dev/null
-    wait "${CHARON[$1]}" 2>/dev/null
-}
-sw() { # side swanctl-args...
-    local side=$1; shift
-    STRONGSWAN_CONF=$RUN/swanctl-strongswan.conf swanctl "$@" --uri "unix://$RUN/$side/charon.vici"
-}
+NETNS_PREFIX=cc
+source vmtest/guest/charon-lib.sh
 tunnel_sas() { ip -n ccb xfrm state list | grep -c '^src 10.11.0.'; }
 
 declare -A SECONDS_TO_ALL

@@ -247,32 +247,12 @@ secrets {
 EOF
 }
 
-declare -A CHARON
-start_charon() { # side mode
-    local side=$1 mode=$2 dir=$RUN/$1 i
-    write_conf "$side" "$mode"
-    rm -f "$dir/charon.vici"
-    ip netns exec "sw$side" sh -c 'mount --bind "$1/run" /run && STRONGSWAN_CONF="$1/strongswan.conf" exec /usr/lib/ipsec/charon' \
-        sh "$dir" >"$OUT/charon-$side-$mode.stderr" 2>&1 &
-    CHARON[$side]=$!
-    pids+=($!)
-    for ((i = 0; i < 300; i++)); do
-        [[ -S $dir/charon.vici ]] && break
-        kill -0 "${CHARON[$side]}" 2>/dev/null || break
-        sleep 0.1
-    done
-    [[ -S $dir/charon.vici ]] || fatal "charon $side ($mode) did not come up: $(tail -5 "$OUT/charon-$side-$mode.stderr" "$OUT/charon-$side-$mode.log" 2>/dev/null)"
-    sw "$side" --load-all --noprompt --file "$dir/swanctl.conf" >"$OUT/swanctl-load-$side-$mode.log" 2>&1 ||
-        fatal "swanctl --load-all for $side: $(cat "$OUT/swanctl-load-$side-$mode.log")"
-}
-stop_charon() {
-    local side=$1
-    kill "${CHARON[$side]}" 2>/dev/null
-    wait "${CHARON[$side]}" 2>/dev/null
-}
-sw() { # side swanctl-args...
-    local side=$1; shift
-    STRONGSWAN_CONF=$RUN/swanctl-strongswan.conf swanctl "$@" --uri "unix://$RUN/$side/charon.vici"
+NETNS_PREFIX=sw
+source vmtest/guest/charon-lib.sh
+start_charon_loaded() { # side mode: started, and its swanctl.conf loaded
+    start_charon "$1" "$2"
+    sw "$1" --load-all --noprompt --file "$RUN/$1/swanctl.conf" >"$OUT/swanctl-load-$1-$2.log" 2>&1 ||
+        fatal "swanctl --load-all for $1: $(cat "$OUT/swanctl-load-$1-$2.log")"
 }
 # until_ok TIMEOUT_S DESCRIPTION REQID:REPLAY:TIMER_MS[:COUNT]...: polls both
 # namespaces until every SA of each REQID has these thresholds, in the raw
@@ -316,8 +296,8 @@ done
 # --- 1. install --------------------------------------------------------------------
 mkdir -p /usr/lib/ipsec/plugins
 cp "$PLUGIN_SO" /usr/lib/ipsec/plugins/libstrongswan-xfrmsync.so || fatal "installing the plugin into the guest's /usr"
-start_charon a plugin
-start_charon b plugin
+start_charon_loaded a plugin
+start_charon_loaded b plugin
 for side in a b; do
     if grep -q "loaded plugins:.* xfrmsync" "$OUT/charon-$side-plugin.log"; then
         ok "charon $side loaded the plugin from /usr/lib/ipsec/plugins ($(grep -o 'xfrmsync: kernel HZ.*' "$OUT/charon-$side-plugin.log" | head -1))"
@@ -509,8 +489,8 @@ for side in a b; do
     for ((i = 0; i < 300; i++)); do grep -q ready "$OUT/rule-apply-$side.log" && break; sleep 0.1; done
     grep -q ready "$OUT/rule-apply-$side.log" || fatal "rule_apply in sw$side: $(cat "$OUT/rule-apply-$side.log")"
 done
-start_charon a noplugin
-start_charon b noplugin
+start_charon_loaded a noplugin
+start_charon_loaded b noplugin
 grep -q "loaded plugins:.* xfrmsync" "$OUT/charon-a-noplugin.log" && not_ok "charon a loaded the plugin when told not to"
 phase rules
 for child in net busy routed; do
