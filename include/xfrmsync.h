@@ -146,6 +146,11 @@
 #define XFRMSYNC_HZ_SOURCE_LIVE_SA 4
 
 /*
+ The longest encoded sync record, in bytes.
+ */
+#define XFRMSYNC_MAX_SYNC_RECORD 656
+
+/*
  `xfrmsync_rule.match`: `reqid` is a criterion.
  */
 #define XFRMSYNC_MATCH_REQID 1
@@ -358,6 +363,35 @@ typedef struct xfrmsync_netns_defaults {
  behaviour.
  */
 typedef void (*xfrmsync_event_cb)(void *user_data, const struct xfrmsync_aevent *event);
+
+/*
+ A sync record (HA, issue 13): one SA's state as an active node saw it,
+ for a standby. `direction`: 0 unknown, 1 inbound, 2 outbound. `esn` is
+ the SA's ESN flag (not the replay state's form). The thresholds count
+ only with `has_thresholds`. `sent_at_ms` is the sender's clock, ms since
+ the Unix epoch; `rate_per_ks` its estimate of the SA's packet rate, in
+ packets per 1,000 s.
+ */
+typedef struct xfrmsync_sync_record {
+  struct xfrmsync_sa_id sa;
+  /*
+   Source address, laid out like `sa.daddr`.
+   */
+  uint8_t saddr[16];
+  uint32_t reqid;
+  uint32_t direction;
+  bool esn;
+  struct xfrmsync_replay replay;
+  uint64_t lifetime_bytes;
+  uint64_t lifetime_packets;
+  bool has_thresholds;
+  uint32_t replay_threshold;
+  uint32_t timer_threshold_ms;
+  uint64_t epoch;
+  uint64_t counter;
+  uint64_t sent_at_ms;
+  uint64_t rate_per_ks;
+} xfrmsync_sync_record;
 
 /*
  A threshold rule: the criteria named by `match` bits, all of which an SA
@@ -638,6 +672,23 @@ int xfrmsync_dispatch(struct xfrmsync_handle *handle);
  it as the poll timeout.
  */
 int xfrmsync_relist_due_ms(const struct xfrmsync_handle *handle);
+
+/*
+ Encodes `record` into `buf` (`capacity` bytes; `XFRMSYNC_MAX_SYNC_RECORD`
+ always suffices). Returns the length written, -ENOSPC when it does not
+ fit (nothing written), -EINVAL for a record that is not one (addresses
+ of two families, a bitmap over 128 words).
+ */
+int xfrmsync_sync_record_encode(const struct xfrmsync_sync_record *record, uint8_t *buf, size_t capacity);
+
+/*
+ Decodes the sync record at the start of `buf` (`len` bytes; a batch
+ holds several in a row) into `out`. Returns its length, or -EBADMSG for
+ bytes that are not a whole record of a known version (cut short, too
+ long, unknown flags, family or protocol, a bitmap over 128 words):
+ `out` is then untouched.
+ */
+int xfrmsync_sync_record_decode(const uint8_t *buf, size_t len, struct xfrmsync_sync_record *out);
 
 /*
  Formats an event on one line, human-readable or (`json` true) as one JSON

@@ -17,7 +17,8 @@ pub enum Error {
     Os { operation: &'static str, errno: i32 },
     /// The caller passed something we will not send to the kernel.
     InvalidArgument(String),
-    /// A received message does not parse; nothing of it was used.
+    /// A received message (netlink, or a sync record) does not parse;
+    /// nothing of it was used.
     Malformed(&'static str),
     /// A datagram was larger than the receive buffer and was cut.
     Truncated { size: usize, buffer: usize },
@@ -92,7 +93,7 @@ impl fmt::Display for Error {
             }
             Error::Os { operation, errno } => write!(f, "{operation}: {}", strerror(*errno)),
             Error::InvalidArgument(why) => write!(f, "invalid argument: {why}"),
-            Error::Malformed(why) => write!(f, "malformed netlink message: {why}"),
+            Error::Malformed(why) => write!(f, "malformed message: {why}"),
             Error::Truncated { size, buffer } => {
                 write!(f, "netlink datagram of {size} bytes truncated to the {buffer}-byte receive buffer")
             }

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::registry::{Direction, Prefix, Registry, Rule, SaMatch, Thresholds};
 use crate::sa::{Mark, SaId};
+use crate::sync::SyncRecord;
 use crate::timer;
 use crate::view::AeventView;
 
@@ -932,6 +933,136 @@ pub extern "C" fn xfrmsync_relist_due_ms(handle: *const xfrmsync_handle) -> c_in
                 c_int::try_from(ms).unwrap_or(c_int::MAX)
             }
         })
+    })
+}
+
+/// A sync record (HA, issue 13): one SA's state as an active node saw it,
+/// for a standby. `direction`: 0 unknown, 1 inbound, 2 outbound. `esn` is
+/// the SA's ESN flag (not the replay state's form). The thresholds count
+/// only with `has_thresholds`. `sent_at_ms` is the sender's clock, ms since
+/// the Unix epoch; `rate_per_ks` its estimate of the SA's packet rate, in
+/// packets per 1,000 s.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct xfrmsync_sync_record {
+    pub sa: xfrmsync_sa_id,
+    /// Source address, laid out like `sa.daddr`.
+    pub saddr: [u8; 16],
+    pub reqid: u32,
+    pub direction: u32,
+    pub esn: bool,
+    pub replay: xfrmsync_replay,
+    pub lifetime_bytes: u64,
+    pub lifetime_packets: u64,
+    pub has_thresholds: bool,
+    pub replay_threshold: u32,
+    pub timer_threshold_ms: u32,
+    pub epoch: u64,
+    pub counter: u64,
+    pub sent_at_ms: u64,
+    pub rate_per_ks: u64,
+}
+
+/// The longest encoded sync record, in bytes.
+pub const XFRMSYNC_MAX_SYNC_RECORD: usize = 656;
+const _: () = assert!(XFRMSYNC_MAX_SYNC_RECORD == crate::sync::MAX_RECORD_LEN);
+
+impl xfrmsync_sync_record {
+    fn to_rust(self) -> Result<SyncRecord> {
+        let direction = match self.direction {
+            0 => None,
+            1 => Some(Direction::In),
+            2 => Some(Direction::Out),
+            other => return Err(Error::invalid(format!("direction {other} is not 0, 1 or 2"))),
+        };
+        Ok(SyncRecord {
+            sa: self.sa.to_rust()?,
+            saddr: ip_from_c(self.sa.family, &self.saddr)?,
+            reqid: self.reqid,
+            direction,
+            esn: self.esn,
+            replay: self.replay.to_rust()?,
+            lifetime_bytes: self.lifetime_bytes,
+            lifetime_packets: self.lifetime_packets,
+            thresholds: self
+                .has_thresholds
+                .then_some(Thresholds { replay_packets: self.replay_threshold, timer_ms: self.timer_threshold_ms }),
+            epoch: self.epoch,
+            counter: self.counter,
+            sent_at_ms: self.sent_at_ms,
+            rate_per_ks: self.rate_per_ks,
+        })
+    }
+
+    fn from_rust(r: &SyncRecord) -> xfrmsync_sync_record {
+        xfrmsync_sync_record {
+            sa: xfrmsync_sa_id::from_rust(&r.sa),
+            saddr: ip_to_c(&r.saddr),
+            reqid: r.reqid,
+            direction: match r.direction {
+                None => 0,
+                Some(Direction::In) => 1,
+                Some(Direction::Out) => 2,
+            },
+            esn: r.esn,
+            replay: xfrmsync_replay::from_rust(&r.replay),
+            lifetime_bytes: r.lifetime_bytes,
+            lifetime_packets: r.lifetime_packets,
+            has_thresholds: r.thresholds.is_some(),
+            replay_threshold: r.thresholds.map_or(0, |t| t.replay_packets),
+            timer_threshold_ms: r.thresholds.map_or(0, |t| t.timer_ms),
+            epoch: r.epoch,
+            counter: r.counter,
+            sent_at_ms: r.sent_at_ms,
+            rate_per_ks: r.rate_per_ks,
+        }
+    }
+}
+
+/// Encodes `record` into `buf` (`capacity` bytes; `XFRMSYNC_MAX_SYNC_RECORD`
+/// always suffices). Returns the length written, -ENOSPC when it does not
+/// fit (nothing written), -EINVAL for a record that is not one (addresses
+/// of two families, a bitmap over 128 words).
+#[no_mangle]
+pub extern "C" fn xfrmsync_sync_record_encode(
+    record: *const xfrmsync_sync_record,
+    buf: *mut u8,
+    capacity: usize,
+) -> c_int {
+    boundary(|| {
+        let record = required(record, "record")?.to_rust()?;
+        if buf.is_null() {
+            return Err(Error::invalid("buf is NULL"));
+        }
+        let mut out = Vec::with_capacity(record.encoded_len());
+        record.encode(&mut out)?;
+        if out.len() > capacity {
+            return Err(Error::NoRoom { need: out.len(), have: capacity });
+        }
+        // SAFETY: the caller gave `capacity` writable bytes at `buf`, and
+        // `out` is no longer than that.
+        unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), buf, out.len()) };
+        Ok(out.len() as c_int)
+    })
+}
+
+/// Decodes the sync record at the start of `buf` (`len` bytes; a batch
+/// holds several in a row) into `out`. Returns its length, or -EBADMSG for
+/// bytes that are not a whole record of a known version (cut short, too
+/// long, unknown flags, family or protocol, a bitmap over 128 words):
+/// `out` is then untouched.
+#[no_mangle]
+pub extern "C" fn xfrmsync_sync_record_decode(buf: *const u8, len: usize, out: *mut xfrmsync_sync_record) -> c_int {
+    boundary(|| {
+        if buf.is_null() || out.is_null() {
+            return Err(Error::invalid("buf or out is NULL"));
+        }
+        // SAFETY: the caller gave `len` readable bytes at `buf`.
+        let bytes = unsafe { std::slice::from_raw_parts(buf, len) };
+        let (record, used) = SyncRecord::decode_prefix(bytes)?;
+        // SAFETY: `out` is non-NULL and points to a writable record.
+        unsafe { out.write(xfrmsync_sync_record::from_rust(&record)) };
+        Ok(used as c_int)
     })
 }
 

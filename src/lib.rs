@@ -7,8 +7,9 @@
 //! dispatch; with [`events`] routing, [`netns`] a helper thread in another
 //! network namespace, [`timer`] ms and jiffies, [`hz`] HZ without a live SA,
 //! [`defaults`] a namespace's thresholds for new SAs) ← [`registry`]
-//! (thresholds for SAs as they appear) ← `ffi` (the C ABI). The `xfrmsync`
-//! tool and the strongSwan plugin are clients in their own folders.
+//! (thresholds for SAs as they appear) ← [`sync`] (HA: sync records and a
+//! standby's commit) ← `ffi` (the C ABI). The `xfrmsync` tool and the
+//! strongSwan plugin are clients in their own folders.
 //!
 //! SAs are named as `ip xfrm state` names them, SPI in host byte order:
 //!
@@ -33,6 +34,8 @@ mod ffi;
 pub mod handle;
 /// cbindgen:ignore
 pub mod registry;
+/// cbindgen:ignore
+pub mod sync;
 
 // The layers' parts keep the short paths users know.
 pub use codec::{aevent, sa, view, wire};

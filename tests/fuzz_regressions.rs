@@ -17,6 +17,7 @@ fn every_crash_found_by_fuzzing_stays_fixed() {
         match name.split('-').next() {
             Some("netlink_decode") => checks::netlink_decode(&data),
             Some("newsa_request") => checks::newsa_request(&data),
+            Some("sync_record") => checks::sync_record(&data),
             // The tool's parser: replayed by tools/xfrmsync/tests/fuzz_regressions.rs.
             Some("rules_file") => continue,
             _ => panic!("{name}: no fuzz target of that name"),
