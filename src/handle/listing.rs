@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use netlink_sys::Socket;
 
-use super::{kernel_answer, send, Handle, REQUEST_BUFFER};
+use super::{dump_interrupted, kernel_answer, send, Handle, REQUEST_BUFFER};
 use crate::error::{Error, Result};
 use crate::wire::{self, Messages, SaInfo, Sender};
 
@@ -87,11 +87,6 @@ impl Handle {
         self.listing.is_some()
     }
 
-    /// Whether a listing started by [`Handle::start_listing`] runs.
-    pub fn listing_running(&self) -> bool {
-        self.listing.as_ref().is_some_and(|l| l.try_borrow().map_or(true, |l| l.running.is_some()))
-    }
-
     /// Starts listing every SA (a `GETSA` dump) on the handle's listing
     /// socket, to be read by [`Handle::listing_step`]. [`Error::Busy`] if
     /// one runs; [`Error::InvalidArgument`] without a listing socket.
@@ -166,13 +161,7 @@ fn step(
             }
             running.interrupted |= msg.flags & wire::NLM_F_DUMP_INTR != 0;
             match msg.kind {
-                wire::NLMSG_DONE if running.interrupted => {
-                    return Err(Error::Kernel {
-                        operation: OPERATION,
-                        errno: libc::EINTR,
-                        ext_ack: Some("dump interrupted (NLM_F_DUMP_INTR): the list changed while it ran".into()),
-                    });
-                }
+                wire::NLMSG_DONE if running.interrupted => return Err(dump_interrupted(OPERATION)),
                 wire::NLMSG_DONE => return Ok(ListingStep::Done),
                 wire::NLMSG_ERROR => {
                     kernel_answer(OPERATION, &msg)?;

@@ -348,16 +348,22 @@ impl Requests {
                 Ok(()) => {
                     return match failed {
                         Some(e) => Err(e),
-                        None if interrupted => Err(Error::Kernel {
-                            operation,
-                            errno: libc::EINTR,
-                            ext_ack: Some("dump interrupted (NLM_F_DUMP_INTR): the list changed while it ran".into()),
-                        }),
+                        None if interrupted => Err(dump_interrupted(operation)),
                         None => Ok(()),
                     };
                 }
             }
         }
+    }
+}
+
+/// A dump the kernel marked `NLM_F_DUMP_INTR`: its list changed while it
+/// ran, so entries may be missing.
+fn dump_interrupted(operation: &'static str) -> Error {
+    Error::Kernel {
+        operation,
+        errno: libc::EINTR,
+        ext_ack: Some("dump interrupted (NLM_F_DUMP_INTR): the list changed while it ran".into()),
     }
 }
 

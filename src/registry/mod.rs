@@ -120,6 +120,17 @@ struct StepListing {
 /// SAs, and gives those that lack them their thresholds.
 pub const LISTING_STEP: usize = 8;
 
+impl State {
+    /// A listing failed, after `failures` that failed before it (the owed
+    /// one it served is no longer in `relist`): owed again after a longer
+    /// wait, or sooner if a loss meanwhile owes one already.
+    fn listing_failed(&mut self, failures: u32) {
+        let failures = failures + 1;
+        let due = Instant::now() + relist_wait(failures);
+        self.relist = Some(Owed { due: self.relist.map_or(due, |o| o.due.min(due)), failures });
+    }
+}
+
 /// When an owed listing is tried next, and how many attempts failed.
 #[derive(Debug, Clone, Copy)]
 struct Owed {
@@ -363,8 +374,8 @@ impl Registry {
         match &outcome {
             Ok(()) => state.relist = None,
             Err(_) => {
-                let failures = state.relist.map_or(0, |o| o.failures) + 1;
-                state.relist = Some(Owed { due: Instant::now() + relist_wait(failures), failures });
+                let failures = state.relist.take().map_or(0, |o| o.failures);
+                state.listing_failed(failures);
             }
         }
         outcome
@@ -470,7 +481,8 @@ impl Registry {
                 None => self.handle.start_listing(),
             };
             if let Err(e) = begun {
-                state.relist = Some(Owed { due: Instant::now() + relist_wait(failures + 1), failures: failures + 1 });
+                state.relist = None;
+                state.listing_failed(failures);
                 return Err(e);
             }
             state.tracked.begin_sweep();
@@ -500,9 +512,7 @@ impl Registry {
             }
             Err(e) => {
                 // Loss meanwhile may have owed one sooner.
-                let failures = listing.failures + 1;
-                let due = Instant::now() + relist_wait(failures);
-                state.relist = Some(Owed { due: state.relist.map_or(due, |o| o.due.min(due)), failures });
+                state.listing_failed(listing.failures);
                 return Err(e);
             }
         }
