@@ -751,6 +751,21 @@ fn append_newae_with(out: &mut Vec<u8>, from: Sender, sa: &SaId, set: &NewAe<'_>
     finish(out, start);
 }
 
+/// `XFRM_MSG_DELSA` for one SA (`struct xfrm_usersa_id`), acknowledged. An
+/// HA node that learns it was replaced deletes its outbound SAs with it, so
+/// that two nodes never send under one key.
+pub fn encode_delsa(out: &mut Vec<u8>, from: Sender, sa: &SaId) {
+    out.clear();
+    let start = begin(out, XFRM_MSG_DELSA, NLM_F_ACK, from);
+    put_addr(out, &sa.daddr);
+    out.extend_from_slice(&sa.spi.to_be_bytes());
+    out.extend_from_slice(&family_of(&sa.daddr).to_ne_bytes());
+    out.push(sa.proto);
+    out.push(0);
+    put_identity_attrs(out, sa);
+    finish(out, start);
+}
+
 /// `XFRM_MSG_GETSA` as a dump of every SA: answered with `NEWSA` messages
 /// (`NLM_F_MULTI`) and an `NLMSG_DONE`. The kernel parses a dump request
 /// before the message's fixed part, so none is sent.

@@ -906,6 +906,11 @@ impl Handle {
         )
     }
 
+    /// Deletes `sa` (`XFRM_MSG_DELSA`).
+    pub fn delete_sa(&self, sa: &SaId) -> Result<()> {
+        self.request("XFRM_MSG_DELSA", Expect::Ack, |out, from| wire::encode_delsa(out, from, sa)).map(|_| ())
+    }
+
     /// Sets both thresholds: replay in packets, timer in milliseconds.
     pub fn set_thresholds(&self, sa: &SaId, replay_packets: u32, timer_ms: u32) -> Result<()> {
         self.update(
@@ -1342,23 +1347,76 @@ impl Handle {
     /// (an acknowledgement for the last, an error for any that fails);
     /// `each` learns every SA's result by its index in `items`. The timeout
     /// applies to each datagram's answers.
-    pub fn set_thresholds_many(
-        &self,
-        items: &[(SaId, u32, u32)],
-        mut each: impl FnMut(usize, Result<()>),
-    ) -> Result<()> {
+    pub fn set_thresholds_many(&self, items: &[(SaId, u32, u32)], each: impl FnMut(usize, Result<()>)) -> Result<()> {
         let Some((first, _, _)) = items.first() else { return Ok(()) };
         let hz = self.hz_for(first)?;
-        let mut batch: Vec<(usize, u32, u32)> = Vec::with_capacity(BATCH);
+        self.newae_many(
+            items.len(),
+            |i| {
+                let (sa, replay, ms) = &items[i];
+                let jiffies = timer::ms_to_jiffies(*ms, hz)?;
+                Ok((sa, NewAe { replay_threshold: Some(*replay), etimer_jiffies: Some(jiffies), ..NewAe::default() }))
+            },
+            each,
+        )
+    }
+
+    /// Writes many updates, batched and confirmed as
+    /// [`Handle::set_thresholds_many`] does; `each` learns every SA's result
+    /// by its index in `items`.
+    ///
+    /// Unlike [`Handle::update`], a replay value's form is not checked
+    /// against the SA first: that would cost a query per SA. The caller
+    /// builds each value from the SA's own state (a standby's commit does,
+    /// from the listing it plans against); the kernel ignores a value of
+    /// the wrong form without an error.
+    pub fn update_many(&self, items: &[(SaId, AeUpdate)], each: impl FnMut(usize, Result<()>)) -> Result<()> {
+        let hz = match items.iter().find(|(_, update)| update.timer_threshold_ms.is_some()) {
+            Some((sa, _)) => Some(self.hz_for(sa)?),
+            None => None,
+        };
+        self.newae_many(
+            items.len(),
+            |i| {
+                let (sa, update) = &items[i];
+                if update.is_empty() {
+                    return Err(Error::invalid("an update must set at least one value or threshold"));
+                }
+                let etimer_jiffies = match (update.timer_threshold_ms, hz) {
+                    (Some(ms), Some(hz)) => Some(timer::ms_to_jiffies(ms, hz)?),
+                    _ => None,
+                };
+                Ok((
+                    sa,
+                    NewAe {
+                        replay_threshold: update.replay_threshold,
+                        etimer_jiffies,
+                        replay: update.replay.as_ref(),
+                        lifetime: update.lifetime.as_ref(),
+                    },
+                ))
+            },
+            each,
+        )
+    }
+
+    /// Sends `count` `NEWAE`s, `request(i)` building the i-th, [`BATCH`] to a
+    /// datagram; a request that cannot be built is reported and skipped.
+    fn newae_many<'i>(
+        &self,
+        count: usize,
+        request: impl Fn(usize) -> Result<(&'i SaId, NewAe<'i>)>,
+        mut each: impl FnMut(usize, Result<()>),
+    ) -> Result<()> {
+        let mut batch: Vec<(&SaId, NewAe<'_>, usize)> = Vec::with_capacity(BATCH);
         let mut seqs = Vec::with_capacity(BATCH);
         let mut answered = Vec::with_capacity(BATCH);
-        for (chunk_at, chunk) in items.chunks(BATCH).enumerate() {
-            let base = chunk_at * BATCH;
+        for base in (0..count).step_by(BATCH) {
             batch.clear();
-            for (i, (_, replay, ms)) in chunk.iter().enumerate() {
-                match timer::ms_to_jiffies(*ms, hz) {
-                    Ok(jiffies) => batch.push((i, *replay, jiffies)),
-                    Err(e) => each(base + i, Err(e)),
+            for index in base..count.min(base + BATCH) {
+                match request(index) {
+                    Ok((sa, set)) => batch.push((sa, set, index)),
+                    Err(e) => each(index, Err(e)),
                 }
             }
             if batch.is_empty() {
@@ -1371,16 +1429,14 @@ impl Handle {
             let mut req = self.requests()?;
             req.out.clear();
             seqs.clear();
-            for (n, (i, replay, jiffies)) in batch.iter().enumerate() {
+            for (n, (sa, set, index)) in batch.iter().enumerate() {
                 let from = req.next_sender();
-                let set = NewAe { replay_threshold: Some(*replay), etimer_jiffies: Some(*jiffies), ..NewAe::default() };
-                let sa = &chunk[*i].0;
                 if n + 1 == batch.len() {
-                    wire::append_newae(&mut req.out, from, sa, &set);
+                    wire::append_newae(&mut req.out, from, sa, set);
                 } else {
-                    wire::append_newae_unacked(&mut req.out, from, sa, &set);
+                    wire::append_newae_unacked(&mut req.out, from, sa, set);
                 }
-                seqs.push((from.seq, base + i));
+                seqs.push((from.seq, *index));
             }
             answered.clear();
             answered.resize(seqs.len(), false);

@@ -87,6 +87,20 @@ impl Batch {
     }
 }
 
+/// An SA the registry learned of, handed to the observer of
+/// [`Registry::dispatch_observing`]: how the HA sync engine learns of every
+/// SA, its state, and its thresholds without a listing of its own.
+#[derive(Debug)]
+pub struct Observed<'a> {
+    pub info: &'a SaInfo,
+    pub change: SaChange,
+    /// Listed by a dump, rather than announced by the kernel.
+    pub listed: bool,
+    pub direction: Option<Direction>,
+    /// What the rules give the SA: applied already, or in this call.
+    pub thresholds: Option<Thresholds>,
+}
+
 /// Learns of each application; runs inside the registry's calls, on their
 /// thread.
 pub type AppliedCallback = Box<dyn FnMut(&Handle, &Applied<'_>) + Send>;
@@ -311,7 +325,7 @@ impl Registry {
             }
             self.start_watching()?;
         }
-        self.relist()
+        self.relist(&mut |_| {})
     }
 
     fn start_watching(&self) -> Result<()> {
@@ -323,7 +337,7 @@ impl Registry {
     /// A listing that fails is owed, and the error logged rather than
     /// returned: for a registration, which is in force either way.
     fn relist_or_owe(&self) -> Result<()> {
-        if let Err(e) = self.relist() {
+        if let Err(e) = self.relist(&mut |_| {}) {
             let wait = self.relist_due().map(|at| at.saturating_duration_since(Instant::now()));
             log::warn!("listing every SA: {e}; trying again in {wait:?}");
         }
@@ -365,11 +379,23 @@ impl Registry {
     /// (see [`Registry::relist_due`]) and the error returned.
     pub fn resync(&self) -> Result<()> {
         let _entered = self.enter()?;
-        self.relist()
+        self.relist(&mut |_| {})
     }
 
-    fn relist(&self) -> Result<()> {
-        let outcome = self.list_and_apply();
+    /// Owes a listing of every SA from now: the next
+    /// [`Registry::dispatch_observing`] calls list it, in steps where the
+    /// handle can, and hand each listed SA to their observer (a sync
+    /// snapshot).
+    pub fn list_again(&self) -> Result<()> {
+        let _entered = self.enter()?;
+        if !self.state()?.watching {
+            self.start_watching()?;
+        }
+        self.owe_relist(Instant::now(), 0)
+    }
+
+    fn relist(&self, observer: &mut dyn FnMut(&Observed<'_>)) -> Result<()> {
+        let outcome = self.list_and_apply(observer);
         let mut state = self.state()?;
         match &outcome {
             Ok(()) => state.relist = None,
@@ -381,7 +407,7 @@ impl Registry {
         outcome
     }
 
-    fn list_and_apply(&self) -> Result<()> {
+    fn list_and_apply(&self, observer: &mut dyn FnMut(&Observed<'_>)) -> Result<()> {
         let (batch, listed) = {
             let mut state = self.state()?;
             // This listing's sweep is the one that counts now.
@@ -395,7 +421,9 @@ impl Registry {
             // Mark and sweep: what the dump lists is marked seen, the rest
             // forgotten, only once the whole dump arrived.
             state.tracked.begin_sweep();
-            let listed = self.handle.dump_sas(|info| observe(&mut state, SaChange::New, true, info, &mut pending));
+            let listed = self
+                .handle
+                .dump_sas(|info| observe_and_tell(&mut state, SaChange::New, true, info, &mut pending, &mut *observer));
             if listed.is_ok() {
                 state.tracked.sweep_unseen();
             }
@@ -412,6 +440,12 @@ impl Registry {
     /// lost); a listing that failed is owed, and tried again by a later
     /// call once [`Registry::relist_due`] has come.
     pub fn dispatch(&self) -> Result<usize> {
+        self.dispatch_observing(&mut |_| {})
+    }
+
+    /// [`Registry::dispatch`], handing `observer` every SA announced or
+    /// listed meanwhile, after the registry took it in.
+    pub fn dispatch_observing(&self, observer: &mut dyn FnMut(&Observed<'_>)) -> Result<usize> {
         let _entered = self.enter()?;
         let (batch, dispatched) = {
             let mut state = self.state()?;
@@ -430,7 +464,7 @@ impl Registry {
                         Err(e) => log::warn!("listing local addresses: {e}"),
                     }
                 }
-                observe(&mut state, notice.change, false, info, &mut pending);
+                observe_and_tell(&mut state, notice.change, false, info, &mut pending, &mut *observer);
             });
             (Batch::new(pending, &state.rules), dispatched)
         };
@@ -443,7 +477,7 @@ impl Registry {
         if lost && self.state.borrow().watching {
             self.owe_relist(Instant::now(), 0)?;
         }
-        let relisted = self.advance_listing();
+        let relisted = self.advance_listing(observer);
         if lost {
             if let Err(e) = relisted {
                 log::warn!("listing every SA after lost SA notifications: {e}; trying again later");
@@ -457,14 +491,14 @@ impl Registry {
 
     /// The owed listing, once due: started, then one step a call (see
     /// [`LISTING_STEP`]); at once on a handle that cannot list in steps.
-    fn advance_listing(&self) -> Result<()> {
+    fn advance_listing(&self, observer: &mut dyn FnMut(&Observed<'_>)) -> Result<()> {
         let start = {
             let state = self.state()?;
             state.listing.is_none() && state.relist.is_some_and(|owed| owed.due <= Instant::now())
         };
         if start {
             if !self.handle.lists_in_steps() {
-                return self.relist();
+                return self.relist(observer);
             }
             let local = match self.state()?.rules.needs_direction() {
                 true => Some(self.handle.local_addresses()),
@@ -495,9 +529,9 @@ impl Registry {
                 return Ok(());
             }
             let mut pending = Vec::new();
-            let step = self
-                .handle
-                .listing_step(LISTING_STEP, |info| observe(&mut state, SaChange::New, true, info, &mut pending));
+            let step = self.handle.listing_step(LISTING_STEP, |info| {
+                observe_and_tell(&mut state, SaChange::New, true, info, &mut pending, &mut *observer)
+            });
             (Batch::new(pending, &state.rules), step)
         };
         let applied = self.apply(batch);
@@ -615,23 +649,42 @@ fn facts_of(info: &SaInfo, local: &[IpAddr]) -> SaFacts {
     SaFacts { sa: info.sa, saddr: info.saddr, reqid: info.reqid, direction: direction_of(info, local) }
 }
 
+/// [`observe`], then tells `observer`.
+fn observe_and_tell(
+    state: &mut State,
+    change: SaChange,
+    listed: bool,
+    info: &SaInfo,
+    pending: &mut Vec<Pending>,
+    observer: &mut dyn FnMut(&Observed<'_>),
+) {
+    let (direction, thresholds) = observe(state, change, listed, info, pending);
+    observer(&Observed { info, change, listed, direction, thresholds });
+}
+
 /// Updates what is known of an SA and queues its thresholds when it lacks
-/// them. `listed`: seen in a dump rather than announced. An announced
+/// them; returns its direction and the thresholds the rules give it. `listed`: seen in a dump rather than announced. An announced
 /// install always gets its thresholds again, since the kernel may have
 /// re-added the SA under the same identity and install time (charon's
 /// MOBIKE does) after a deletion this handle did not see.
-fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pending: &mut Vec<Pending>) {
+fn observe(
+    state: &mut State,
+    change: SaChange,
+    listed: bool,
+    info: &SaInfo,
+    pending: &mut Vec<Pending>,
+) -> (Option<Direction>, Option<Thresholds>) {
     match change {
         SaChange::Deleted | SaChange::Expired { hard: true } => {
             state.tracked.remove(&info.sa);
-            return;
+            return (None, None);
         }
-        SaChange::Expired { hard: false } => return,
+        SaChange::Expired { hard: false } => return (state.tracked.get(&info.sa).and_then(|t| t.direction), None),
         SaChange::New | SaChange::Updated => {}
     }
     // A larval SA (no SPI yet) cannot be addressed by NEWAE.
     if info.sa.spi == 0 {
-        return;
+        return (None, None);
     }
     let facts = facts_of(info, &state.local);
     let add_time = info.lifetime.map_or(0, |l| l.add_time);
@@ -655,4 +708,5 @@ fn observe(state: &mut State, change: SaChange, listed: bool, info: &SaInfo, pen
             pending.push(Pending { sa: info.sa, thresholds: wanted, rule: rule.map_or(REGISTERED, |at| at as u32) });
         }
     }
+    (tracked.direction, resolved.map(|(_, wanted)| wanted).or(tracked.applied))
 }

@@ -11,8 +11,10 @@
 //! - **Inbound:** `accept` continues from the synced state; `strict`
 //!   advances by the margin as well, every number below the new one taken
 //!   as seen.
-//! - **Lifetimes:** max(local, synced), so a hard byte limit still expires
-//!   on time.
+//! - **Lifetimes:** max(local, synced + margin): the packets the margin
+//!   covers, and bytes for them at the SA's average packet size, are
+//!   counted as if sent, so a hard limit expires no later than on the
+//!   active node, only earlier by at most the margin.
 //! - **Wrap:** an SA with the ESN flag counts in 64 bits; one without it (a
 //!   wide window included) whose number plus margin would pass 2^32 - 1 is
 //!   not written: it needs a rekey, and is left so that it is retired
@@ -113,9 +115,10 @@ pub fn plan(
     // Only an SA with the ESN flag (and so its ESN-format state) counts
     // past 2^32.
     let limit = if record.esn && record.replay.is_esn() { u64::MAX } else { u64::from(u32::MAX) };
+    let average_size = record.lifetime_bytes.checked_div(record.lifetime_packets).unwrap_or(0);
     let lifetime = Lifetime {
-        bytes: record.lifetime_bytes.max(local.lifetime.bytes),
-        packets: record.lifetime_packets.max(local.lifetime.packets),
+        bytes: record.lifetime_bytes.saturating_add(margin.saturating_mul(average_size)).max(local.lifetime.bytes),
+        packets: record.lifetime_packets.saturating_add(margin).max(local.lifetime.packets),
         ..local.lifetime
     };
     let replay = match direction {

@@ -6,8 +6,9 @@
 #         route-based-suite.sh (64 SAs with a mark and an if_id, which a
 #         GETAE for both thresholds panics 5.10 on), registry-suite.sh
 #         (bursts of 5,000 SAs through `xfrmsync apply`) and
-#         strongswan-suite.sh (charon with the plugin, a route-based child
-#         among its children)
+#         ha-suite.sh (HA sync: a standby takes over live SAs under ESP
+#         traffic) and strongswan-suite.sh (charon with the plugin, a
+#         route-based child among its children)
 #   full  the same, plus tool-suite.sh (the xfrmsync command) and
 #         pfkey-suite.sh (racoon's path)
 # Each suite runs to its end even when one before it failed; the time each
@@ -18,9 +19,9 @@ cd "$(dirname "$0")/../.."
 set_name=${XFRMSYNC_VM_SET:-full}
 case $set_name in
     core) export XFRMSYNC_BURST=${XFRMSYNC_BURST:-5000}
-          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh strongswan-suite.sh) ;;
+          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh ha-suite.sh strongswan-suite.sh) ;;
     full) export XFRMSYNC_BURST=${XFRMSYNC_BURST:-5000}
-          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh tool-suite.sh strongswan-suite.sh
+          list=(kernel-suite.sh route-based-suite.sh registry-suite.sh ha-suite.sh tool-suite.sh strongswan-suite.sh
               pfkey-suite.sh) ;;
     *) echo "suites: XFRMSYNC_VM_SET is '$set_name', not core or full" >&2; exit 2 ;;
 esac

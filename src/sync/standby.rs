@@ -1,0 +1,265 @@
+//! The standby node's side of HA sync: the latest record of every SA, held
+//! in memory and never written to the kernel before a takeover; then the
+//! takeover itself, [`Standby::commit`].
+//!
+//! A record older than the one held for its SA (by epoch, then counter), or
+//! from an epoch below the highest this node knows, is ignored: it comes
+//! from a node that has since been replaced, or is a retransmission that
+//! arrived late.
+//!
+//! The commit lists the local SAs once, plans each one that has a record
+//! ([`crate::sync::plan`]: margins, inbound policy, lifetimes, the SAs that
+//! need a rekey), and writes the plans with batched `NEWAE`s, each
+//! acknowledgement checked. An SA is never deleted and added again: its
+//! keys, and any traffic selector state, stay as the HA product installed
+//! them. One SA that fails is reported; every other one still commits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::aevent::{AeUpdate, Aevent, Replay};
+use crate::error::{Error, Result};
+use crate::handle::Handle;
+use crate::registry::Direction;
+use crate::sa::SaId;
+use crate::sync::commit::{plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
+use crate::sync::SyncRecord;
+use crate::wire::SaInfo;
+
+/// What became of a received record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Held: the SA's latest.
+    Held,
+    /// The held record is as new or newer.
+    Older,
+    /// From an epoch below the highest known: its sender was replaced.
+    LowerEpoch,
+}
+
+/// Counts of what a standby received, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StandbyStats {
+    pub held: u64,
+    pub older: u64,
+    pub lower_epoch: u64,
+    pub forgotten: u64,
+}
+
+/// How a commit writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitOptions {
+    pub margin: MarginPolicy,
+    pub inbound: InboundPolicy,
+    /// The commit's time, ms since the Unix epoch; `None`: now. Records'
+    /// ages, and so margins, count to it.
+    pub now_ms: Option<u64>,
+}
+
+/// One SA's commit.
+#[derive(Debug)]
+pub struct SaCommit {
+    pub sa: SaId,
+    pub direction: Option<Direction>,
+    /// The record's age at commit, ms.
+    pub record_age_ms: u64,
+    /// The record's estimate of the SA's rate, packets per 1,000 s.
+    pub rate_per_ks: u64,
+    pub outcome: Outcome,
+}
+
+/// What a commit did to one SA.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Written: the moving number went from `local` to `written`; the
+    /// record held `synced`, and `margin` was added (outbound, or inbound
+    /// under `strict`).
+    Written { synced: u64, local: u64, written: u64, margin: u64 },
+    /// Not written: its number plus the margin would pass 2^32 - 1 and the
+    /// SA has no ESN. It must be rekeyed, and is left so it is retired
+    /// first.
+    NeedsRekey { synced: u64, next: u64, margin: u64 },
+    /// The record does not fit the local SA (see [`Mismatch`]).
+    Mismatch(Mismatch),
+    /// The kernel refused the write.
+    Failed(Error),
+}
+
+impl Outcome {
+    pub fn is_written(&self) -> bool {
+        matches!(self, Outcome::Written { .. })
+    }
+}
+
+/// A whole commit.
+#[derive(Debug)]
+pub struct Commit {
+    /// The epoch the node holds from now on: above every one it knew.
+    pub epoch: u64,
+    /// Every local SA with a record, in listing order.
+    pub sas: Vec<SaCommit>,
+    /// Records held for SAs that are not installed here.
+    pub missing_locally: Vec<SaId>,
+}
+
+impl Commit {
+    pub fn written(&self) -> usize {
+        self.sas.iter().filter(|s| s.outcome.is_written()).count()
+    }
+}
+
+/// The latest record of each SA, and the highest epoch known.
+#[derive(Debug, Default)]
+pub struct Standby {
+    records: HashMap<SaId, SyncRecord>,
+    epoch: u64,
+    stats: StandbyStats,
+}
+
+impl Standby {
+    /// A standby whose own epoch is `epoch` (kept across restarts by its
+    /// caller: it must never go back).
+    pub fn new(epoch: u64) -> Standby {
+        Standby { epoch, ..Standby::default() }
+    }
+
+    /// The highest epoch known: this node's own, or one a record carried.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn stats(&self) -> StandbyStats {
+        self.stats
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn get(&self, sa: &SaId) -> Option<&SyncRecord> {
+        self.records.get(sa)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &SyncRecord> {
+        self.records.values()
+    }
+
+    /// Takes `record` if it is the newest of its SA.
+    pub fn receive(&mut self, record: SyncRecord) -> Received {
+        if record.epoch < self.epoch {
+            self.stats.lower_epoch += 1;
+            return Received::LowerEpoch;
+        }
+        self.epoch = record.epoch;
+        match self.records.get_mut(&record.sa) {
+            Some(held) if !record.supersedes(held) => {
+                self.stats.older += 1;
+                Received::Older
+            }
+            Some(held) => {
+                *held = record;
+                self.stats.held += 1;
+                Received::Held
+            }
+            None => {
+                self.records.insert(record.sa, record);
+                self.stats.held += 1;
+                Received::Held
+            }
+        }
+    }
+
+    /// Forgets `sa`: the active node says it is gone.
+    pub fn forget(&mut self, sa: &SaId) -> bool {
+        let forgot = self.records.remove(sa).is_some();
+        self.stats.forgotten += u64::from(forgot);
+        forgot
+    }
+
+    /// The takeover: writes every held record into the local SA it belongs
+    /// to (see the module's text) and starts a higher epoch, which the
+    /// caller keeps (before it sends anything) and hands to the node's
+    /// active side. The error is for a kernel that cannot be listed or
+    /// asked at all; an SA that fails is in [`Commit::sas`].
+    pub fn commit(&mut self, handle: &Handle, options: &CommitOptions) -> Result<Commit> {
+        let now = options.now_ms.unwrap_or_else(crate::sync::now_ms);
+        let local_addresses = handle.local_addresses()?;
+        let mut local: Vec<SaInfo> = Vec::new();
+        handle.dump_sas(|info| {
+            if self.records.contains_key(&info.sa) {
+                local.push(*info);
+            }
+        })?;
+        let mut sas = Vec::with_capacity(local.len());
+        let mut writes: Vec<(SaId, AeUpdate)> = Vec::new();
+        let mut written_at = Vec::new();
+        for info in &local {
+            let record = &self.records[&info.sa];
+            let direction =
+                Direction::of_sa(info.direction, info.saddr, info.sa.daddr, &local_addresses).or(record.direction);
+            let record_age_ms = now.saturating_sub(record.sent_at_ms);
+            let outcome = match local_state(info) {
+                None => Outcome::Failed(Error::Malformed("the SA's listing has no replay state or lifetime")),
+                Some(state) => {
+                    match plan(record, &state, info.esn(), direction, now, &options.margin, options.inbound) {
+                        Err(mismatch) => Outcome::Mismatch(mismatch),
+                        Ok(CommitPlan::NeedsRekey { next, margin }) => {
+                            Outcome::NeedsRekey { synced: moving(&record.replay, direction), next, margin }
+                        }
+                        Ok(CommitPlan::Write { update, margin }) => {
+                            let written = update.replay.as_ref().map_or(0, |r| moving(r, direction));
+                            written_at.push(sas.len());
+                            writes.push((info.sa, update));
+                            Outcome::Written {
+                                synced: moving(&record.replay, direction),
+                                local: moving(&state.replay, direction),
+                                written,
+                                margin,
+                            }
+                        }
+                    }
+                }
+            };
+            sas.push(SaCommit { sa: info.sa, direction, record_age_ms, rate_per_ks: record.rate_per_ks, outcome });
+        }
+        handle.update_many(&writes, |i, result| {
+            if let Err(e) = result {
+                sas[written_at[i]].outcome = Outcome::Failed(e);
+            }
+        })?;
+        let listed: std::collections::HashSet<SaId> = local.iter().map(|i| i.sa).collect();
+        let missing_locally = self.records.keys().filter(|sa| !listed.contains(sa)).copied().collect();
+        self.epoch += 1;
+        Ok(Commit { epoch: self.epoch, sas, missing_locally })
+    }
+}
+
+/// The number that moves with an SA's traffic in `direction`.
+fn moving(replay: &Replay, direction: Option<Direction>) -> u64 {
+    match direction {
+        Some(Direction::Out) => replay.oseq64(),
+        Some(Direction::In) => replay.seq64(),
+        None => replay.oseq64().max(replay.seq64()),
+    }
+}
+
+/// A listed SA's state in the shape the planner takes.
+fn local_state(info: &SaInfo) -> Option<Aevent> {
+    let (replay, lifetime) = (info.replay?, info.lifetime?);
+    Some(Aevent {
+        sa: info.sa,
+        saddr: info.saddr.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        reqid: info.reqid,
+        flags: 0,
+        replay,
+        lifetime,
+        replay_threshold: None,
+        timer_threshold_ms: None,
+        nlmsg_seq: 0,
+        nlmsg_pid: 0,
+    })
+}
