@@ -1,4 +1,4 @@
-//! Generates the C header from src/ffi.rs into OUT_DIR. The checked-in copy
+//! Generates the C header from src/ffi/ into OUT_DIR. The checked-in copy
 //! in include/ is compared with it by tests/header.rs, so a stale header fails
 //! the test suite instead of reaching users.
 
@@ -8,7 +8,7 @@ use std::path::PathBuf;
 fn main() {
     let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    println!("cargo:rerun-if-changed=src/ffi.rs");
+    println!("cargo:rerun-if-changed=src/ffi");
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
 

@@ -1,15 +1,17 @@
 /* C API checks that need no SA: argument validation, versions, the handle's
  * fd, error reporting, formatting. Runs on any Linux host with XFRM netlink,
  * as root, under valgrind or AddressSanitizer. */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime, for check.h */
+#define _GNU_SOURCE /* unshare; clock_gettime, for check.h */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <linux/netlink.h>
 #include <linux/xfrm.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "check.h"
 
@@ -268,6 +270,207 @@ static void sync_records(void)
 	      "NULL arguments: -EINVAL");
 }
 
+/* An encoded outbound sync record of SA 10.9.0.2/spi, legacy replay state. */
+static int encoded_record(uint8_t *buf, uint32_t spi, uint64_t epoch, uint64_t counter, uint32_t oseq)
+{
+	xfrmsync_sync_record rec;
+
+	memset(&rec, 0, sizeof(rec));
+	rec.sa = esp_sa("10.9.0.2", spi);
+	inet_pton(AF_INET, "10.9.0.1", rec.saddr);
+	rec.direction = XFRMSYNC_DIR_OUT;
+	rec.replay.oseq = oseq;
+	rec.replay.bmp_len = 1;
+	rec.epoch = epoch;
+	rec.counter = counter;
+	rec.sent_at_ms = 1;
+	return xfrmsync_sync_record_encode(&rec, buf, XFRMSYNC_MAX_SYNC_RECORD);
+}
+
+static uint64_t standby_epoch(const xfrmsync_standby *s)
+{
+	uint64_t epoch = UINT64_MAX;
+
+	xfrmsync_standby_epoch(s, &epoch);
+	return epoch;
+}
+
+/* HA standby (no kernel): what it holds of the records it is given. */
+static void standby_records(void)
+{
+	uint8_t a[XFRMSYNC_MAX_SYNC_RECORD], b[XFRMSYNC_MAX_SYNC_RECORD], bad[XFRMSYNC_MAX_SYNC_RECORD];
+	xfrmsync_standby *s = (xfrmsync_standby *)0x1;
+	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x2001);
+	uint64_t epoch = 7;
+	int n, m, rc;
+
+	check(xfrmsync_standby_new(3, NULL) == -EINVAL, "standby_new(epoch, NULL) gives -EINVAL");
+	xfrmsync_standby_free(NULL);
+	if (!check(xfrmsync_standby_new(3, &s) == 0 && s != NULL && s != (xfrmsync_standby *)0x1, "standby created"))
+		return;
+	rc = xfrmsync_standby_epoch(s, &epoch);
+	check(rc == 0 && epoch == 3, "its epoch is the one given (%llu)", (unsigned long long)epoch);
+	check(xfrmsync_standby_count(s) == 0, "it holds nothing yet");
+
+	n = encoded_record(a, 0x2001, 3, 10, 1000);
+	rc = xfrmsync_standby_receive(s, a, n);
+	check(n > 0 && rc == XFRMSYNC_RECORD_HELD && rc == 0, "an encoded record of epoch 3 is held (%d)", rc);
+	check(xfrmsync_standby_count(s) == 1, "count 1");
+	check(xfrmsync_standby_receive(s, a, n) == XFRMSYNC_RECORD_OLDER, "the same record again: older");
+	m = encoded_record(b, 0x2001, 3, 9, 2000);
+	check(xfrmsync_standby_receive(s, b, m) == XFRMSYNC_RECORD_OLDER, "a lower counter: older");
+	m = encoded_record(b, 0x2001, 3, 11, 2000);
+	check(xfrmsync_standby_receive(s, b, m) == XFRMSYNC_RECORD_HELD, "a higher counter: held");
+	m = encoded_record(b, 0x2002, 5, 1, 10);
+	check(xfrmsync_standby_receive(s, b, m) == XFRMSYNC_RECORD_HELD && xfrmsync_standby_count(s) == 2,
+	      "another SA at epoch 5: held, count 2");
+	check(standby_epoch(s) == 5, "a record of a higher epoch raises the standby's (%llu)",
+	      (unsigned long long)standby_epoch(s));
+	check(xfrmsync_standby_receive(s, a, n) == XFRMSYNC_RECORD_LOWER_EPOCH, "a record of epoch 3 now: lower epoch");
+	check(xfrmsync_standby_count(s) == 2 && standby_epoch(s) == 5, "ignored records change nothing");
+
+	/* Malformed: refused, nothing changes. */
+	m = encoded_record(bad, 0x2003, 9, 1, 10);
+	bad[0] = 9;
+	rc = xfrmsync_standby_receive(s, bad, m);
+	check(rc == -EBADMSG, "a record of an unknown version: -EBADMSG (%s)", xfrmsync_last_error());
+	bad[0] = a[0];
+	check(xfrmsync_standby_receive(s, bad, m - 1) == -EBADMSG, "a record cut short: -EBADMSG");
+	check(xfrmsync_standby_receive(s, bad, m + 1) == -EBADMSG, "a byte after the record: -EBADMSG");
+	check(xfrmsync_standby_receive(s, bad, 0) == -EBADMSG, "no bytes: -EBADMSG");
+	check(xfrmsync_standby_count(s) == 2 && standby_epoch(s) == 5,
+	      "malformed records change nothing (not even the epoch 9 they carry)");
+
+	/* NULL arguments. */
+	epoch = 42;
+	check(xfrmsync_standby_receive(NULL, a, n) == -EINVAL, "receive(NULL, ...) gives -EINVAL");
+	check(xfrmsync_standby_receive(s, NULL, n) == -EINVAL, "receive(s, NULL, len) gives -EINVAL");
+	check(xfrmsync_standby_forget(NULL, &sa) == -EINVAL, "forget(NULL, sa) gives -EINVAL");
+	check(xfrmsync_standby_forget(s, NULL) == -EINVAL, "forget(s, NULL) gives -EINVAL");
+	check(xfrmsync_standby_epoch(NULL, &epoch) == -EINVAL && epoch == 42, "epoch(NULL, out): -EINVAL, out untouched");
+	check(xfrmsync_standby_epoch(s, NULL) == -EINVAL, "epoch(s, NULL) gives -EINVAL");
+	check(xfrmsync_standby_count(NULL) == -EINVAL, "count(NULL) gives -EINVAL");
+	check(xfrmsync_standby_commit(NULL, NULL, NULL, NULL, NULL, NULL) == -EINVAL, "commit(NULL, ...) gives -EINVAL");
+	check(xfrmsync_standby_commit(s, NULL, NULL, NULL, NULL, &epoch) == -EINVAL && epoch == 42 &&
+		      standby_epoch(s) == 5,
+	      "commit without a handle: -EINVAL, nothing changed");
+	check(xfrmsync_standby_count(s) == 2, "NULL arguments changed nothing");
+
+	sa.family = 99;
+	check(xfrmsync_standby_forget(s, &sa) == -EINVAL, "forget of an SA of family 99: -EINVAL");
+	sa = esp_sa("10.9.0.2", 0x2001);
+	check(xfrmsync_standby_forget(s, &sa) == 1 && xfrmsync_standby_count(s) == 1, "forget a held SA: 1, count 1");
+	check(xfrmsync_standby_forget(s, &sa) == 0 && xfrmsync_standby_count(s) == 1, "forget it again: 0");
+	xfrmsync_standby_free(s);
+}
+
+struct commit_seen {
+	int calls, missing;
+	uint32_t spi;
+};
+
+static void count_commit(void *user_data, const xfrmsync_sa_commit *c)
+{
+	struct commit_seen *seen = user_data;
+
+	seen->calls++;
+	if (c->outcome == XFRMSYNC_COMMIT_MISSING && c->error == 0 && c->error_message == NULL)
+		seen->missing++;
+	seen->spi = c->sa.spi;
+}
+
+static void ignore_record(void *user_data, const uint8_t *record, size_t len)
+{
+	(void)user_data, (void)record, (void)len;
+}
+
+static void ignore_gone(void *user_data, const xfrmsync_sa_id *sa)
+{
+	(void)user_data, (void)sa;
+}
+
+/* HA with the kernel, in a network namespace of its own (no SA there, and
+ * none of the host's is touched): a commit with nothing to write, and the
+ * active side's calls. Runs last: the process stays in that namespace. */
+static void ha_in_own_netns(void)
+{
+	uint8_t rec[XFRMSYNC_MAX_SYNC_RECORD];
+	xfrmsync_commit_options opts = xfrmsync_commit_options_default();
+	struct commit_seen seen = { 0, 0, 0 };
+	xfrmsync_standby *s = NULL;
+	xfrmsync_handle *h = NULL;
+	xfrmsync_active *a = (xfrmsync_active *)0x1;
+	uint64_t epoch = 0;
+	int rc, fd, due, steps;
+
+	check(opts.detection_ms == 3000 && opts.safety_factor == 2.0 && opts.margin_floor == 1024 &&
+		      opts.margin_ceiling == (1u << 30) && opts.inbound == XFRMSYNC_INBOUND_ACCEPT && opts.now_ms == 0,
+	      "commit option defaults: 3000 ms, x2, 1024..2^30, accept, now");
+	if (!check(unshare(CLONE_NEWNET) == 0, "a network namespace of our own"))
+		return;
+
+	if (!check(xfrmsync_standby_new(4, &s) == 0 && xfrmsync_handle_new(&h) == 0, "standby and handle"))
+		goto out;
+	rc = encoded_record(rec, 0x3001, 4, 1, 10);
+	check(xfrmsync_standby_receive(s, rec, rc) == 0, "a record held");
+	memset(&opts, 0, sizeof(opts));
+	check(xfrmsync_standby_commit(s, h, &opts, count_commit, &seen, &epoch) == -EINVAL && seen.calls == 0 &&
+		      epoch == 0 && standby_epoch(s) == 4,
+	      "zeroed options (safety factor 0) refused before anything is done");
+	opts = xfrmsync_commit_options_default();
+	opts.inbound = 7;
+	check(xfrmsync_standby_commit(s, h, &opts, count_commit, &seen, &epoch) == -EINVAL, "inbound 7 refused");
+	opts.inbound = XFRMSYNC_INBOUND_STRICT;
+	rc = xfrmsync_standby_commit(s, h, &opts, count_commit, &seen, &epoch);
+	check(rc == 1 && seen.calls == 1 && seen.missing == 1 && seen.spi == 0x3001,
+	      "commit where the SA is not installed: reported missing (%d, %s)", rc, rc < 0 ? xfrmsync_last_error() : "");
+	check(epoch == 5 && standby_epoch(s) == 5, "the commit starts epoch 5 (%llu)", (unsigned long long)epoch);
+	check(xfrmsync_standby_commit(s, h, NULL, NULL, NULL, NULL) == 1 && standby_epoch(s) == 6,
+	      "NULL options, callback and epoch: defaults, epoch 6");
+
+	check(xfrmsync_active_new(NULL, 1, 0, 0, 0, NULL) == -EINVAL, "active_new(..., NULL) gives -EINVAL");
+	check(xfrmsync_active_new("/nonexistent/netns", 1, 0, 0, 0, &a) == -ENOENT && a == (xfrmsync_active *)0x1,
+	      "active_new on a missing netns path: -ENOENT, *out untouched");
+	check(xfrmsync_active_fd(NULL) == -EINVAL && xfrmsync_active_next_due_ms(NULL) == -EINVAL &&
+		      xfrmsync_active_dispatch(NULL, ignore_record, ignore_gone, NULL) == -EINVAL &&
+		      xfrmsync_active_snapshot(NULL) == -EINVAL && xfrmsync_active_learn_epoch(NULL, 1) == -EINVAL &&
+		      xfrmsync_active_replaced_by(NULL, &epoch) == -EINVAL,
+	      "every active call on NULL gives -EINVAL");
+	xfrmsync_active_free(NULL);
+	if (!check(xfrmsync_active_new(NULL, 5, 64, 500, 5000, &a) == 0, "active side at epoch 5"))
+		goto out;
+	fd = xfrmsync_active_fd(a);
+	check(fd >= 0 && (fcntl(fd, F_GETFL) & O_NONBLOCK) && (fcntl(fd, F_GETFD) & FD_CLOEXEC),
+	      "its fd %d is non-blocking and close-on-exec", fd);
+	check(xfrmsync_active_next_due_ms(a) == 0, "the first listing is due at once");
+	check(xfrmsync_active_dispatch(a, NULL, ignore_gone, NULL) == -EINVAL &&
+		      xfrmsync_active_dispatch(a, ignore_record, NULL, NULL) == -EINVAL,
+	      "dispatch without a callback gives -EINVAL");
+	for (steps = 0, due = 0; steps < 10 && due == 0; steps++) {
+		rc = xfrmsync_active_dispatch(a, ignore_record, ignore_gone, NULL);
+		if (rc < 0)
+			break;
+		due = xfrmsync_active_next_due_ms(a);
+	}
+	check(rc == 0 && due > 0 && due <= 5000, "no SA: nothing handed out, then due within the refresh (%d ms)",
+	      due);
+	check(xfrmsync_active_snapshot(a) == 0 && xfrmsync_active_next_due_ms(a) == 0, "a snapshot is due at once");
+	epoch = 42;
+	check(xfrmsync_active_replaced_by(a, &epoch) == 0 && epoch == 42, "not replaced; epoch untouched");
+	check(xfrmsync_active_learn_epoch(a, 4) == 0 && xfrmsync_active_learn_epoch(a, 5) == 0,
+	      "a lower or equal epoch does not replace it");
+	check(xfrmsync_active_learn_epoch(a, 9) == 1, "epoch 9 replaces it: 1");
+	check(xfrmsync_active_learn_epoch(a, 10) == 0, "learning a higher one again: 0");
+	rc = xfrmsync_active_replaced_by(a, &epoch);
+	check(rc == 1 && epoch == 10 && xfrmsync_active_replaced_by(a, NULL) == 1, "replaced by epoch %llu",
+	      (unsigned long long)epoch);
+	check(xfrmsync_active_dispatch(a, ignore_record, ignore_gone, NULL) >= 0, "a replaced node still dispatches");
+	xfrmsync_active_free(a);
+out:
+	xfrmsync_handle_free(h);
+	xfrmsync_standby_free(s);
+}
+
 int main(void)
 {
 	versions();
@@ -276,5 +479,7 @@ int main(void)
 	rules_and_newsa();
 	formatting();
 	sync_records();
+	standby_records();
+	ha_in_own_netns();
 	return check_report("c-tests/unit_test");
 }

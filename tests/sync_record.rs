@@ -291,3 +291,22 @@ fn a_record_for_another_or_unlike_sa_is_not_committed() {
     );
     assert!(plan(&undirected, &state, false, Some(Direction::Out), NOW, &policy(), InboundPolicy::Accept).is_ok());
 }
+
+#[test]
+fn a_departure_round_trips_and_a_bad_one_builds_nothing() {
+    use xfrmsync::sync::{Departure, DEPARTURE_LEN};
+    let v6 = SaId::esp("fd00:9::2".parse().unwrap(), 0x3001).with_mark(7, 0xff).with_if_id(5);
+    for sa in [SaId::esp("10.9.0.2".parse().unwrap(), 0x1001), v6] {
+        let departure = Departure { sa, epoch: 9 };
+        let mut bytes = Vec::new();
+        departure.encode(&mut bytes);
+        assert_eq!(bytes.len(), DEPARTURE_LEN);
+        assert_eq!(Departure::decode_prefix(&bytes).unwrap(), (departure, DEPARTURE_LEN));
+        assert!(Departure::decode_prefix(&bytes[..DEPARTURE_LEN - 1]).is_err(), "cut short");
+        for (at, value) in [(0, 2), (1, 1), (3, 40), (5, 3), (6, 17), (7, 1)] {
+            let mut bad = bytes.clone();
+            bad[at] = value;
+            assert!(Departure::decode_prefix(&bad).is_err(), "byte {at} = {value} taken");
+        }
+    }
+}

@@ -25,7 +25,7 @@ pub mod standby;
 
 pub use active::{Active, ActiveConfig, ActiveStats, Outgoing};
 pub use commit::{margin, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
-pub use record::{SyncRecord, MAX_RECORD_LEN, RECORD_VERSION};
+pub use record::{Departure, SyncRecord, DEPARTURE_LEN, MAX_RECORD_LEN, RECORD_VERSION};
 pub use standby::{Commit, CommitOptions, Outcome, Received, SaCommit, Standby, StandbyStats};
 
 /// The wall clock, ms since the Unix epoch: records carry it, so that a

@@ -173,6 +173,23 @@ impl Standby {
         }
     }
 
+    /// Learns that some node holds `epoch` (its heartbeat said so): records
+    /// below it are ignored from now on.
+    pub fn learn_epoch(&mut self, epoch: u64) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
+    /// Takes a departure: forgets its SA, unless it comes from an epoch
+    /// below the highest known.
+    pub fn depart(&mut self, departure: &crate::sync::Departure) -> Received {
+        if departure.epoch < self.epoch {
+            self.stats.lower_epoch += 1;
+            return Received::LowerEpoch;
+        }
+        self.forget(&departure.sa);
+        Received::Held
+    }
+
     /// Forgets `sa`: the active node says it is gone.
     pub fn forget(&mut self, sa: &SaId) -> bool {
         let forgot = self.records.remove(sa).is_some();
@@ -226,11 +243,20 @@ impl Standby {
             };
             sas.push(SaCommit { sa: info.sa, direction, record_age_ms, rate_per_ks: record.rate_per_ks, outcome });
         }
-        handle.update_many(&writes, |i, result| {
+        let mut answered = vec![false; writes.len()];
+        let sent = handle.update_many(&writes, |i, result| {
+            answered[i] = true;
             if let Err(e) = result {
                 sas[written_at[i]].outcome = Outcome::Failed(e);
             }
-        })?;
+        });
+        // Some SAs may be written already: the commit goes on to its new
+        // epoch, and those never sent say why.
+        if let Err(e) = sent {
+            for (i, _) in answered.iter().enumerate().filter(|(_, answered)| !**answered) {
+                sas[written_at[i]].outcome = Outcome::Failed(e.clone());
+            }
+        }
         let listed: std::collections::HashSet<SaId> = local.iter().map(|i| i.sa).collect();
         let missing_locally = self.records.keys().filter(|sa| !listed.contains(sa)).copied().collect();
         self.epoch += 1;

@@ -1,6 +1,7 @@
-//! The C ABI: a thin translation of the Rust API in `handle`. Nothing here
-//! decides anything; it converts types, checks pointers, maps errors to
-//! negative errno, and keeps panics from crossing into C.
+//! The C ABI: a thin translation of the Rust API in `handle`, `registry`
+//! and (in [`sync`]) `crate::sync`. Nothing here decides anything; it
+//! converts types, checks pointers, maps errors to negative errno, and keeps
+//! panics from crossing into C.
 
 #![allow(non_camel_case_types)]
 
@@ -20,6 +21,8 @@ use crate::sa::{Mark, SaId};
 use crate::sync::SyncRecord;
 use crate::timer;
 use crate::view::AeventView;
+
+mod sync;
 
 /// Event cause: a replay counter moved by the replay threshold (`XFRM_AE_CR`).
 pub const XFRMSYNC_CAUSE_REPLAY: u32 = 16;
