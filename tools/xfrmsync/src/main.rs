@@ -13,6 +13,7 @@ mod output;
 mod parse;
 mod rules_file;
 mod set;
+mod sync;
 mod sys;
 
 use std::net::IpAddr;
@@ -115,6 +116,12 @@ enum Command {
                             force stay), SIGTERM and SIGINT exit with status 0. A line starting \
                             `xfrmsync apply: ready` is printed once the rules are applied.")]
     Apply(apply::Args),
+    /// HA sync: run the daemon that keeps a standby node's SAs ready to take
+    /// over (--config FILE), or steer a running one
+    #[command(after_help = "Without a subcommand, runs the daemon (SIGTERM and SIGINT end it). The \
+                            config format is in tools/xfrmsync/sync.example.toml; the setup and \
+                            the margin are explained in the README's HA section.")]
+    Sync(sync::Args),
     /// Show or set the namespace's default thresholds (sysctls) for new SAs
     Defaults(defaults::Args),
 }
@@ -229,6 +236,7 @@ fn main() -> ExitCode {
         Command::Get(args) => get::run(&cli.global, args),
         Command::Set(args) => set::run(&cli.global, args),
         Command::Apply(args) => apply::run(&cli.global, args),
+        Command::Sync(args) => sync::run(&cli.global, args),
         Command::Defaults(args) => defaults::run(&cli.global, args),
     };
     match outcome {

@@ -1,6 +1,7 @@
-//! Words the command line and the rules file share: numbers in decimal or
+//! Words the command line and the files share: numbers in decimal or
 //! `0x` hex (as `ip xfrm state` prints SPIs and marks), protocols, marks,
-//! families. Each returns a message fit to follow "what: ".
+//! families. Each returns a message fit to follow "what: ". And how the
+//! files (rules, sync config) report their problems: by line.
 
 use xfrmsync::sa::{IPPROTO_AH, IPPROTO_COMP, IPPROTO_ESP};
 use xfrmsync::Mark;
@@ -104,6 +105,43 @@ pub fn io_reason(e: &std::io::Error) -> String {
     match text.find(" (os error") {
         Some(end) => text[..end].to_string(),
         None => text,
+    }
+}
+
+/// One problem in a file, at a line (1-based) when it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+/// The report on a file named `file`: one `FILE:LINE: reason` per
+/// problem, the way compilers name places.
+pub fn report(problems: &[Problem], file: &str) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| match p.line {
+            Some(line) => format!("{file}:{line}: {}", p.reason),
+            None => format!("{file}: {}", p.reason),
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Turns toml's byte offsets into line numbers.
+pub struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub fn new(text: &str) -> LineIndex {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        LineIndex { starts }
+    }
+
+    /// The 1-based line holding byte `offset`.
+    pub fn line(&self, offset: usize) -> usize {
+        self.starts.partition_point(|start| *start <= offset)
     }
 }
 

@@ -18,19 +18,12 @@ use toml::{Spanned, Value};
 use xfrmsync::registry::{Direction, Prefix, RuleSet};
 use xfrmsync::{Mark, Rule, SaMatch, Thresholds};
 
-use crate::parse;
+use crate::parse::{self, LineIndex, Problem};
 
 /// The largest timer threshold taken whatever the kernel's HZ: the kernel
 /// keeps the timer in jiffies and reports `jiffies * 10` in 32 bits, so at
 /// HZ 1000 this is the most it can hold and read back.
 pub const MAX_TIMER_MS: u32 = u32::MAX / 10;
-
-/// One problem, at a line of the file (1-based) when it has one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub line: Option<usize>,
-    pub reason: String,
-}
 
 /// Everything wrong with a file; never empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,15 +35,7 @@ impl RulesError {
     /// The report for a file named `file`: one `FILE:LINE: reason` per
     /// problem, the way compilers name places.
     pub fn report(&self, file: &str) -> String {
-        let lines: Vec<String> = self
-            .problems
-            .iter()
-            .map(|p| match p.line {
-                Some(line) => format!("{file}:{line}: {}", p.reason),
-                None => format!("{file}: {}", p.reason),
-            })
-            .collect();
-        lines.join("\n")
+        parse::report(&self.problems, file)
     }
 }
 
@@ -135,22 +120,6 @@ fn syntax_reason(message: &str) -> String {
         format!("{message} (rules are an array of tables: write [[rule]], not [rule])")
     } else {
         message.to_string()
-    }
-}
-
-struct LineIndex {
-    starts: Vec<usize>,
-}
-
-impl LineIndex {
-    fn new(text: &str) -> LineIndex {
-        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
-        LineIndex { starts }
-    }
-
-    /// The 1-based line holding byte `offset`.
-    fn line(&self, offset: usize) -> usize {
-        self.starts.partition_point(|start| *start <= offset)
     }
 }
 

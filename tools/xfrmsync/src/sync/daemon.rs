@@ -1,0 +1,820 @@
+//! The `xfrmsync sync` daemon: the library's sync engine on one node, the
+//! link to the other node, and the control socket, in one poll loop.
+//!
+//! Roles, given from outside (the cluster manager, or the config at start):
+//! - **standby**: holds the latest record of every SA (records of an epoch
+//!   below the highest known are ignored), asks the active node for a
+//!   snapshot when it starts and when the active node restarts;
+//! - **active**: sends a record for every SA as its counters move, every
+//!   SA again each refresh period, and a snapshot when the standby asks;
+//! - **replaced**: was active, and learned of a higher epoch (the standby
+//!   committed): it sends nothing more, optionally deletes its outbound
+//!   SAs, and keeps records like a standby, so that it can take over again.
+//!
+//! `commit` is the takeover: the epoch above every one known is kept in
+//! the state file first (a node must never reuse an epoch, even after a
+//! restart), then the records are written into the kernel, then the node
+//! is active at that epoch and says so in its heartbeats, so that an old
+//! active node that hears it stops.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use xfrmsync::registry::Direction;
+use xfrmsync::sync::{
+    now_ms, Active, ActiveConfig, CommitOptions, Departure, Outcome, Outgoing, Received, Standby, SyncRecord,
+};
+use xfrmsync::{Error, Handle, SaId};
+
+use super::config::{OnReplaced, Role, SyncConfig};
+use super::control::{self, Reply, Request};
+use super::transport::{Kind, Transport};
+use crate::sys;
+
+/// What the node is now.
+enum Node {
+    Standby(Standby),
+    Active(Box<Active>),
+    /// Replaced by a node at epoch `by`: keeps records, sends none.
+    Replaced {
+        standby: Standby,
+        by: u64,
+    },
+}
+
+impl Node {
+    fn name(&self) -> &'static str {
+        match self {
+            Node::Standby(_) => "standby",
+            Node::Active(_) => "active",
+            Node::Replaced { .. } => "replaced",
+        }
+    }
+
+    fn wire(&self) -> u8 {
+        match self {
+            Node::Standby(_) => 0,
+            Node::Active(_) => 1,
+            Node::Replaced { .. } => 2,
+        }
+    }
+}
+
+/// The last commit's outcome for one SA, for status.
+#[derive(Debug, Clone)]
+struct Committed {
+    /// `written`, `needs_rekey`, `mismatch` or `failed`.
+    kind: &'static str,
+    direction: Option<Direction>,
+    synced: Option<u64>,
+    written: Option<u64>,
+    margin: Option<u64>,
+    record_age_ms: u64,
+    rate_per_ks: u64,
+    outcome: String,
+}
+
+/// Records taken, by what became of them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    records_sent: u64,
+    departures_sent: u64,
+    records_received: u64,
+    records_held: u64,
+    rejected_older: u64,
+    rejected_lower_epoch: u64,
+    rejected_malformed: u64,
+    ignored_while_active: u64,
+    snapshots_asked: u64,
+    snapshots_served: u64,
+    snapshots_done: u64,
+    commits: u64,
+}
+
+/// What the peer's heartbeat said last.
+#[derive(Debug, Clone, Copy)]
+struct PeerHeard {
+    role: u8,
+    epoch: u64,
+    at: Instant,
+}
+
+pub struct Daemon {
+    config: SyncConfig,
+    netns: Option<PathBuf>,
+    rules: Vec<xfrmsync::Rule>,
+    transport: Transport,
+    control: UnixListener,
+    /// For commits and reading SAs; the active side opens its own.
+    handle: Handle,
+    node: Node,
+    /// The highest epoch this node knows of, kept in the state file.
+    epoch: u64,
+    counts: Counts,
+    committed: HashMap<SaId, Committed>,
+    peer: Option<PeerHeard>,
+    peer_session: Option<super::transport::SessionId>,
+    next_heartbeat: Instant,
+    /// A snapshot is being sent; `SnapshotDone` follows its last record.
+    serving_snapshot: bool,
+    records_out: Vec<u8>,
+    departures_out: Vec<u8>,
+}
+
+/// The heartbeat's payload: version, role, 6 bytes 0, the epoch.
+const HEARTBEAT_LEN: usize = 16;
+
+impl Daemon {
+    pub fn start(
+        config: SyncConfig,
+        netns: Option<PathBuf>,
+        rules: Vec<xfrmsync::Rule>,
+        transport: Transport,
+    ) -> Result<Daemon, String> {
+        let epoch = read_epoch(&config.state_file)?;
+        let control = control::listen(&config.control_socket)
+            .map_err(|e| format!("{}: control socket: {e}", config.control_socket.display()))?;
+        let handle = open(netns.as_deref(), false)?;
+        let mut daemon = Daemon {
+            node: Node::Standby(Standby::new(epoch)),
+            config,
+            netns,
+            rules,
+            transport,
+            control,
+            handle,
+            epoch,
+            counts: Counts::default(),
+            committed: HashMap::new(),
+            peer: None,
+            peer_session: None,
+            next_heartbeat: Instant::now(),
+            serving_snapshot: false,
+            records_out: Vec::new(),
+            departures_out: Vec::new(),
+        };
+        match daemon.config.role {
+            Role::Active => daemon.become_active()?,
+            Role::Standby => daemon.ask_snapshot(),
+        }
+        Ok(daemon)
+    }
+
+    fn say(&self, text: &str) {
+        crate::output::line(&format!("xfrmsync sync: {text}"));
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(&mut self, signals: &sys::Signals) -> Result<(), String> {
+        self.say(&format!(
+            "ready: {} at epoch {}, link {} <-> {}, control {}",
+            self.node.name(),
+            self.epoch,
+            self.config.link.local,
+            self.config.link.peer,
+            self.config.control_socket.display()
+        ));
+        loop {
+            let now = Instant::now();
+            let mut until = self.next_heartbeat;
+            if let Some(t) = self.transport.next_deadline() {
+                until = until.min(t);
+            }
+            let active_fd = match &self.node {
+                Node::Active(active) if !self.link_busy() => {
+                    until = until.min(active.next_due());
+                    active.registry().handle().as_raw_fd()
+                }
+                Node::Active(_) => {
+                    // Waiting for acks before sending more.
+                    until = until.min(now + Duration::from_millis(10));
+                    -1
+                }
+                _ => -1,
+            };
+            let fds: [RawFd; 4] = [self.transport.fd(), self.control.as_raw_fd(), signals.as_raw_fd(), active_fd];
+            let [link, control, signal, events] =
+                sys::wait_readable(fds, Some(until)).map_err(|e| format!("poll: {e}"))?;
+            if signal {
+                while let Some(s) = signals.next().map_err(|e| format!("reading signals: {e}"))? {
+                    if s != libc::SIGHUP {
+                        self.say(&format!("{}: exiting", sys::signal_name(s)));
+                        return Ok(());
+                    }
+                }
+            }
+            if link {
+                self.receive();
+            }
+            if let Err(e) = self.transport.on_timer(Instant::now()) {
+                log::warn!("sync link: {e}");
+            }
+            let due = matches!(&self.node, Node::Active(a) if a.next_due() <= Instant::now());
+            if (events || due) && !self.link_busy() {
+                self.dispatch();
+            }
+            if Instant::now() >= self.next_heartbeat {
+                self.heartbeat();
+            }
+            if control {
+                self.serve_control();
+            }
+        }
+    }
+
+    /// The link holds many unacknowledged messages: sending more would
+    /// only see the oldest given up.
+    fn link_busy(&self) -> bool {
+        self.transport.outstanding() * 4 >= self.transport.max_outstanding() * 3
+    }
+
+    fn heartbeat(&mut self) {
+        let mut payload = [0u8; HEARTBEAT_LEN];
+        payload[0] = 1;
+        payload[1] = self.node.wire();
+        payload[8..].copy_from_slice(&self.epoch.to_be_bytes());
+        if let Err(e) = self.transport.send_unreliable(Kind::Heartbeat, &payload) {
+            log::debug!("heartbeat: {e}");
+        }
+        self.next_heartbeat = Instant::now() + self.config.link.heartbeat;
+    }
+
+    fn receive(&mut self) {
+        let mut messages: Vec<(Kind, Vec<u8>)> = Vec::new();
+        if let Err(e) = self.transport.receive(|kind, payload| messages.push((kind, payload.to_vec()))) {
+            log::warn!("sync link: {e}");
+        }
+        let session = self.transport.peer_session().map(|s| s.id);
+        if session.is_some() && session != self.peer_session {
+            let restarted = self.peer_session.is_some();
+            self.peer_session = session;
+            if restarted {
+                self.say("the peer restarted");
+            }
+            // A standby that restarted knows nothing: send it everything.
+            if let Node::Active(active) = &mut self.node {
+                self.counts.snapshots_served += 1;
+                self.serving_snapshot = true;
+                if let Err(e) = active.snapshot() {
+                    log::warn!("snapshot for the peer: {e}");
+                }
+            }
+        }
+        for (kind, payload) in messages {
+            match kind {
+                Kind::Records => self.take_records(&payload),
+                Kind::Gone => self.take_departures(&payload),
+                Kind::SnapshotRequest => {
+                    if let Node::Active(active) = &mut self.node {
+                        self.counts.snapshots_served += 1;
+                        self.serving_snapshot = true;
+                        if let Err(e) = active.snapshot() {
+                            log::warn!("snapshot for the peer: {e}");
+                        }
+                    }
+                }
+                Kind::SnapshotDone => self.counts.snapshots_done += 1,
+                Kind::Heartbeat => self.take_heartbeat(&payload),
+            }
+        }
+    }
+
+    fn take_heartbeat(&mut self, payload: &[u8]) {
+        if payload.len() != HEARTBEAT_LEN || payload[0] != 1 {
+            self.counts.rejected_malformed += 1;
+            return;
+        }
+        let epoch = u64::from_be_bytes(payload[8..].try_into().expect("8 bytes"));
+        self.peer = Some(PeerHeard { role: payload[1], epoch, at: Instant::now() });
+        self.learn_epoch(epoch);
+    }
+
+    /// Another node holds `epoch`: above this node's own while active, it
+    /// took over, and this node was replaced.
+    fn learn_epoch(&mut self, epoch: u64) {
+        if epoch <= self.epoch {
+            return;
+        }
+        self.epoch = epoch;
+        if let Err(e) = write_epoch(&self.config.state_file, epoch) {
+            log::error!("{e}");
+        }
+        match &mut self.node {
+            Node::Active(active) => {
+                active.learn_epoch(epoch);
+                eprintln!(
+                    "xfrmsync sync: REPLACED: the peer took over at epoch {epoch}; this node stops sending records. \
+                     Two nodes sending on one SA reuse its sequence numbers (with GCM, its nonces): make sure this \
+                     node's cluster manager has stopped its service."
+                );
+                if self.config.standby.on_replaced == OnReplaced::DeleteOutbound {
+                    match active.delete_outbound() {
+                        Ok(deleted) => {
+                            let failed = deleted.iter().filter(|(_, r)| r.is_err()).count();
+                            eprintln!(
+                                "xfrmsync sync: REPLACED: deleted {} outbound SAs ({failed} failed)",
+                                deleted.len() - failed
+                            );
+                        }
+                        Err(e) => eprintln!("xfrmsync sync: REPLACED: listing the outbound SAs to delete: {e}"),
+                    }
+                }
+                self.node = Node::Replaced { standby: Standby::new(epoch), by: epoch };
+            }
+            Node::Standby(standby) | Node::Replaced { standby, .. } => standby.learn_epoch(epoch),
+        }
+    }
+
+    fn take_records(&mut self, mut payload: &[u8]) {
+        while !payload.is_empty() {
+            let (record, used) = match SyncRecord::decode_prefix(payload) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    log::warn!("sync link: a records message refused: {e}");
+                    self.counts.rejected_malformed += 1;
+                    return;
+                }
+            };
+            payload = &payload[used..];
+            self.counts.records_received += 1;
+            if record.epoch > self.epoch {
+                self.learn_epoch(record.epoch);
+            }
+            let standby = match &mut self.node {
+                Node::Standby(standby) | Node::Replaced { standby, .. } => standby,
+                Node::Active(_) => {
+                    self.counts.ignored_while_active += 1;
+                    continue;
+                }
+            };
+            match standby.receive(record) {
+                Received::Held => self.counts.records_held += 1,
+                Received::Older => self.counts.rejected_older += 1,
+                Received::LowerEpoch => self.counts.rejected_lower_epoch += 1,
+            }
+        }
+    }
+
+    fn take_departures(&mut self, mut payload: &[u8]) {
+        while !payload.is_empty() {
+            let Ok((departure, used)) = Departure::decode_prefix(payload) else {
+                self.counts.rejected_malformed += 1;
+                return;
+            };
+            payload = &payload[used..];
+            if let Node::Standby(standby) | Node::Replaced { standby, .. } = &mut self.node {
+                if standby.depart(&departure) == Received::LowerEpoch {
+                    self.counts.rejected_lower_epoch += 1;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let Node::Active(active) = &mut self.node else { return };
+        let epoch = active.epoch();
+        let (records, departures) = (&mut self.records_out, &mut self.departures_out);
+        let mut sent = (0u64, 0u64);
+        let mut flushes: Vec<(Kind, Vec<u8>)> = Vec::new();
+        let max = self.transport.max_payload();
+        let result = active.dispatch(&mut |outgoing| match outgoing {
+            Outgoing::Record(record) => {
+                if records.len() + record.encoded_len() > max {
+                    flushes.push((Kind::Records, std::mem::take(records)));
+                }
+                if record.encode(records).is_ok() {
+                    sent.0 += 1;
+                }
+            }
+            Outgoing::Gone(sa) => {
+                if departures.len() + xfrmsync::sync::DEPARTURE_LEN > max {
+                    flushes.push((Kind::Gone, std::mem::take(departures)));
+                }
+                Departure { sa: *sa, epoch }.encode(departures);
+                sent.1 += 1;
+            }
+        });
+        let listing_done = active.registry().relist_due().is_none();
+        match result {
+            Ok(_) | Err(Error::EventsLost) => {}
+            Err(e) => log::warn!("sync: {e}"),
+        }
+        if !self.records_out.is_empty() {
+            flushes.push((Kind::Records, std::mem::take(&mut self.records_out)));
+        }
+        if !self.departures_out.is_empty() {
+            flushes.push((Kind::Gone, std::mem::take(&mut self.departures_out)));
+        }
+        if self.serving_snapshot && listing_done {
+            self.serving_snapshot = false;
+            flushes.push((Kind::SnapshotDone, Vec::new()));
+        }
+        self.counts.records_sent += sent.0;
+        self.counts.departures_sent += sent.1;
+        let now = Instant::now();
+        for (kind, payload) in flushes {
+            if let Err(e) = self.transport.send(kind, &payload, now) {
+                log::warn!("sync link: sending {kind:?}: {e}");
+            }
+        }
+    }
+
+    fn ask_snapshot(&mut self) {
+        self.counts.snapshots_asked += 1;
+        if let Err(e) = self.transport.send(Kind::SnapshotRequest, &[], Instant::now()) {
+            log::warn!("sync link: asking for a snapshot: {e}");
+        }
+    }
+
+    fn become_active(&mut self) -> Result<(), String> {
+        let handle = open(self.netns.as_deref(), true)?;
+        let config = ActiveConfig {
+            rules: self.rules.clone(),
+            default_thresholds: self.config.active.thresholds,
+            refresh: self.config.active.refresh,
+        };
+        let active = Active::new(handle, self.epoch, config).map_err(|e| format!("the active side: {e}"))?;
+        self.node = Node::Active(Box::new(active));
+        self.serving_snapshot = true;
+        // Said at once, so that an old active node that hears it stops.
+        self.heartbeat();
+        Ok(())
+    }
+
+    fn serve_control(&mut self) {
+        let stream = match self.control.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                return;
+            }
+        };
+        let reply = match control::read_request(&stream) {
+            Ok(Some(request)) => self.handle_request(request),
+            Ok(None) => Reply { text: "unknown request".into(), status: 2 },
+            Err(e) => {
+                log::warn!("control socket: {e}");
+                return;
+            }
+        };
+        if let Err(e) = control::write_reply(&stream, &reply) {
+            log::warn!("control socket: {e}");
+        }
+    }
+
+    fn handle_request(&mut self, request: Request) -> Reply {
+        match request {
+            Request::Status { json } => Reply::ok(if json { self.status_json() } else { self.status_text() }),
+            Request::Resync => match &mut self.node {
+                Node::Active(active) => match active.snapshot() {
+                    Ok(()) => {
+                        self.serving_snapshot = true;
+                        Reply::ok("sending every SA to the peer")
+                    }
+                    Err(e) => Reply::failed(format!("snapshot: {e}")),
+                },
+                _ => {
+                    self.ask_snapshot();
+                    Reply::ok("asked the peer for every SA")
+                }
+            },
+            Request::Role(Role::Active) => match &self.node {
+                Node::Active(_) => Reply::ok(format!("already active at epoch {}", self.epoch)),
+                _ => match self.become_active() {
+                    Ok(()) => {
+                        self.say(&format!("active at epoch {} (told so, without a commit)", self.epoch));
+                        Reply::ok(format!("active at epoch {}", self.epoch))
+                    }
+                    Err(e) => Reply::failed(e),
+                },
+            },
+            Request::Role(Role::Standby) => {
+                self.node = Node::Standby(Standby::new(self.epoch));
+                self.ask_snapshot();
+                self.say(&format!("standby at epoch {}", self.epoch));
+                Reply::ok(format!("standby at epoch {}; asked the peer for every SA", self.epoch))
+            }
+            Request::Commit => self.commit(),
+        }
+    }
+
+    /// The takeover (see the module's text).
+    fn commit(&mut self) -> Reply {
+        let standby = match &mut self.node {
+            Node::Standby(standby) | Node::Replaced { standby, .. } => standby,
+            Node::Active(_) => return Reply::failed(format!("already active at epoch {}", self.epoch)),
+        };
+        let epoch = standby.epoch().max(self.epoch) + 1;
+        if let Err(e) = write_epoch(&self.config.state_file, epoch) {
+            return Reply::failed(format!("not committed: {e}"));
+        }
+        standby.learn_epoch(epoch - 1);
+        let options =
+            CommitOptions { margin: self.config.standby.margin, inbound: self.config.standby.inbound, now_ms: None };
+        let started = Instant::now();
+        let commit = match standby.commit(&self.handle, &options) {
+            Ok(commit) => commit,
+            Err(e) => return Reply::failed(format!("not committed: {e}")),
+        };
+        let took = started.elapsed();
+        self.epoch = commit.epoch;
+        self.counts.commits += 1;
+        let mut text = String::new();
+        let mut failed = 0;
+        self.committed.clear();
+        for sa in &commit.sas {
+            let dir = direction_name(sa.direction);
+            let (kind, line, synced, written, margin) = match &sa.outcome {
+                Outcome::Written { synced, local, written, margin } => (
+                    "written",
+                    format!(
+                        "written: synced {synced}, local {local}, now {written} (margin {margin}, record {} ms old)",
+                        sa.record_age_ms
+                    ),
+                    Some(*synced),
+                    Some(*written),
+                    Some(*margin),
+                ),
+                Outcome::NeedsRekey { synced, next, margin } => (
+                    "needs_rekey",
+                    format!(
+                        "NEEDS REKEY: synced {synced} + margin {margin} = {next} passes 2^32 - 1 without ESN; not \
+                         written"
+                    ),
+                    Some(*synced),
+                    None,
+                    Some(*margin),
+                ),
+                Outcome::Mismatch(m) => {
+                    failed += 1;
+                    ("mismatch", format!("not written: the record does not fit the local SA ({m:?})"), None, None, None)
+                }
+                Outcome::Failed(e) => {
+                    failed += 1;
+                    ("failed", format!("FAILED: {e}"), None, None, None)
+                }
+            };
+            let _ = writeln!(text, "{} {dir}: {line}", sa.sa);
+            let committed = Committed {
+                kind,
+                direction: sa.direction,
+                synced,
+                written,
+                margin,
+                record_age_ms: sa.record_age_ms,
+                rate_per_ks: sa.rate_per_ks,
+                outcome: line,
+            };
+            self.committed.insert(sa.sa, committed);
+        }
+        for sa in &commit.missing_locally {
+            let _ = writeln!(text, "{sa}: a record, but no such SA here; nothing written");
+        }
+        let _ = writeln!(
+            text,
+            "commit: {} of {} SAs written in {:.1} ms; epoch {}",
+            commit.written(),
+            commit.sas.len(),
+            took.as_secs_f64() * 1000.0,
+            commit.epoch
+        );
+        if let Err(e) = self.become_active() {
+            let _ = writeln!(text, "committed, but the active side did not start: {e}");
+            return Reply::failed(text);
+        }
+        self.say(&format!("committed {} SAs; active at epoch {}", commit.written(), self.epoch));
+        if failed > 0 {
+            Reply::failed(text)
+        } else {
+            Reply::ok(text)
+        }
+    }
+
+    fn status_text(&self) -> String {
+        let mut text = String::new();
+        let t = self.transport.stats();
+        let _ = writeln!(text, "role: {} at epoch {}", self.node.name(), self.epoch);
+        if let Node::Replaced { by, .. } = &self.node {
+            let _ = writeln!(text, "REPLACED by a node at epoch {by}: sending nothing");
+        }
+        match &self.peer {
+            Some(p) => {
+                let _ = writeln!(
+                    text,
+                    "peer: {} at epoch {}, heard {} ms ago",
+                    role_name(p.role),
+                    p.epoch,
+                    p.at.elapsed().as_millis()
+                );
+            }
+            None => {
+                let _ = writeln!(text, "peer: not heard");
+            }
+        }
+        let c = &self.counts;
+        let _ = writeln!(
+            text,
+            "records: sent {}, received {}, held {}, rejected {} (older {}, lower epoch {}, malformed {}), \
+             departures sent {}",
+            c.records_sent,
+            c.records_received,
+            c.records_held,
+            c.rejected_older + c.rejected_lower_epoch + c.rejected_malformed,
+            c.rejected_older,
+            c.rejected_lower_epoch,
+            c.rejected_malformed,
+            c.departures_sent
+        );
+        let _ = writeln!(
+            text,
+            "resyncs: asked {}, served {}, completed {}; commits {}",
+            c.snapshots_asked, c.snapshots_served, c.snapshots_done, c.commits
+        );
+        let d = &t.dropped;
+        let _ = writeln!(
+            text,
+            "link: sent {}, received {}, retransmitted {}, given up {}, outstanding {}; dropped {} (not from peer {}, \
+             auth failed {}, malformed {}, replayed {}, too old {}, from future {}, old session {})",
+            t.sent,
+            t.received,
+            t.retransmitted,
+            t.given_up,
+            self.transport.outstanding(),
+            d.total(),
+            d.not_from_peer,
+            d.auth_failed,
+            d.malformed,
+            d.replayed,
+            d.too_old,
+            d.from_future,
+            d.old_session
+        );
+        for sa in self.sa_rows() {
+            let _ = writeln!(
+                text,
+                "{} {}: {}record {}, last commit: {}",
+                sa.sa,
+                direction_name(sa.direction),
+                if sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey") { "NEEDS REKEY, " } else { "" },
+                sa.age_ms.map_or("none".into(), |age| format!("{age} ms old, number {}", sa.number)),
+                sa.committed.as_ref().map_or("none", |c| c.outcome.as_str())
+            );
+        }
+        text
+    }
+
+    fn status_json(&self) -> String {
+        let t = self.transport.stats();
+        let c = &self.counts;
+        let d = &t.dropped;
+        let sas: Vec<serde_json::Value> = self
+            .sa_rows()
+            .into_iter()
+            .map(|sa| {
+                serde_json::json!({
+                    "sa": sa.sa.to_string(),
+                    "direction": direction_name(sa.direction),
+                    "record_age_ms": sa.age_ms,
+                    "number": sa.age_ms.map(|_| sa.number),
+                    "needs_rekey": sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey"),
+                    "last_commit": sa.committed.as_ref().map(|c| serde_json::json!({
+                        "outcome": c.kind, "synced": c.synced, "written": c.written, "margin": c.margin,
+                        "record_age_ms": c.record_age_ms, "rate_per_ks": c.rate_per_ks, "text": c.outcome,
+                    })),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "role": self.node.name(),
+            "epoch": self.epoch,
+            "replaced_by": match &self.node { Node::Replaced { by, .. } => Some(*by), _ => None },
+            "peer": self.peer.map(|p| serde_json::json!({
+                "role": role_name(p.role), "epoch": p.epoch, "heard_ms_ago": p.at.elapsed().as_millis() as u64,
+            })),
+            "records": {
+                "sent": c.records_sent, "received": c.records_received, "held": c.records_held,
+                "rejected": { "older": c.rejected_older, "lower_epoch": c.rejected_lower_epoch,
+                              "malformed": c.rejected_malformed },
+                "ignored_while_active": c.ignored_while_active, "departures_sent": c.departures_sent,
+            },
+            "resyncs": { "asked": c.snapshots_asked, "served": c.snapshots_served, "completed": c.snapshots_done },
+            "commits": c.commits,
+            "link": {
+                "sent": t.sent, "received": t.received, "retransmitted": t.retransmitted, "acked": t.acked,
+                "given_up": t.given_up, "outstanding": self.transport.outstanding(),
+                "dropped": { "not_from_peer": d.not_from_peer, "auth_failed": d.auth_failed, "malformed": d.malformed,
+                             "replayed": d.replayed, "too_old": d.too_old, "from_future": d.from_future,
+                             "old_session": d.old_session },
+            },
+            "sas": sas,
+        })
+        .to_string()
+    }
+
+    /// One row per SA the node holds a record of or committed.
+    fn sa_rows(&self) -> Vec<SaRow> {
+        let now = now_ms();
+        let mut rows: HashMap<SaId, SaRow> = HashMap::new();
+        if let Node::Standby(standby) | Node::Replaced { standby, .. } = &self.node {
+            for record in standby.records() {
+                let number = match record.direction {
+                    Some(Direction::In) => record.replay.seq64(),
+                    Some(Direction::Out) => record.replay.oseq64(),
+                    None => record.replay.oseq64().max(record.replay.seq64()),
+                };
+                rows.insert(
+                    record.sa,
+                    SaRow {
+                        sa: record.sa,
+                        direction: record.direction,
+                        age_ms: Some(now.saturating_sub(record.sent_at_ms)),
+                        number,
+                        committed: None,
+                    },
+                );
+            }
+        }
+        for (sa, committed) in &self.committed {
+            let row = rows.entry(*sa).or_insert(SaRow {
+                sa: *sa,
+                direction: committed.direction,
+                age_ms: None,
+                number: 0,
+                committed: None,
+            });
+            row.committed = Some(committed.clone());
+        }
+        let mut rows: Vec<SaRow> = rows.into_values().collect();
+        rows.sort_by_key(|r| (r.sa.daddr, r.sa.spi));
+        rows
+    }
+}
+
+struct SaRow {
+    sa: SaId,
+    direction: Option<Direction>,
+    age_ms: Option<u64>,
+    number: u64,
+    committed: Option<Committed>,
+}
+
+fn direction_name(direction: Option<Direction>) -> &'static str {
+    direction.map_or("dir?", |d| d.name())
+}
+
+fn role_name(role: u8) -> &'static str {
+    match role {
+        0 => "standby",
+        1 => "active",
+        2 => "replaced",
+        _ => "unknown",
+    }
+}
+
+fn open(netns: Option<&Path>, events: bool) -> Result<Handle, String> {
+    let mut builder = Handle::builder().events(events);
+    if let Some(path) = netns {
+        builder = builder.netns_path(path);
+    }
+    builder.open().map_err(|e| format!("opening XFRM netlink: {e}"))
+}
+
+/// The epoch kept in the state file; 0 when there is none yet.
+pub fn read_epoch(path: &Path) -> Result<u64, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            text.lines().find_map(|l| l.strip_prefix("epoch ")).and_then(|n| n.trim().parse().ok()).ok_or_else(|| {
+                format!("{}: no 'epoch N' line; remove the file only if this node never committed", path.display())
+            })
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Keeps `epoch` in the state file, durably (written aside, synced, then
+/// renamed over), before the node acts on it.
+pub fn write_epoch(path: &Path, epoch: u64) -> Result<(), String> {
+    use std::io::Write;
+    let fail = |e: io::Error| format!("{}: keeping epoch {epoch}: {e}", path.display());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let aside = path.with_extension("new");
+    let mut file = std::fs::File::create(&aside).map_err(fail)?;
+    file.write_all(format!("epoch {epoch}\n").as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&aside, path).map_err(fail)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}

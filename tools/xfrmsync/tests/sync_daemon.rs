@@ -1,0 +1,223 @@
+//! `xfrmsync sync` daemons on this host, without any SA: the sync link,
+//! the control socket, roles and epochs. Both daemons run in a private
+//! network namespace of the test's own (loopback only), so they never see,
+//! let alone write, the host's SAs. Takeovers of real SAs under traffic
+//! are tests/vm_sync.rs, in the VM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn xfrmsync() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Moves this test's thread into a new network namespace with loopback up:
+/// the daemons it starts inherit it. Only this thread moves (unshare of the
+/// network namespace is per thread), so other tests are not affected.
+fn private_netns() {
+    // SAFETY: unshare takes flags only; it changes this thread's namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN: {}", std::io::Error::last_os_error());
+    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
+    assert!(up.success());
+}
+
+struct Pair {
+    dir: PathBuf,
+    daemons: Vec<(String, Child)>,
+}
+
+impl Pair {
+    fn new(name: &str) -> Pair {
+        let dir = std::env::temp_dir().join(format!("xfrmsync-sync-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        let out = xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        Pair { dir, daemons: Vec::new() }
+    }
+
+    fn config(&self, node: &str, role: &str, key: &Path) -> PathBuf {
+        let (local, peer) = if node == "a" { (7800, 7801) } else { (7801, 7800) };
+        let path = self.dir.join(format!("{node}.toml"));
+        let d = self.dir.display();
+        std::fs::write(
+            &path,
+            format!(
+                "control_socket = \"{d}/{node}.sock\"\nstate_file = \"{d}/{node}.state\"\nrole = \"{role}\"\n\
+                 [link]\nlocal = \"127.0.0.1:{local}\"\npeer = \"127.0.0.1:{peer}\"\nkey_file = \"{}\"\n\
+                 heartbeat_ms = 100\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn start(&mut self, node: &str, role: &str) {
+        self.start_with_key(node, role, &self.dir.join("key"));
+    }
+
+    fn start_with_key(&mut self, node: &str, role: &str, key: &Path) {
+        let config = self.config(node, role, key);
+        let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
+        let child = xfrmsync()
+            .args(["sync", "--config"])
+            .arg(config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemons.push((node.to_string(), child));
+        // Ready once its control socket answers.
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.ask(node, &["status"]).is_none_or(|o| !o.status.success()) {
+            assert!(Instant::now() < until, "{node} did not start:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self, node: &str) {
+        if let Some(at) = self.daemons.iter().position(|(n, _)| n == node) {
+            let (_, mut child) = self.daemons.remove(at);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn ask(&self, node: &str, args: &[&str]) -> Option<Output> {
+        xfrmsync().arg("sync").args(args).arg("--socket").arg(self.dir.join(format!("{node}.sock"))).output().ok()
+    }
+
+    fn status(&self, node: &str) -> serde_json::Value {
+        let out = self.ask(node, &["status", "--json"]).unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    }
+
+    /// Waits until `check` holds for `node`'s status.
+    fn wait(&self, node: &str, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status(node);
+            if check(&status) {
+                return status;
+            }
+            assert!(Instant::now() < until, "{node}: {what} not within 10 s: {status}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn epoch_file(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{node}.state"))).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        ["a", "s"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}.log\n{}",
+                    std::fs::read_to_string(self.dir.join(format!("{n}.log"))).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.daemons {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_commit_replaces_the_active_node_and_epochs_survive_restarts() {
+    private_netns();
+    let mut pair = Pair::new("commit");
+    pair.start("s", "standby");
+    pair.start("a", "active");
+    let s = pair.wait("s", "hearing the active peer", |st| st["peer"]["role"] == "active");
+    assert_eq!((s["role"].as_str(), s["epoch"].as_u64()), (Some("standby"), Some(0)));
+    pair.wait("s", "the snapshot it asked for", |st| st["resyncs"]["completed"].as_u64() >= Some(1));
+    pair.wait("a", "serving it", |st| st["resyncs"]["served"].as_u64() >= Some(1));
+
+    let resync = pair.ask("s", &["resync"]).unwrap();
+    assert!(resync.status.success(), "{}", text(&resync));
+    pair.wait("a", "a second snapshot served", |st| st["resyncs"]["served"].as_u64() >= Some(2));
+
+    // The takeover: S commits (no SA to write here) and is active at epoch
+    // 1; A hears it and is replaced; both keep the epoch.
+    let commit = pair.ask("s", &["commit"]).unwrap();
+    assert!(commit.status.success(), "{}", text(&commit));
+    assert!(text(&commit).contains("epoch 1"), "{}", text(&commit));
+    let a = pair.wait("a", "being replaced", |st| st["role"] == "replaced");
+    assert_eq!(a["replaced_by"].as_u64(), Some(1));
+    assert_eq!(pair.status("s")["role"], "active");
+    assert_eq!(pair.epoch_file("s"), "epoch 1\n");
+    assert_eq!(pair.epoch_file("a"), "epoch 1\n", "A keeps the epoch it learned");
+    let again = pair.ask("s", &["commit"]).unwrap();
+    assert_eq!(again.status.code(), Some(1), "a second commit on an active node fails: {}", text(&again));
+
+    // A restarts as standby: it comes back at epoch 1, not 0; a commit of
+    // its own (a failback) goes to 2, and S is replaced in turn.
+    pair.stop("a");
+    pair.start("a", "standby");
+    assert_eq!(pair.status("a")["epoch"].as_u64(), Some(1));
+    let failback = pair.ask("a", &["commit"]).unwrap();
+    assert!(failback.status.success(), "{}", text(&failback));
+    pair.wait("s", "being replaced by the failback", |st| st["replaced_by"].as_u64() == Some(2));
+
+    // The cluster manager's word: `role` moves a node without a commit.
+    let role = pair.ask("s", &["role", "standby"]).unwrap();
+    assert!(role.status.success(), "{}", text(&role));
+    assert_eq!(pair.status("s")["role"], "standby");
+}
+
+#[test]
+fn a_peer_without_the_key_is_refused_and_counted() {
+    private_netns();
+    let mut pair = Pair::new("key");
+    let other_key = pair.dir.join("other-key");
+    let out = xfrmsync().args(["sync", "keygen"]).arg(&other_key).output().unwrap();
+    assert!(out.status.success());
+    pair.start("s", "standby");
+    pair.start_with_key("a", "active", &other_key);
+    let s =
+        pair.wait("s", "refusing the peer's packets", |st| st["link"]["dropped"]["auth_failed"].as_u64() >= Some(3));
+    assert!(s["peer"].is_null(), "a peer heard through the wrong key: {s}");
+    assert_eq!(s["records"]["received"].as_u64(), Some(0));
+    let text_status = text(&pair.ask("s", &["status"]).unwrap());
+    let key = std::fs::read_to_string(pair.dir.join("key")).unwrap();
+    assert!(!text_status.contains(key.trim()), "the key in the status");
+    assert!(!pair.logs().contains(key.trim()), "the key in the logs");
+}
+
+#[test]
+fn commands_fail_clearly_without_a_daemon_and_keygen_keeps_a_key() {
+    let dir = std::env::temp_dir().join(format!("xfrmsync-sync-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = xfrmsync().args(["sync", "status", "--socket"]).arg(dir.join("none.sock")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("reaching the daemon"), "{}", text(&out));
+    let key = dir.join("key");
+    assert!(xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap().status.success());
+    let first = std::fs::read(&key).unwrap();
+    let again = xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
+    assert_eq!(again.status.code(), Some(1), "an existing key is kept: {}", text(&again));
+    assert_eq!(std::fs::read(&key).unwrap(), first);
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sync.example.toml");
+    let check = xfrmsync().args(["sync", "check", "--config"]).arg(&example).output().unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    let _ = std::fs::remove_dir_all(&dir);
+}
