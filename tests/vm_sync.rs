@@ -1,24 +1,35 @@
-//! HA sync under live ESP traffic (issue 13): the engine's active side on
-//! node A, its records handed to a standby S in process (the daemon's
-//! transport is tested on its own), then A dies, S commits and takes the
-//! service address, and the kernels' own counters say whether the peer P
-//! accepted everything S sent. Run inside the VM by
-//! vmtest/guest/ha-suite.sh (`--ignored`), which builds the namespaces and
-//! SAs and names them in `XFRMSYNC_HA_PAIRS`; `XFRMSYNC_HA_MODE` is
-//! `clean` (the sync link cut 1 s before A dies, so the last records are
-//! lost) or `overrun` (A's event socket overruns again and again). On the
-//! host, where the kernel has no ESP, it is listed as ignored.
+//! HA sync under live ESP traffic (issue 13). Node A is active, S standby
+//! with the same SAs, P their peer; A dies, S commits and takes the service
+//! address, and the kernels' own counters say whether P accepted
+//! everything S sent. Run inside the VM by vmtest/guest/ha-suite.sh
+//! (`--ignored`), which builds the namespaces and SAs and names them in
+//! `XFRMSYNC_HA_PAIRS`. `XFRMSYNC_HA_MODE` says how the nodes sync and
+//! what goes wrong:
+//! - `clean`: the library's engine in this process (A's active side in a
+//!   thread, records handed to a `Standby`); the records of A's last second
+//!   are lost (the link is cut before A dies);
+//! - `overrun`: the same, with A's event socket overrunning again and again;
+//! - `daemon`: two `xfrmsync sync` daemons over their encrypted link, which
+//!   forged, corrupted and replayed packets are thrown at; the link goes
+//!   down 1 s before A dies;
+//! - `split`: the daemons, the link cut, S commits while A still runs, the
+//!   link heals: A learns it was replaced, stops and deletes its outbound
+//!   SAs, and the time both sent is measured.
+//!
+//! On the host, where the kernel has no ESP, it is listed as ignored.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use xfrmsync::sync::{Active, ActiveConfig, CommitOptions, MarginPolicy, Outcome, Outgoing, Standby, SyncRecord};
-use xfrmsync::{AeUpdate, Error, Handle, Replay, SaId, Thresholds};
+use xfrmsync::{AeUpdate, Aevent, Error, Handle, Replay, SaId, Thresholds};
 
 /// Each sender's pace: 100 packets a second, per pair and direction.
 const INTERVAL_MS: &str = "10";
@@ -133,21 +144,397 @@ fn start_at(sender: &Handle, receiver: &Handle, sa: &SaId, number: u64) {
     }
 }
 
-enum Sync {
-    Record(Box<SyncRecord>),
-    Gone(SaId),
+/// What a commit did to one SA, whichever side of the API it came from.
+#[derive(Debug)]
+struct CommitRow {
+    sa: SaId,
+    outcome: RowOutcome,
+    record_age_ms: u64,
+    rate_per_ks: u64,
 }
 
-struct ActiveReport {
-    stats: xfrmsync::sync::ActiveStats,
-    lost: u64,
+#[derive(Debug)]
+enum RowOutcome {
+    Written { synced: u64, written: u64, margin: u64 },
+    NeedsRekey { synced: u64, margin: u64 },
+    Other(String),
+}
+
+/// How the nodes sync: the engine in this process, or two daemons.
+enum Nodes {
+    InProcess {
+        link_up: Arc<AtomicBool>,
+        stopping: Arc<AtomicBool>,
+        dropped: Arc<AtomicU64>,
+        active: Option<thread::JoinHandle<String>>,
+        rx: mpsc::Receiver<Box<SyncRecord>>,
+        standby: Standby,
+    },
+    Daemons {
+        dir: PathBuf,
+        a: Option<Child>,
+        s: Child,
+    },
+}
+
+const XFRMSYNC: &str = "target/release/xfrmsync";
+
+impl Nodes {
+    fn in_process(overrun: bool) -> Nodes {
+        let link_up = Arc::new(AtomicBool::new(true));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel::<Box<SyncRecord>>();
+        let active = {
+            let (link_up, stopping, dropped) = (link_up.clone(), stopping.clone(), dropped.clone());
+            thread::spawn(move || {
+                let mut builder = Handle::builder().netns_path("/run/netns/ha");
+                if overrun {
+                    builder = builder.receive_buffer(4096);
+                }
+                let handle = builder.open().expect("netns ha");
+                let thresholds = match overrun {
+                    // An event per packet, read 5 times a second: it overruns.
+                    true => Thresholds { replay_packets: 1, timer_ms: 100 },
+                    false => Thresholds { replay_packets: 32, timer_ms: 500 },
+                };
+                let config = ActiveConfig {
+                    default_thresholds: thresholds,
+                    refresh: Duration::from_secs(2),
+                    ..Default::default()
+                };
+                let mut active = Active::new(handle, 1, config).expect("the active side");
+                let mut lost = 0;
+                while !stopping.load(Ordering::Relaxed) {
+                    if overrun {
+                        thread::sleep(Duration::from_millis(200));
+                    } else {
+                        let wait = active.next_due().saturating_duration_since(Instant::now());
+                        let mut pfd = libc::pollfd {
+                            fd: active.registry().handle().event_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one pollfd, valid for the call.
+                        unsafe { libc::poll(&mut pfd, 1, wait.min(Duration::from_millis(50)).as_millis() as i32) };
+                    }
+                    let sent = active.dispatch(&mut |outgoing| {
+                        if !link_up.load(Ordering::Relaxed) {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                        } else if let Outgoing::Record(r) = outgoing {
+                            let _ = tx.send(Box::new(*r));
+                        }
+                    });
+                    match sent {
+                        Ok(_) => {}
+                        Err(Error::EventsLost) => lost += 1,
+                        Err(e) => panic!("active dispatch: {e}"),
+                    }
+                }
+                let stats = active.stats();
+                if overrun && lost == 0 {
+                    panic!("the overrun run never overran A's event socket");
+                }
+                format!(
+                    "A sent {} records (from events {}, listings {}, notifications {}), skipped {} of its own \
+                     updates and {} older states; its event socket overran {lost} times",
+                    stats.records,
+                    stats.from_events,
+                    stats.from_listings,
+                    stats.from_notifications,
+                    stats.own_updates,
+                    stats.older_states
+                )
+            })
+        };
+        Nodes::InProcess { link_up, stopping, dropped, active: Some(active), rx, standby: Standby::new(0) }
+    }
+
+    /// Two daemons over the sync link, A active, S standby; returns once S
+    /// holds a record of every SA.
+    fn daemons(series: &str, mode: &str, sas: usize) -> Nodes {
+        // Not under target/: the guest sees it through a shared file
+        // system, where no Unix socket can be bound.
+        let dir = PathBuf::from(format!("/run/xfrmsync-ha-{series}-{mode}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir.canonicalize().unwrap();
+        let key = dir.join("sync.key");
+        run_ok(Command::new(XFRMSYNC).args(["sync", "keygen"]).arg(&key));
+        let on_replaced = if mode == "split" { "delete-outbound" } else { "stop" };
+        for (node, role, local, peer) in
+            [("a", "active", "10.99.0.1", "10.99.0.2"), ("s", "standby", "10.99.0.2", "10.99.0.1")]
+        {
+            let config = format!(
+                "control_socket = \"{dir}/{node}.sock\"\nstate_file = \"{dir}/{node}.state\"\nrole = \"{role}\"\n\
+                 [link]\nlocal = \"{local}:7700\"\npeer = \"{peer}:7700\"\nkey_file = \"{key}\"\nheartbeat_ms = 200\n\
+                 [active]\nrefresh_s = 30\nreplay_packets = 32\ntimer_ms = 500\n\
+                 [standby]\ndetection_ms = {DETECTION_MS}\non_replaced = \"{on_replaced}\"\n",
+                dir = dir.display(),
+                key = key.display()
+            );
+            std::fs::write(dir.join(format!("{node}.toml")), config).unwrap();
+        }
+        let start = |node: &str, ns: &str| {
+            let log = std::fs::File::create(dir.join(format!("{node}.log"))).unwrap();
+            Command::new("ip")
+                .args(["netns", "exec", ns, XFRMSYNC, "sync", "--config"])
+                .arg(dir.join(format!("{node}.toml")))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("xfrmsync sync")
+        };
+        let s = start("s", "hs");
+        let a = start("a", "ha");
+        let nodes = Nodes::Daemons { dir, a: Some(a), s };
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let held = nodes.status("s").map(|st| st["sas"].as_array().map_or(0, Vec::len)).unwrap_or(0);
+            if held >= sas {
+                break;
+            }
+            assert!(Instant::now() < until, "S holds {held} of {sas} records after 20 s:\n{}", nodes.logs());
+            thread::sleep(Duration::from_millis(200));
+        }
+        nodes
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Nodes::Daemons { dir, .. } => dir,
+            Nodes::InProcess { .. } => unreachable!("daemons only"),
+        }
+    }
+
+    /// `xfrmsync sync status --json` of node `a` or `s`.
+    fn status(&self, node: &str) -> Option<Value> {
+        let socket = self.dir().join(format!("{node}.sock"));
+        let out = Command::new(XFRMSYNC).args(["sync", "status", "--json", "--socket"]).arg(socket).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().next()?).ok()
+    }
+
+    fn logs(&self) -> String {
+        match self {
+            Nodes::Daemons { dir, .. } => ["a", "s"]
+                .iter()
+                .map(|n| {
+                    format!(
+                        "--- {n}.log\n{}",
+                        std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default()
+                    )
+                })
+                .collect(),
+            Nodes::InProcess { .. } => String::new(),
+        }
+    }
+
+    /// Hands what A sent to S (in process; the daemons do it themselves).
+    fn pump(&mut self) {
+        if let Nodes::InProcess { rx, standby, .. } = self {
+            for record in rx.try_iter() {
+                standby.receive(*record);
+            }
+        }
+    }
+
+    fn cut_link(&mut self) {
+        self.pump();
+        match self {
+            Nodes::InProcess { link_up, .. } => link_up.store(false, Ordering::Relaxed),
+            Nodes::Daemons { .. } => ip(&["-n", "ha", "link", "set", "y-a", "down"]),
+        }
+    }
+
+    /// A dies without a goodbye; returns what it says of itself, if anything.
+    fn kill_a(&mut self) -> String {
+        match self {
+            Nodes::InProcess { stopping, active, .. } => {
+                stopping.store(true, Ordering::Relaxed);
+                active.take().unwrap().join().expect("the active thread")
+            }
+            Nodes::Daemons { a, .. } => {
+                let mut a = a.take().unwrap();
+                let _ = a.kill();
+                let _ = a.wait();
+                String::new()
+            }
+        }
+    }
+
+    /// S's takeover; returns each SA's commit and a summary line.
+    fn commit(&mut self, s: &Handle) -> (Vec<CommitRow>, String) {
+        self.pump();
+        match self {
+            Nodes::InProcess { standby, dropped, .. } => {
+                let options = CommitOptions {
+                    margin: MarginPolicy { detection_ms: DETECTION_MS, ..MarginPolicy::default() },
+                    ..CommitOptions::default()
+                };
+                let held = standby.len();
+                let started = Instant::now();
+                let commit = standby.commit(s, &options).expect("commit");
+                let rows = commit
+                    .sas
+                    .iter()
+                    .map(|c| CommitRow {
+                        sa: c.sa,
+                        record_age_ms: c.record_age_ms,
+                        rate_per_ks: c.rate_per_ks,
+                        outcome: match &c.outcome {
+                            Outcome::Written { synced, written, margin, .. } => {
+                                RowOutcome::Written { synced: *synced, written: *written, margin: *margin }
+                            }
+                            Outcome::NeedsRekey { synced, margin, .. } => {
+                                RowOutcome::NeedsRekey { synced: *synced, margin: *margin }
+                            }
+                            other => RowOutcome::Other(format!("{other:?}")),
+                        },
+                    })
+                    .collect();
+                let summary = format!(
+                    "commit: {} of {held} SAs written in {:.1} ms, epoch {}; {} records lost on the cut link",
+                    commit.written(),
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    commit.epoch,
+                    dropped.load(Ordering::Relaxed)
+                );
+                (rows, summary)
+            }
+            Nodes::Daemons { dir, .. } => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", "hs", XFRMSYNC, "sync", "commit", "--socket"])
+                    .arg(dir.join("s.sock"))
+                    .output()
+                    .expect("xfrmsync sync commit");
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                assert!(out.status.success(), "xfrmsync sync commit: {}\n{text}{}", out.status, self.logs());
+                let status = self.status("s").expect("S's status after commit");
+                let rows = status["sas"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|row| !row["last_commit"].is_null())
+                    .map(|row| {
+                        let c = &row["last_commit"];
+                        let n = |key: &str| c[key].as_u64().unwrap_or(0);
+                        CommitRow {
+                            sa: parse_sa(row["sa"].as_str().unwrap()),
+                            record_age_ms: n("record_age_ms"),
+                            rate_per_ks: n("rate_per_ks"),
+                            outcome: match c["outcome"].as_str() {
+                                Some("written") => RowOutcome::Written {
+                                    synced: n("synced"),
+                                    written: n("written"),
+                                    margin: n("margin"),
+                                },
+                                Some("needs_rekey") => {
+                                    RowOutcome::NeedsRekey { synced: n("synced"), margin: n("margin") }
+                                }
+                                _ => RowOutcome::Other(c["text"].to_string()),
+                            },
+                        }
+                    })
+                    .collect();
+                (rows, text.lines().last().unwrap_or("").to_string())
+            }
+        }
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        if let Nodes::Daemons { a, s, .. } = self {
+            for child in a.iter_mut().chain([s]) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// An SA as `SaId`'s Display writes it: "DADDR/0xSPI/PROTO..." or the like;
+/// read back by matching against the pairs' SAs.
+fn parse_sa(text: &str) -> SaId {
+    let pairs = pairs();
+    pairs
+        .iter()
+        .flat_map(|p| [p.out, p.inb])
+        .find(|sa| sa.to_string() == text)
+        .unwrap_or_else(|| panic!("status names an SA the suite did not install: {text}"))
+}
+
+fn run_ok(command: &mut Command) {
+    let out = command.output().expect("spawn");
+    assert!(out.status.success(), "{command:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+fn counters(handle: &Handle, pairs: &[Pair]) -> HashMap<SaId, Aevent> {
+    pairs.iter().flat_map(|pr| [pr.out, pr.inb]).map(|sa| (sa, handle.query(&sa).unwrap())).collect()
+}
+
+fn counter(stat: &HashMap<String, u64>, name: &str) -> u64 {
+    stat.get(name).copied().unwrap_or(0)
+}
+
+/// Forged, corrupted and replayed packets on the sync link, from A's side
+/// (vmtest/guest/sync-inject.py); S must drop and count every one, and its
+/// records must not change.
+fn inject(nodes: &Nodes, failures: &mut Vec<String>) {
+    // Once the start's snapshots are all in, nothing comes until traffic.
+    let received = |st: &Value| st["records"]["received"].clone();
+    let mut before = nodes.status("s").expect("S's status");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        thread::sleep(Duration::from_millis(700));
+        let now = nodes.status("s").expect("S's status");
+        if received(&now) == received(&before) || Instant::now() > until {
+            break;
+        }
+        before = now;
+    }
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ha",
+            "python3",
+            "vmtest/guest/sync-inject.py",
+            "y-a",
+            "10.99.0.1",
+            "10.99.0.2",
+            "7700",
+        ])
+        .output()
+        .expect("sync-inject.py");
+    println!("inject: {}", String::from_utf8_lossy(&out.stdout).trim());
+    assert!(out.status.success(), "sync-inject.py: {}", String::from_utf8_lossy(&out.stderr));
+    thread::sleep(Duration::from_millis(300));
+    let after = nodes.status("s").expect("S's status");
+    let dropped = |st: &Value, why: &str| st["link"]["dropped"][why].as_u64().unwrap_or(0);
+    for (why, least) in [("replayed", 3), ("auth_failed", 2), ("not_from_peer", 1)] {
+        let n = dropped(&after, why) - dropped(&before, why);
+        println!("S dropped {n} packets as {why}");
+        if n < least {
+            failures.push(format!("S dropped {n} injected packets as {why}, not {least}"));
+        }
+    }
+    for key in ["received", "held"] {
+        if after["records"][key] != before["records"][key] {
+            failures.push(format!(
+                "S's records {key} went from {} to {} while only injected packets came",
+                before["records"][key], after["records"][key]
+            ));
+        }
+    }
 }
 
 #[test]
 #[ignore = "needs ESP SAs: runs inside the VM (vmtest/guest/ha-suite.sh)"]
 fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     let mode = std::env::var("XFRMSYNC_HA_MODE").unwrap_or_else(|_| "clean".into());
-    let overrun = mode == "overrun";
+    let series = std::env::var("XFRMSYNC_VM_KERNEL").unwrap_or_else(|_| "vm".into());
     let pairs = pairs();
     let (a, s, p) = (open("ha"), open("hs"), open("hp"));
     let two32 = 1u64 << 32;
@@ -159,75 +546,17 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
         }
     }
     let p_stat_before = xfrm_stat("hp");
-
-    // A's active side, in a thread of its own as a daemon would run it.
-    let link_up = Arc::new(AtomicBool::new(true));
-    let stopping = Arc::new(AtomicBool::new(false));
-    let dropped = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel::<Sync>();
-    let active = {
-        let (link_up, stopping, dropped) = (link_up.clone(), stopping.clone(), dropped.clone());
-        thread::spawn(move || {
-            let mut builder = Handle::builder().netns_path("/run/netns/ha");
-            if overrun {
-                builder = builder.receive_buffer(4096);
-            }
-            let handle = builder.open().expect("netns ha");
-            let thresholds = match overrun {
-                // An event per packet, read 5 times a second: it overruns.
-                true => Thresholds { replay_packets: 1, timer_ms: 100 },
-                false => Thresholds { replay_packets: 32, timer_ms: 500 },
-            };
-            let config =
-                ActiveConfig { default_thresholds: thresholds, refresh: Duration::from_secs(2), ..Default::default() };
-            let mut active = Active::new(handle, 1, config).expect("the active side");
-            let mut lost = 0;
-            while !stopping.load(Ordering::Relaxed) {
-                let wait = match overrun {
-                    true => Duration::from_millis(200),
-                    false => active.next_due().saturating_duration_since(Instant::now()).min(Duration::from_millis(50)),
-                };
-                let mut pfd =
-                    libc::pollfd { fd: active.registry().handle().event_fd(), events: libc::POLLIN, revents: 0 };
-                if overrun {
-                    thread::sleep(wait);
-                } else {
-                    // SAFETY: one pollfd, valid for the call.
-                    unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as i32) };
-                }
-                let sent = active.dispatch(&mut |outgoing| {
-                    if !link_up.load(Ordering::Relaxed) {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                    let message = match outgoing {
-                        Outgoing::Record(r) => Sync::Record(Box::new(*r)),
-                        Outgoing::Gone(sa) => Sync::Gone(*sa),
-                    };
-                    let _ = tx.send(message);
-                });
-                match sent {
-                    Ok(_) => {}
-                    Err(Error::EventsLost) => lost += 1,
-                    Err(e) => panic!("active dispatch: {e}"),
-                }
-            }
-            ActiveReport { stats: active.stats(), lost }
-        })
+    let mut failures = Vec::new();
+    let mut nodes = match mode.as_str() {
+        "clean" => Nodes::in_process(false),
+        "overrun" => Nodes::in_process(true),
+        "daemon" | "split" => Nodes::daemons(&series, &mode, 2 * pairs.len()),
+        other => panic!("XFRMSYNC_HA_MODE {other}: clean, overrun, daemon or split"),
     };
-    let mut standby = Standby::new(0);
-    let take = |standby: &mut Standby| {
-        for message in rx.try_iter() {
-            match message {
-                Sync::Record(r) => {
-                    standby.receive(*r);
-                }
-                Sync::Gone(sa) => {
-                    standby.forget(&sa);
-                }
-            }
-        }
-    };
+    if mode == "daemon" {
+        // No traffic yet, so that nothing but the injected packets comes.
+        inject(&nodes, &mut failures);
+    }
 
     // Traffic both ways on every pair; the one near 2^32 without ESN only
     // briefly, so that it never reaches the end of its numbers.
@@ -240,38 +569,31 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     }
     let run_until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < run_until {
-        take(&mut standby);
+        nodes.pump();
         thread::sleep(Duration::from_millis(20));
     }
-    let cut_for = if overrun { Duration::ZERO } else { Duration::from_secs(1) };
-    take(&mut standby);
-    link_up.store(false, Ordering::Relaxed);
-    thread::sleep(cut_for);
+    if mode == "split" {
+        return split_brain(nodes, &pairs, &a, &s, a_senders, p_senders);
+    }
+    if mode != "overrun" {
+        nodes.cut_link();
+        thread::sleep(Duration::from_secs(1));
+    }
 
     // A dies without a goodbye: its sync stops, its senders and its links go.
-    stopping.store(true, Ordering::Relaxed);
-    let report = active.join().expect("the active thread");
+    let a_said = nodes.kill_a();
     stop(&mut a_senders);
     ip(&["-n", "ha", "link", "set", "a0", "down"]);
     ip(&["-n", "ha", "link", "set", "y-a", "down"]);
-    take(&mut standby);
-    let a_final: HashMap<SaId, xfrmsync::Aevent> =
-        pairs.iter().flat_map(|pr| [pr.out, pr.inb]).map(|sa| (sa, a.query(&sa).unwrap())).collect();
+    let a_final = counters(&a, &pairs);
 
     // S takes the service address and commits.
     ip(&["-n", "hs", "addr", "add", "10.30.0.1/24", "dev", "s0"]);
     ip(&["-n", "hs", "addr", "add", "fd00:30::1/64", "dev", "s0", "nodad"]);
     ip(&["-n", "hp", "neigh", "flush", "dev", "p0"]);
-    let options = CommitOptions {
-        margin: MarginPolicy { detection_ms: DETECTION_MS, ..MarginPolicy::default() },
-        ..CommitOptions::default()
-    };
-    let commit_started = Instant::now();
-    let commit = standby.commit(&s, &options).expect("commit");
-    let commit_ms = commit_started.elapsed().as_secs_f64() * 1000.0;
+    let (rows, summary) = nodes.commit(&s);
     let committed_at = Instant::now();
-    let s_after_commit: HashMap<SaId, xfrmsync::Aevent> =
-        pairs.iter().flat_map(|pr| [pr.out, pr.inb]).map(|sa| (sa, s.query(&sa).unwrap())).collect();
+    let s_after_commit = counters(&s, &pairs);
     let mut s_senders: Vec<Child> =
         pairs.iter().filter(|pr| !pr.needs_rekey()).map(|pr| sender("hs", pr.peer, pr.port, 1_000_000)).collect();
 
@@ -280,10 +602,9 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     let deadline = Instant::now() + Duration::from_secs(6);
     while first_accepted.len() < pairs.iter().filter(|pr| !pr.needs_rekey()).count() && Instant::now() < deadline {
         for pair in pairs.iter().filter(|pr| !pr.needs_rekey()) {
-            if first_accepted.contains_key(&pair.name) {
-                continue;
-            }
-            if p.query(&pair.out).unwrap().replay.seq64() > a_final[&pair.out].replay.oseq64() {
+            if !first_accepted.contains_key(&pair.name)
+                && p.query(&pair.out).unwrap().replay.seq64() > a_final[&pair.out].replay.oseq64()
+            {
                 first_accepted.insert(pair.name.clone(), committed_at.elapsed().as_secs_f64() * 1000.0);
             }
         }
@@ -297,40 +618,29 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     let s_stat = xfrm_stat("hs");
 
     // What happened, in figures.
-    println!(
-        "mode {mode}: records {} (events {}, listings {}, notifications {}), own updates skipped {}, overruns {}, \
-         dropped on the cut link {}; standby holds {} records, epoch {}",
-        report.stats.records,
-        report.stats.from_events,
-        report.stats.from_listings,
-        report.stats.from_notifications,
-        report.stats.own_updates,
-        report.lost,
-        dropped.load(Ordering::Relaxed),
-        standby.len(),
-        standby.epoch()
-    );
-    println!("commit: {} SAs written in {commit_ms:.1} ms, new epoch {}", commit.written(), commit.epoch);
+    println!("mode {mode}: {a_said}");
+    println!("{summary}");
     println!(
         "{:<8} {:<4} {:>12} {:>12} {:>12} {:>7} {:>6} {:>8} {:>8}",
         "pair", "dir", "synced", "A last", "S next", "margin", "gap", "age ms", "rate/s"
     );
-    let mut failures = Vec::new();
-    for sa_commit in &commit.sas {
-        let pair = pairs.iter().find(|pr| pr.out == sa_commit.sa || pr.inb == sa_commit.sa).unwrap();
-        let outbound = pair.out == sa_commit.sa;
-        let a_last =
-            if outbound { a_final[&sa_commit.sa].replay.oseq64() } else { a_final[&sa_commit.sa].replay.seq64() };
-        match &sa_commit.outcome {
-            Outcome::Written { synced, written, margin, .. } => {
+    for row in &rows {
+        let Some(pair) = pairs.iter().find(|pr| pr.out == row.sa || pr.inb == row.sa) else {
+            failures.push(format!("a commit of an SA the suite did not install: {}", row.sa));
+            continue;
+        };
+        let outbound = pair.out == row.sa;
+        let dir = if outbound { "out" } else { "in" };
+        let a_last = if outbound { a_final[&row.sa].replay.oseq64() } else { a_final[&row.sa].replay.seq64() };
+        match &row.outcome {
+            RowOutcome::Written { synced, written, margin } => {
                 let gap = *written as i64 + 1 - a_last as i64;
                 println!(
-                    "{:<8} {:<4} {synced:>12} {a_last:>12} {:>12} {margin:>7} {gap:>6} {:>8} {:>8.1}",
+                    "{:<8} {dir:<4} {synced:>12} {a_last:>12} {:>12} {margin:>7} {gap:>6} {:>8} {:>8.1}",
                     pair.name,
-                    if outbound { "out" } else { "in" },
                     written + 1,
-                    sa_commit.record_age_ms,
-                    sa_commit.rate_per_ks as f64 / 1000.0
+                    row.record_age_ms,
+                    row.rate_per_ks as f64 / 1000.0
                 );
                 if outbound && *written < a_last {
                     failures.push(format!(
@@ -343,30 +653,24 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
                     failures.push(format!("{}: written across 2^32 without ESN", pair.name));
                 }
             }
-            Outcome::NeedsRekey { synced, next, margin } => {
-                println!(
-                    "{:<8} {:<4} {synced:>12} {a_last:>12} {:>12} {margin:>7} needs rekey",
-                    pair.name,
-                    if outbound { "out" } else { "in" },
-                    next
-                );
+            RowOutcome::NeedsRekey { synced, margin } => {
+                println!("{:<8} {dir:<4} {synced:>12} {a_last:>12} {:>12} {margin:>7} needs rekey", pair.name, "-");
                 if !pair.needs_rekey() {
                     failures.push(format!("{}: reported as needing a rekey", pair.name));
                 }
             }
-            other => failures.push(format!("{} {}: {other:?}", pair.name, sa_commit.sa)),
+            RowOutcome::Other(what) => failures.push(format!("{} {}: {what}", pair.name, row.sa)),
         }
     }
-    let committed: Vec<SaId> = commit.sas.iter().map(|c| c.sa).collect();
     for pair in &pairs {
         for sa in [pair.out, pair.inb] {
-            if !committed.contains(&sa) {
+            if !rows.iter().any(|r| r.sa == sa) {
                 failures.push(format!("{}: {sa} had no record at takeover", pair.name));
             }
         }
-        let rekey_out = commit.sas.iter().find(|c| c.sa == pair.out);
         if pair.needs_rekey() {
-            if !matches!(rekey_out.map(|c| &c.outcome), Some(Outcome::NeedsRekey { .. })) {
+            let out_row = rows.iter().find(|r| r.sa == pair.out);
+            if !matches!(out_row.map(|r| &r.outcome), Some(RowOutcome::NeedsRekey { .. })) {
                 failures.push(format!("{}: not reported as needing a rekey", pair.name));
             }
             if s_after_commit[&pair.out].replay.oseq64() != 0 {
@@ -384,8 +688,7 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
         if !first_accepted.contains_key(&pair.name) {
             failures.push(format!("{}: P accepted no packet of S within 6 s", pair.name));
         }
-        let s_in = s.query(&pair.inb).unwrap();
-        if s_in.lifetime.packets <= s_after_commit[&pair.inb].lifetime.packets {
+        if s.query(&pair.inb).unwrap().lifetime.packets <= s_after_commit[&pair.inb].lifetime.packets {
             failures.push(format!("{}: S accepted no packet of P after commit", pair.name));
         }
         if pair.name == "wrap4" {
@@ -400,25 +703,93 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
         let p_accepted = p.query(&pair.out).unwrap().lifetime.packets;
         let a_sent = a_final[&pair.out].lifetime.packets;
         println!(
-            "{:<8} service->P: A sent {a_sent}, S sent {s_sent}, P accepted {p_accepted}: {} lost; first accepted {:.0} ms after commit",
+            "{:<8} service->P: A sent {a_sent}, S sent {s_sent}, P accepted {p_accepted}: {} lost; first accepted \
+             {:.0} ms after commit",
             pair.name,
             (a_sent + s_sent).saturating_sub(p_accepted),
             first_accepted.get(&pair.name).copied().unwrap_or(f64::NAN)
         );
     }
-    let counter = |stat: &HashMap<String, u64>, name: &str| stat.get(name).copied().unwrap_or(0);
     for name in ["XfrmInStateSeqError", "XfrmInNoStates", "XfrmInStateInvalid"] {
         let (before, after) = (counter(&p_stat_before, name), counter(&p_stat_after, name));
         println!("P {name}: {before} -> {after}; S {name}: {}", counter(&s_stat, name));
-        if name == "XfrmInStateSeqError" && after != before {
-            failures.push(format!("P refused {} packets as replays", after - before));
-        }
+    }
+    let p_replays = counter(&p_stat_after, "XfrmInStateSeqError") - counter(&p_stat_before, "XfrmInStateSeqError");
+    if p_replays != 0 {
+        failures.push(format!("P refused {p_replays} packets as replays"));
     }
     if counter(&s_stat, "XfrmInStateSeqError") != 0 {
         failures.push(format!("S refused {} of P's packets as replays", counter(&s_stat, "XfrmInStateSeqError")));
     }
-    if overrun && report.lost == 0 {
-        failures.push("the overrun run never overran A's event socket".into());
+    assert!(failures.is_empty(), "failover failed:\n  {}\n{}", failures.join("\n  "), nodes.logs());
+}
+
+/// The sync link cut, S commits while A still runs, the link heals: A must
+/// learn it was replaced, stop, and delete its outbound SAs.
+fn split_brain(
+    mut nodes: Nodes,
+    pairs: &[Pair],
+    a: &Handle,
+    s: &Handle,
+    mut a_senders: Vec<Child>,
+    mut p_senders: Vec<Child>,
+) {
+    nodes.cut_link();
+    // Both claim the service address: that is what a split brain is.
+    ip(&["-n", "hs", "addr", "add", "10.30.0.1/24", "dev", "s0"]);
+    ip(&["-n", "hs", "addr", "add", "fd00:30::1/64", "dev", "s0", "nodad"]);
+    let (rows, summary) = nodes.commit(s);
+    let committed_at = Instant::now();
+    println!("split: {summary}");
+    let mut s_senders: Vec<Child> =
+        pairs.iter().filter(|pr| !pr.needs_rekey()).map(|pr| sender("hs", pr.peer, pr.port, 1_000_000)).collect();
+    thread::sleep(Duration::from_secs(2));
+    ip(&["-n", "ha", "link", "set", "y-a", "up"]);
+    let healed_at = Instant::now();
+    let outbound: Vec<SaId> = pairs.iter().map(|p| p.out).collect();
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut failures = Vec::new();
+    let stopped_at = loop {
+        let gone = outbound.iter().all(|sa| a.query(sa).is_err());
+        let replaced = nodes.status("a").is_some_and(|st| st["role"] == "replaced");
+        if gone && replaced {
+            break Instant::now();
+        }
+        if Instant::now() > until {
+            failures.push(format!("15 s after the link healed, A replaced: {replaced}, its outbound SAs gone: {gone}"));
+            break Instant::now();
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let a_status = nodes.status("a");
+    stop(&mut a_senders);
+    stop(&mut s_senders);
+    stop(&mut p_senders);
+    let s_epoch = nodes.status("s").map(|st| st["epoch"].clone());
+    println!(
+        "split: both nodes sent for {:.0} ms (commit to A's outbound SAs gone), {:.0} ms of it after the link healed; \
+         S's epoch {}, A: {}",
+        stopped_at.duration_since(committed_at).as_secs_f64() * 1000.0,
+        stopped_at.duration_since(healed_at).as_secs_f64() * 1000.0,
+        s_epoch.clone().unwrap_or_default(),
+        a_status.as_ref().map_or("no status".into(), |st| format!(
+            "role {} replaced_by {} records sent {}",
+            st["role"], st["replaced_by"], st["records"]["sent"]
+        ))
+    );
+    if a_status.as_ref().map(|st| st["replaced_by"].clone()) != s_epoch.map(Some).unwrap_or(None) {
+        failures.push("A's replaced_by is not S's epoch".into());
     }
-    assert!(failures.is_empty(), "failover failed:\n  {}", failures.join("\n  "));
+    if !rows.iter().any(|r| matches!(r.outcome, RowOutcome::Written { .. })) {
+        failures.push("S committed nothing".into());
+    }
+    // A replaced node sends no records.
+    let sent = |st: &Option<Value>| st.as_ref().and_then(|st| st["records"]["sent"].as_u64());
+    let before = sent(&a_status);
+    thread::sleep(Duration::from_millis(500));
+    if sent(&nodes.status("a")) != before {
+        failures.push("A went on sending records after it was replaced".into());
+    }
+    let _ = s;
+    assert!(failures.is_empty(), "split brain:\n  {}\n{}", failures.join("\n  "), nodes.logs());
 }

@@ -17,8 +17,12 @@
 #   esn4 esn6        ESN, window 128
 #   wrap4            ESN, started 200 below 2^32: crosses it during the run
 #   rekey4           no ESN, window 64, 300 below 2^32: must need a rekey
-# Each run builds everything again. Runs: "clean" (the sync link cut 1 s
-# before A dies), then "overrun" (A's event socket with a tiny buffer).
+# Each run builds everything again (tests/vm_sync.rs says what each does):
+#   clean    the library's engine in process, the link cut 1 s before A dies
+#   overrun  the same, A's event socket overrunning again and again
+#   daemon   two `xfrmsync sync` daemons over their encrypted link; forged,
+#            corrupted and replayed packets thrown at it first
+#   split    the daemons; S commits while A still runs, then the link heals
 # Ends with "ha: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,7 +54,7 @@ finish() {
     [[ $failed -eq 0 && $passed -gt 0 ]]
     exit
 }
-for bin in target/vmtest/vm_sync target/vmtest/udp-send; do
+for bin in target/vmtest/vm_sync target/vmtest/udp-send target/release/xfrmsync; do
     [[ -x $bin ]] || { not_ok "$bin missing: run scripts/test (it builds everything before booting)"; finish; }
 done
 rm -rf "$out"
@@ -96,14 +100,14 @@ xfrm policy add src $svc dst $p proto udp dport $port dir in tmpl src $svc dst $
     ip -n ha -batch - <<<"$batch_as" && ip -n hs -batch - <<<"$batch_as" && ip -n hp -batch - <<<"$batch_p"
 }
 
-for mode in clean overrun; do
+for mode in clean overrun daemon split; do
     if build; then
         ok "$mode: namespaces hp ha hs, bridge, sync link, the same SAs in A and S"
     else
         not_ok "$mode: building the namespaces and SAs"
         continue
     fi
-    if XFRMSYNC_HA_MODE=$mode XFRMSYNC_HA_PAIRS="$PAIRS" target/vmtest/vm_sync --ignored --nocapture --test-threads=1 \
+    if XFRMSYNC_HA_MODE=$mode XFRMSYNC_HA_PAIRS="$PAIRS" XFRMSYNC_VM_KERNEL=$series target/vmtest/vm_sync --ignored --nocapture --test-threads=1 \
         >"$out/$mode.log" 2>&1; then
         ok "$mode: failover under traffic (tests/vm_sync.rs)"
     else
