@@ -117,6 +117,9 @@ struct State {
     relist: Option<Owed>,
     /// A listing in steps that runs (see [`Registry::dispatch`]).
     listing: Option<StepListing>,
+    /// Learn every SA's direction, whether or not a rule needs it (see
+    /// [`Registry::learn_directions`]).
+    directions: bool,
 }
 
 /// A listing read a few datagrams per dispatch call.
@@ -135,6 +138,12 @@ struct StepListing {
 pub const LISTING_STEP: usize = 8;
 
 impl State {
+    /// Whether SAs' directions must be learned (from the namespace's
+    /// addresses, where the kernel does not say).
+    fn wants_direction(&self) -> bool {
+        self.directions || self.rules.needs_direction()
+    }
+
     /// A listing failed, after `failures` that failed before it (the owed
     /// one it served is no longer in `relist`): owed again after a longer
     /// wait, or sooner if a loss meanwhile owes one already.
@@ -279,6 +288,14 @@ impl Registry {
         }
     }
 
+    /// Learns every SA's direction from now on ([`Tracked::direction`],
+    /// [`Observed::direction`]), even where no rule needs it: an HA sync
+    /// record carries it, for a standby whose addresses do not tell.
+    pub fn learn_directions(&self) -> Result<()> {
+        self.state()?.directions = true;
+        Ok(())
+    }
+
     /// How many owners have registered `sa` (see [`Registry::register_sa`]).
     pub fn registrations(&self, sa: &SaId) -> u32 {
         self.state.borrow().rules.owners(sa)
@@ -312,7 +329,7 @@ impl Registry {
     /// Facts of an SA as the kernel describes it, its direction included.
     pub fn facts(&self, info: &SaInfo) -> Result<SaFacts> {
         let mut state = self.state()?;
-        if state.rules.needs_direction() && info.direction.is_none() && state.local.is_empty() {
+        if state.wants_direction() && info.direction.is_none() && state.local.is_empty() {
             state.local = self.handle.local_addresses()?;
         }
         Ok(facts_of(info, &state.local))
@@ -415,7 +432,7 @@ impl Registry {
                 listing.sweep = false;
             }
             let mut pending = Vec::new();
-            if state.rules.needs_direction() {
+            if state.wants_direction() {
                 state.local = self.handle.local_addresses()?;
             }
             // Mark and sweep: what the dump lists is marked seen, the rest
@@ -453,9 +470,8 @@ impl Registry {
             let mut refreshed = false;
             let dispatched = self.handle.dispatch_with(&mut |handle: &Handle, notice: &SaNotice| {
                 let info = &notice.info;
-                let unknown_direction = state.rules.needs_direction()
-                    && info.direction.is_none()
-                    && direction_of(info, &state.local).is_none();
+                let unknown_direction =
+                    state.wants_direction() && info.direction.is_none() && direction_of(info, &state.local).is_none();
                 if unknown_direction && !refreshed {
                     // A new address (MOBIKE, a new link): learn it once per call.
                     refreshed = true;
@@ -500,7 +516,7 @@ impl Registry {
             if !self.handle.lists_in_steps() {
                 return self.relist(observer);
             }
-            let local = match self.state()?.rules.needs_direction() {
+            let local = match self.state()?.wants_direction() {
                 true => Some(self.handle.local_addresses()),
                 false => None,
             };

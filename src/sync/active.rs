@@ -152,6 +152,9 @@ impl Active {
             }
         })))?;
         let registry = Registry::new(handle);
+        // The active node knows which SAs it sends on (the service address
+        // is its own); a standby, before takeover, may not.
+        registry.learn_directions()?;
         let mut rules = config.rules;
         rules.retain(|r| r.name != DEFAULT_RULE);
         rules.push(Rule {

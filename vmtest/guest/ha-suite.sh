@@ -3,42 +3,24 @@
 # standby taking over live SAs under ESP traffic, proven by the kernels'
 # own counters (tests/vm_sync.rs does the steps and the checks).
 #
-#   netns hp: peer P      p0 10.30.0.2/24 fd00:30::2/64
-#   netns ha: active A    a0 10.30.0.1/24 fd00:30::1/64 (the service address)
-#                         y-a 10.99.0.1/30 (the sync link)
-#   netns hs: standby S   s0 (no address until takeover)
-#                         y-s 10.99.0.2/30
-#   netns hsw: bridge br0 joining p0, a0 and s0
-#
-# A and S hold the same SAs (same SPIs and keys), as an HA product installs
-# them; P holds their mirror. One pair (out: service -> P, in: P ->
-# service) per row, each with policies for UDP to the row's port:
-#   legacy4 legacy6  window 32, no ESN
-#   esn4 esn6        ESN, window 128
-#   wrap4            ESN, started 200 below 2^32: crosses it during the run
-#   rekey4           no ESN, window 64, 300 below 2^32: must need a rekey
+# The network and SAs are vmtest/guest/ha-net.sh's: P, A and S on a
+# bridge, A and S with the same SAs (legacy and ESN, IPv4 and IPv6, one
+# ESN SA crossing 2^32, one without ESN near 2^32 that must need a rekey),
+# a sync link between A and S.
 # Each run builds everything again (tests/vm_sync.rs says what each does):
 #   clean    the library's engine in process, the link cut 1 s before A dies
 #   overrun  the same, A's event socket overrunning again and again
 #   daemon   two `xfrmsync sync` daemons over their encrypted link; forged,
 #            corrupted and replayed packets thrown at it first
 #   split    the daemons; S commits while A still runs, then the link heals
+#   c-api    examples/ha_sync.c: the C API's active side on A for 3 s under
+#            traffic, its records committed on S; S's numbers must be above
+#            A's last
 # Ends with "ha: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-AUTH="auth-trunc hmac(sha256) 0x0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef 128"
-ENC="enc cbc(aes) 0x0123456789abcdef0123456789abcdef"
-SVC4=10.30.0.1 P4=10.30.0.2 SVC6=fd00:30::1 P6=fd00:30::2
-# name spi_out spi_in family esn window port
-PAIRS='
-legacy4 0x10a1 0x10b1 4 0 32  9101
-esn4    0x20a1 0x20b1 4 1 128 9102
-legacy6 0x30a1 0x30b1 6 0 32  9103
-esn6    0x40a1 0x40b1 6 1 128 9104
-wrap4   0x50a1 0x50b1 4 1 128 9105
-rekey4  0x60a1 0x60b1 4 0 64  9106
-'
+source vmtest/guest/ha-net.sh
 series=${XFRMSYNC_VM_KERNEL:-$(uname -r)}
 out=target/vmtest/ha-$series
 
@@ -54,7 +36,7 @@ finish() {
     [[ $failed -eq 0 && $passed -gt 0 ]]
     exit
 }
-for bin in target/vmtest/vm_sync target/vmtest/udp-send target/release/xfrmsync; do
+for bin in target/vmtest/vm_sync target/vmtest/udp-send target/release/xfrmsync target/ctest/ha_sync; do
     [[ -x $bin ]] || { not_ok "$bin missing: run scripts/test (it builds everything before booting)"; finish; }
 done
 rm -rf "$out"
@@ -62,46 +44,8 @@ mkdir -p "$out"
 modprobe -a veth bridge xfrm_user esp4 esp6 authenc || { not_ok "modprobe"; finish; }
 mkdir -p /run/netns
 
-# The namespaces, links and SAs of the header, from nothing.
-build() {
-    local n batch_p="" batch_as=""
-    for n in hp ha hs hsw; do ip netns del "$n" 2>/dev/null; done
-    for n in hp ha hs hsw; do ip netns add "$n" || return 1; done
-    ip -n hsw link add br0 type bridge && ip -n hsw link set br0 up || return 1
-    for n in p a s; do
-        ip link add "${n}0" netns "h$n" type veth peer name "sw-$n" netns hsw &&
-            ip -n hsw link set "sw-$n" master br0 up && ip -n "h$n" link set lo up && ip -n "h$n" link set "${n}0" up ||
-            return 1
-    done
-    ip -n hp addr add $P4/24 dev p0 && ip -n hp addr add $P6/64 dev p0 nodad &&
-        ip -n ha addr add $SVC4/24 dev a0 && ip -n ha addr add $SVC6/64 dev a0 nodad || return 1
-    ip link add y-a netns ha type veth peer name y-s netns hs &&
-        ip -n ha addr add 10.99.0.1/30 dev y-a && ip -n ha link set y-a up &&
-        ip -n hs addr add 10.99.0.2/30 dev y-s && ip -n hs link set y-s up || return 1
-    local name out in family esn window port svc p replay reqid
-    while read -r name out in family esn window port; do
-        [[ -n $name ]] || continue
-        if [[ $family == 4 ]]; then svc=$SVC4 p=$P4; else svc=$SVC6 p=$P6; fi
-        reqid=$((port - 9100))
-        replay="replay-window $window"
-        [[ $esn == 1 ]] && replay="$replay flag esn"
-        # A and S: out (service -> P) and in (P -> service).
-        batch_as+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $svc dst $p proto udp dport $port dir out tmpl src $svc dst $p proto esp reqid $reqid mode transport
-xfrm policy add src $p dst $svc proto udp dport $port dir in tmpl src $p dst $svc proto esp reqid $reqid mode transport
-"
-        batch_p+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $p dst $svc proto udp dport $port dir out tmpl src $p dst $svc proto esp reqid $reqid mode transport
-xfrm policy add src $svc dst $p proto udp dport $port dir in tmpl src $svc dst $p proto esp reqid $reqid mode transport
-"
-    done <<<"$PAIRS"
-    ip -n ha -batch - <<<"$batch_as" && ip -n hs -batch - <<<"$batch_as" && ip -n hp -batch - <<<"$batch_p"
-}
-
 for mode in clean overrun daemon split; do
-    if build; then
+    if build_ha_net; then
         ok "$mode: namespaces hp ha hs, bridge, sync link, the same SAs in A and S"
     else
         not_ok "$mode: building the namespaces and SAs"
@@ -115,5 +59,37 @@ for mode in clean overrun daemon split; do
     fi
     sed 's/^/    /' "$out/$mode.log" | grep -v '^    $' | tail -n 60
 done
+# The C API, through examples/ha_sync.c.
+oseq_of() { # netns spi -> the SA's outbound number
+    ip -n "$1" -s xfrm state get src $SVC4 dst $P4 proto esp spi "$2" | sed -n 's/.*oseq \(0x[0-9a-f]*\).*/\1/p'
+}
+if build_ha_net; then
+    ok "c-api: namespaces hp ha hs, bridge, sync link, the same SAs in A and S"
+    pids=()
+    for port in 9101 9102; do
+        target/vmtest/udp-send --netns ha $P4 $port 1000000 64 10 2>/dev/null & pids+=($!)
+        target/vmtest/udp-send --netns hp $SVC4 $port 1000000 64 10 2>/dev/null & pids+=($!)
+    done
+    target/ctest/ha_sync /run/netns/ha /run/netns/hs 3 >"$out/c-api.log" 2>&1
+    rc=$?
+    kill "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+    sed 's/^/    /' "$out/c-api.log" | grep -E "0x000010a1|0x000020a1|^    (active|standby)"
+    if ((rc == 0)) && grep -q "12 SAs, 12 written" "$out/c-api.log"; then
+        ok "c-api: examples/ha_sync.c synced A and committed every SA on S"
+    else
+        not_ok "c-api: examples/ha_sync.c (status $rc; $out/c-api.log)"
+    fi
+    for spi in 0x10a1 0x20a1; do
+        a_last=$(oseq_of ha $spi) s_next=$(oseq_of hs $spi)
+        if [[ -n $a_last && -n $s_next ]] && ((a_last > 0 && s_next > a_last)); then
+            ok "c-api: SA $spi: S goes on from $((s_next)), above A's last $((a_last))"
+        else
+            not_ok "c-api: SA $spi: S at '$s_next', A's last '$a_last'"
+        fi
+    done
+else
+    not_ok "c-api: building the namespaces and SAs"
+fi
 for n in hp ha hs hsw; do ip netns del "$n" 2>/dev/null; done
 finish
