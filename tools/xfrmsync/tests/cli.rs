@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-const SUBCOMMANDS: [&str; 5] = ["monitor", "get", "set", "apply", "defaults"];
+const SUBCOMMANDS: [&str; 6] = ["monitor", "get", "set", "apply", "defaults", "sync"];
 
 fn xfrmsync(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xfrmsync")).args(args).output().expect("run xfrmsync")
