@@ -68,13 +68,18 @@ pub fn newsa_request(data: &[u8]) {
 }
 
 /// sync_record: bytes off the sync link. Decoding never panics, and a
-/// record it takes encodes back to exactly the bytes it took: no field is
-/// dropped or bent on the way.
+/// record (or a departure) it takes encodes back to exactly the bytes it
+/// took: no field is dropped or bent on the way.
 pub fn sync_record(data: &[u8]) {
     if let Ok((record, used)) = SyncRecord::decode_prefix(data) {
         let mut out = Vec::new();
         record.encode(&mut out).expect("a decoded record encodes");
         assert_eq!(&out[..], &data[..used]);
         assert_eq!(SyncRecord::decode(&out), Ok(record));
+    }
+    if let Ok((departure, used)) = xfrmsync::sync::Departure::decode_prefix(data) {
+        let mut out = Vec::new();
+        departure.encode(&mut out);
+        assert_eq!(&out[..], &data[..used]);
     }
 }
