@@ -96,6 +96,16 @@ struct Counts {
     commits: u64,
 }
 
+/// One SA's records, for status.
+#[derive(Debug, Default, Clone, Copy)]
+struct PerSa {
+    sent: u64,
+    received: u64,
+    held: u64,
+    older: u64,
+    lower_epoch: u64,
+}
+
 /// What the peer's heartbeat said last.
 #[derive(Debug, Clone, Copy)]
 struct PeerHeard {
@@ -116,6 +126,7 @@ pub struct Daemon {
     /// The highest epoch this node knows of, kept in the state file.
     epoch: u64,
     counts: Counts,
+    per_sa: HashMap<SaId, PerSa>,
     committed: HashMap<SaId, Committed>,
     peer: Option<PeerHeard>,
     peer_session: Option<super::transport::SessionId>,
@@ -150,6 +161,7 @@ impl Daemon {
             handle,
             epoch,
             counts: Counts::default(),
+            per_sa: HashMap::new(),
             committed: HashMap::new(),
             peer: None,
             peer_session: None,
@@ -352,10 +364,21 @@ impl Daemon {
                     continue;
                 }
             };
+            let per_sa = self.per_sa.entry(record.sa).or_default();
+            per_sa.received += 1;
             match standby.receive(record) {
-                Received::Held => self.counts.records_held += 1,
-                Received::Older => self.counts.rejected_older += 1,
-                Received::LowerEpoch => self.counts.rejected_lower_epoch += 1,
+                Received::Held => {
+                    self.counts.records_held += 1;
+                    per_sa.held += 1;
+                }
+                Received::Older => {
+                    self.counts.rejected_older += 1;
+                    per_sa.older += 1;
+                }
+                Received::LowerEpoch => {
+                    self.counts.rejected_lower_epoch += 1;
+                    per_sa.lower_epoch += 1;
+                }
             }
         }
     }
@@ -368,8 +391,11 @@ impl Daemon {
             };
             payload = &payload[used..];
             if let Node::Standby(standby) | Node::Replaced { standby, .. } = &mut self.node {
-                if standby.depart(&departure) == Received::LowerEpoch {
-                    self.counts.rejected_lower_epoch += 1;
+                match standby.depart(&departure) {
+                    Received::LowerEpoch => self.counts.rejected_lower_epoch += 1,
+                    _ => {
+                        self.per_sa.remove(&departure.sa);
+                    }
                 }
             }
         }
@@ -378,7 +404,7 @@ impl Daemon {
     fn dispatch(&mut self) {
         let Node::Active(active) = &mut self.node else { return };
         let epoch = active.epoch();
-        let (records, departures) = (&mut self.records_out, &mut self.departures_out);
+        let (records, departures, per_sa) = (&mut self.records_out, &mut self.departures_out, &mut self.per_sa);
         let mut sent = (0u64, 0u64);
         let mut flushes: Vec<(Kind, Vec<u8>)> = Vec::new();
         let max = self.transport.max_payload();
@@ -389,6 +415,7 @@ impl Daemon {
                 }
                 if record.encode(records).is_ok() {
                     sent.0 += 1;
+                    per_sa.entry(record.sa).or_default().sent += 1;
                 }
             }
             Outgoing::Gone(sa) => {
@@ -396,6 +423,7 @@ impl Daemon {
                     flushes.push((Kind::Gone, std::mem::take(departures)));
                 }
                 Departure { sa: *sa, epoch }.encode(departures);
+                per_sa.remove(sa);
                 sent.1 += 1;
             }
         });
@@ -658,11 +686,16 @@ impl Daemon {
         for sa in self.sa_rows() {
             let _ = writeln!(
                 text,
-                "{} {}: {}record {}, last commit: {}",
+                "{} {}: {}record {}; records sent {}, received {} (held {}, older {}, lower epoch {}); last commit: {}",
                 sa.sa,
                 direction_name(sa.direction),
                 if sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey") { "NEEDS REKEY, " } else { "" },
                 sa.age_ms.map_or("none".into(), |age| format!("{age} ms old, number {}", sa.number)),
+                sa.counts.sent,
+                sa.counts.received,
+                sa.counts.held,
+                sa.counts.older,
+                sa.counts.lower_epoch,
                 sa.committed.as_ref().map_or("none", |c| c.outcome.as_str())
             );
         }
@@ -682,6 +715,10 @@ impl Daemon {
                     "direction": direction_name(sa.direction),
                     "record_age_ms": sa.age_ms,
                     "number": sa.age_ms.map(|_| sa.number),
+                    "records": {
+                        "sent": sa.counts.sent, "received": sa.counts.received, "held": sa.counts.held,
+                        "rejected": { "older": sa.counts.older, "lower_epoch": sa.counts.lower_epoch },
+                    },
                     "needs_rekey": sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey"),
                     "last_commit": sa.committed.as_ref().map(|c| serde_json::json!({
                         "outcome": c.kind, "synced": c.synced, "written": c.written, "margin": c.margin,
@@ -735,10 +772,22 @@ impl Daemon {
                         direction: record.direction,
                         age_ms: Some(now.saturating_sub(record.sent_at_ms)),
                         number,
+                        counts: PerSa::default(),
                         committed: None,
                     },
                 );
             }
+        }
+        for (sa, counts) in &self.per_sa {
+            let row = rows.entry(*sa).or_insert(SaRow {
+                sa: *sa,
+                direction: None,
+                age_ms: None,
+                number: 0,
+                counts: PerSa::default(),
+                committed: None,
+            });
+            row.counts = *counts;
         }
         for (sa, committed) in &self.committed {
             let row = rows.entry(*sa).or_insert(SaRow {
@@ -746,6 +795,7 @@ impl Daemon {
                 direction: committed.direction,
                 age_ms: None,
                 number: 0,
+                counts: PerSa::default(),
                 committed: None,
             });
             row.committed = Some(committed.clone());
@@ -761,6 +811,7 @@ struct SaRow {
     direction: Option<Direction>,
     age_ms: Option<u64>,
     number: u64,
+    counts: PerSa,
     committed: Option<Committed>,
 }
 
