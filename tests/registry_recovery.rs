@@ -107,13 +107,17 @@ fn lost_notifications_reach_the_caller_and_a_failed_listing_is_retried() {
     lose_notifications(&fake);
     fake.faults(&[Fault::Errno(libc::ENOMEM)]);
     assert_eq!(registry.dispatch(), Err(Error::EventsLost), "the loss reaches the caller");
+    // The listing's first step may read the refusal within that same call
+    // (the fake answers from its thread at once): the loss is what that
+    // call returns, and the failure shows in relist_failures. Otherwise a
+    // later call returns the failure itself.
     let results = settle(&registry);
     assert!(
-        results.iter().any(|r| matches!(r, Err(Error::Kernel { errno, .. }) if *errno == libc::ENOMEM)),
-        "the listing's failure is said too: {results:?}"
+        results.iter().all(|r| r.is_ok() || matches!(r, Err(Error::Kernel { errno, .. }) if *errno == libc::ENOMEM)),
+        "only the listing's failure: {results:?}"
     );
     let due = registry.relist_due().expect("the failed listing is owed");
-    assert_eq!(registry.relist_failures(), 1);
+    assert_eq!(registry.relist_failures(), 1, "the listing's failure is counted: {results:?}");
     assert!(due > Instant::now(), "retried after a wait, not at once");
 
     // Once due, dispatch lists again, with nothing on the event socket; the

@@ -39,19 +39,19 @@ fn record(spi: u32, epoch: u64, counter: u64, oseq: u32) -> SyncRecord {
 #[test]
 fn a_standby_keeps_the_latest_record_of_each_sa() {
     let mut standby = Standby::new(0);
-    assert_eq!(standby.receive(record(1, 3, 10, 100)), Received::Held);
-    assert_eq!(standby.receive(record(1, 3, 9, 999)), Received::Older, "a lower counter of the same epoch");
-    assert_eq!(standby.receive(record(1, 3, 10, 999)), Received::Older, "a retransmission");
+    assert_eq!(standby.receive(record(1, 3, 10, 100)).unwrap(), Received::Held);
+    assert_eq!(standby.receive(record(1, 3, 9, 999)).unwrap(), Received::Older, "a lower counter of the same epoch");
+    assert_eq!(standby.receive(record(1, 3, 10, 999)).unwrap(), Received::Older, "a retransmission");
     assert_eq!(standby.get(&sa(1)).unwrap().replay.oseq64(), 100);
-    assert_eq!(standby.receive(record(1, 3, 11, 200)), Received::Held);
-    assert_eq!(standby.receive(record(2, 3, 1, 5)), Received::Held, "counters are compared per SA");
+    assert_eq!(standby.receive(record(1, 3, 11, 200)).unwrap(), Received::Held);
+    assert_eq!(standby.receive(record(2, 3, 1, 5)).unwrap(), Received::Held, "counters are compared per SA");
     assert_eq!(standby.len(), 2);
     assert_eq!(standby.epoch(), 3, "the highest epoch a record carried");
 
     // A node that took over sends at a higher epoch; its predecessor's
     // records are ignored from then on, whatever their counters.
-    assert_eq!(standby.receive(record(1, 4, 1, 300)), Received::Held);
-    assert_eq!(standby.receive(record(2, 3, 1000, 6)), Received::LowerEpoch);
+    assert_eq!(standby.receive(record(1, 4, 1, 300)).unwrap(), Received::Held);
+    assert_eq!(standby.receive(record(2, 3, 1000, 6)).unwrap(), Received::LowerEpoch);
     assert_eq!(standby.get(&sa(2)).unwrap().replay.oseq64(), 5, "unchanged by the lower epoch");
     assert_eq!(standby.epoch(), 4);
 
@@ -65,9 +65,9 @@ fn a_standby_keeps_the_latest_record_of_each_sa() {
 #[test]
 fn a_standby_started_at_an_epoch_ignores_records_below_it() {
     let mut standby = Standby::new(5);
-    assert_eq!(standby.receive(record(1, 4, u64::MAX, 1)), Received::LowerEpoch);
+    assert_eq!(standby.receive(record(1, 4, u64::MAX, 1)).unwrap(), Received::LowerEpoch);
     assert!(standby.is_empty());
-    assert_eq!(standby.receive(record(1, 5, 1, 1)), Received::Held);
+    assert_eq!(standby.receive(record(1, 5, 1, 1)).unwrap(), Received::Held);
 }
 
 /// One datagram of a GETSA dump listing each `(spi, seq)` with its legacy
@@ -175,4 +175,13 @@ fn an_active_node_sends_listings_and_events_but_never_an_older_state() {
     let (records, _, _) = run(&mut active);
     assert!(records.is_empty(), "a replaced node sent {records:?}");
     assert_eq!(active.stats().withheld, 1);
+}
+
+#[test]
+fn a_record_of_two_address_families_is_refused_and_changes_nothing() {
+    let mut standby = Standby::new(0);
+    let mixed = SyncRecord { saddr: "fd00::1".parse().unwrap(), ..record(1, 1, 1, 1) };
+    assert!(standby.receive(mixed).is_err());
+    assert!(standby.is_empty());
+    assert_eq!(standby.epoch(), 0);
 }

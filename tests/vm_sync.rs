@@ -334,7 +334,7 @@ impl Nodes {
     fn pump(&mut self) {
         if let Nodes::InProcess { rx, standby, .. } = self {
             for record in rx.try_iter() {
-                standby.receive(*record);
+                standby.receive(*record).expect("a record of the suite's SAs");
             }
         }
     }

@@ -199,6 +199,92 @@ fn required<'a, T>(ptr: *const T, what: &'static str) -> Result<&'a T> {
     unsafe { ptr.as_ref() }.ok_or_else(|| Error::invalid(format!("{what} is NULL")))
 }
 
+/// An object behind an opaque C pointer that C may free from inside one of
+/// the object's own callbacks (`CHandle`, `sync::CActive`): calls that may
+/// run those callbacks hold an `InCall`, and `release` frees the object at
+/// once or leaves that to the last `InCall`.
+///
+/// # Safety
+///
+/// `calls` and `is_closing` give one counter and one flag of the object
+/// itself (the same each time), which only `InCall`, `release` and
+/// `mark_closing` change; and every pointer to the type that C holds comes
+/// from `Box::into_raw`, so `InCall` and `release` may free it with
+/// `Box::from_raw`.
+unsafe trait Reentrant {
+    /// The pointer argument's name, for "NAME is NULL".
+    const NAME: &'static str;
+    /// The error of a call on an object freed from inside a callback.
+    const FREED: &'static str;
+    /// Calls in progress on the object that may run its callbacks (more
+    /// than one when a callback calls in again).
+    fn calls(&self) -> &Cell<u32>;
+    /// The object was freed while such a call was in progress: the
+    /// outermost one frees it when it returns. Until then no callback of
+    /// it runs and calls on it fail with -EINVAL.
+    fn is_closing(&self) -> bool;
+    fn mark_closing(&self);
+}
+
+/// The object a C pointer points to, unless the pointer is NULL or the
+/// object was freed from inside one of its callbacks.
+fn live<'a, T: Reentrant>(ptr: *const T) -> Result<&'a T> {
+    let c = required(ptr, T::NAME)?;
+    if c.is_closing() {
+        return Err(Error::invalid(T::FREED));
+    }
+    Ok(c)
+}
+
+/// Marks a call that may run the object's callbacks; the last one to end
+/// frees an object that was freed meanwhile from inside a callback.
+struct InCall<T: Reentrant>(*mut T);
+
+impl<T: Reentrant> InCall<T> {
+    fn enter<'a>(ptr: *mut T) -> Result<(InCall<T>, &'a T)> {
+        let c = live(ptr)?;
+        c.calls().set(c.calls().get() + 1);
+        Ok((InCall(ptr), c))
+    }
+}
+
+impl<T: Reentrant> Drop for InCall<T> {
+    fn drop(&mut self) {
+        // SAFETY: the object stays allocated while `calls` counts this call:
+        // `release` only marks it then.
+        let c = unsafe { &*self.0 };
+        let left = c.calls().get() - 1;
+        c.calls().set(left);
+        if left == 0 && c.is_closing() {
+            // SAFETY: from Box::into_raw (the `Reentrant` contract); the
+            // caller gave it up with `release`, and no call on it is in
+            // progress.
+            drop(unsafe { Box::from_raw(self.0) });
+        }
+    }
+}
+
+/// Frees the object C gives up (NULL is a no-op), or, from inside one of
+/// its callbacks, marks it for the last `InCall` on it to free.
+fn release<T: Reentrant>(ptr: *mut T) {
+    if ptr.is_null() {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: a non-NULL pointer came from Box::into_raw (the
+        // `Reentrant` contract) and is alive until freed here or by the
+        // last `InCall` on it.
+        let in_callback = unsafe { (*ptr).calls().get() } > 0;
+        if in_callback {
+            // SAFETY: as above; the last `InCall` frees it.
+            unsafe { (*ptr).mark_closing() };
+        } else {
+            // SAFETY: as above, and the caller gives up its pointer here.
+            drop(unsafe { Box::from_raw(ptr) });
+        }
+    }));
+}
+
 /// What an `xfrmsync_handle` points to: a registry (a handle that also
 /// gives SAs their thresholds once rules exist, and costs nothing before),
 /// and what makes freeing it from inside one of its own callbacks safe.
@@ -213,43 +299,31 @@ struct CHandle {
     closing: Arc<AtomicBool>,
 }
 
-fn chandle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a CHandle> {
-    let c = required(ptr.cast::<CHandle>(), "handle")?;
-    if c.closing.load(Ordering::Relaxed) {
-        return Err(Error::invalid("the handle was freed from inside one of its callbacks"));
+// SAFETY: `calls` and `is_closing` give the handle's own counter and flag,
+// and every `xfrmsync_handle` comes from Box::into_raw in `publish`.
+unsafe impl Reentrant for CHandle {
+    const NAME: &'static str = "handle";
+    const FREED: &'static str = "the handle was freed from inside one of its callbacks";
+
+    fn calls(&self) -> &Cell<u32> {
+        &self.active
     }
-    Ok(c)
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+}
+
+fn chandle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a CHandle> {
+    live(ptr.cast::<CHandle>())
 }
 
 fn registry<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Registry> {
     chandle(ptr).map(|c| &c.registry)
-}
-
-/// Marks a call that may run the handle's callbacks; the last one to end
-/// frees a handle that was freed meanwhile from inside a callback.
-struct Active(*mut CHandle);
-
-impl Active {
-    fn enter<'a>(ptr: *mut xfrmsync_handle) -> Result<(Active, &'a CHandle)> {
-        let c = chandle(ptr)?;
-        c.active.set(c.active.get() + 1);
-        Ok((Active(ptr.cast()), c))
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        // SAFETY: the handle stays allocated while `active` counts this call:
-        // xfrmsync_handle_free only marks it then.
-        let c = unsafe { &*self.0 };
-        let left = c.active.get() - 1;
-        c.active.set(left);
-        if left == 0 && c.closing.load(Ordering::Relaxed) {
-            // SAFETY: from Box::into_raw in `publish`; the caller gave it up
-            // with xfrmsync_handle_free, and no call on it is in progress.
-            drop(unsafe { Box::from_raw(self.0) });
-        }
-    }
 }
 
 fn handle<'a>(ptr: *const xfrmsync_handle) -> Result<&'a Handle> {
@@ -537,22 +611,7 @@ pub extern "C" fn xfrmsync_handle_new_netns_fd(netns_fd: c_int, out: *mut *mut x
 /// Either way the caller must not use the pointer afterwards.
 #[no_mangle]
 pub extern "C" fn xfrmsync_handle_free(handle: *mut xfrmsync_handle) {
-    if handle.is_null() {
-        return;
-    }
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        let c = handle.cast::<CHandle>();
-        // SAFETY: a non-NULL handle came from Box::into_raw in `publish` and
-        // is alive until freed here or by the last `Active` call on it.
-        let in_callback = unsafe { (*c).active.get() } > 0;
-        if in_callback {
-            // SAFETY: as above; the last `Active` frees it.
-            unsafe { (*c).closing.store(true, Ordering::Relaxed) };
-        } else {
-            // SAFETY: as above, and the caller gives up its pointer here.
-            drop(unsafe { Box::from_raw(c) });
-        }
-    }));
+    release(handle.cast::<CHandle>());
 }
 
 /// The event fd to poll for readability (non-blocking, close-on-exec), or a
@@ -915,7 +974,7 @@ pub extern "C" fn xfrmsync_on_sa_event(
 #[no_mangle]
 pub extern "C" fn xfrmsync_dispatch(handle: *mut xfrmsync_handle) -> c_int {
     boundary(|| {
-        let (_active, c) = Active::enter(handle)?;
+        let (_in_call, c) = InCall::enter(handle.cast::<CHandle>())?;
         let count = c.registry.dispatch()?;
         Ok(c_int::try_from(count).unwrap_or(c_int::MAX))
     })
@@ -1227,7 +1286,7 @@ impl xfrmsync_rule {
 #[no_mangle]
 pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const xfrmsync_rule) -> c_int {
     boundary(|| {
-        let (_active, c) = Active::enter(handle)?;
+        let (_in_call, c) = InCall::enter(handle.cast::<CHandle>())?;
         c.registry.add_rule(required(rule, "rule")?.to_rust()?).map(|_| 0)
     })
 }
@@ -1237,7 +1296,7 @@ pub extern "C" fn xfrmsync_rule_add(handle: *mut xfrmsync_handle, rule: *const x
 #[no_mangle]
 pub extern "C" fn xfrmsync_rule_remove(handle: *mut xfrmsync_handle, name: *const c_char) -> c_int {
     boundary(|| {
-        let (_active, c) = Active::enter(handle)?;
+        let (_in_call, c) = InCall::enter(handle.cast::<CHandle>())?;
         c.registry.remove_rule(text(name, "rule name")?).map(c_int::from)
     })
 }
@@ -1252,7 +1311,7 @@ pub extern "C" fn xfrmsync_register_sa(
     timer_ms: u32,
 ) -> c_int {
     boundary(|| {
-        let (_active, c) = Active::enter(handle)?;
+        let (_in_call, c) = InCall::enter(handle.cast::<CHandle>())?;
         let sa = required(sa, "sa")?.to_rust()?;
         let thresholds = Thresholds { replay_packets, timer_ms };
         c.registry.register_sa(sa, Some(thresholds)).map(|_| 0)
@@ -1263,7 +1322,7 @@ pub extern "C" fn xfrmsync_register_sa(
 #[no_mangle]
 pub extern "C" fn xfrmsync_unregister_sa(handle: *mut xfrmsync_handle, sa: *const xfrmsync_sa_id) -> c_int {
     boundary(|| {
-        let (_active, c) = Active::enter(handle)?;
+        let (_in_call, c) = InCall::enter(handle.cast::<CHandle>())?;
         c.registry.register_sa(required(sa, "sa")?.to_rust()?, None).map(|_| 0)
     })
 }

@@ -9,7 +9,9 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use super::{boundary, handle, required, text, write_out, xfrmsync_handle, xfrmsync_sa_id};
+use super::{
+    boundary, handle, live, release, required, text, write_out, xfrmsync_handle, xfrmsync_sa_id, InCall, Reentrant,
+};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::registry::{Direction, Thresholds};
@@ -325,7 +327,7 @@ pub extern "C" fn xfrmsync_standby_receive(standby: *mut xfrmsync_standby, recor
         // SAFETY: non-NULL, and by the header's contract `len` readable
         // bytes for the call.
         let bytes = unsafe { std::slice::from_raw_parts(record, len) };
-        Ok(match standby.receive(SyncRecord::decode(bytes)?) {
+        Ok(match standby.receive(SyncRecord::decode(bytes)?)? {
             Received::Held => XFRMSYNC_RECORD_HELD,
             Received::Older => XFRMSYNC_RECORD_OLDER,
             Received::LowerEpoch => XFRMSYNC_RECORD_LOWER_EPOCH,
@@ -441,44 +443,32 @@ struct CActive {
     closing: Cell<bool>,
 }
 
-fn cactive<'a>(ptr: *const xfrmsync_active) -> Result<&'a CActive> {
-    let c = required(ptr.cast::<CActive>(), "active")?;
-    if c.closing.get() {
-        return Err(Error::invalid("the active side was freed from inside one of its callbacks"));
+// SAFETY: `calls` and `is_closing` give the object's own counter and flag,
+// and every `xfrmsync_active` comes from Box::into_raw in
+// xfrmsync_active_new.
+unsafe impl Reentrant for CActive {
+    const NAME: &'static str = "active";
+    const FREED: &'static str = "the active side was freed from inside one of its callbacks";
+
+    fn calls(&self) -> &Cell<u32> {
+        &self.dispatching
     }
-    Ok(c)
+
+    fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    fn mark_closing(&self) {
+        self.closing.set(true);
+    }
+}
+
+fn cactive<'a>(ptr: *const xfrmsync_active) -> Result<&'a CActive> {
+    live(ptr.cast::<CActive>())
 }
 
 fn engine<'a>(ptr: *const xfrmsync_active) -> Result<RefMut<'a, Active>> {
     cactive(ptr)?.engine.try_borrow_mut().map_err(|_| Error::Busy("called from inside xfrmsync_active_dispatch"))
-}
-
-/// Marks a dispatch in progress; the last one to end frees an object that
-/// was freed meanwhile from inside a callback.
-struct Dispatching(*mut CActive);
-
-impl Dispatching {
-    fn enter<'a>(ptr: *mut xfrmsync_active) -> Result<(Dispatching, &'a CActive)> {
-        let c = cactive(ptr)?;
-        c.dispatching.set(c.dispatching.get() + 1);
-        Ok((Dispatching(ptr.cast()), c))
-    }
-}
-
-impl Drop for Dispatching {
-    fn drop(&mut self) {
-        // SAFETY: the object stays allocated while `dispatching` counts this
-        // call: xfrmsync_active_free only marks it then.
-        let c = unsafe { &*self.0 };
-        let left = c.dispatching.get() - 1;
-        c.dispatching.set(left);
-        if left == 0 && c.closing.get() {
-            // SAFETY: from Box::into_raw in xfrmsync_active_new; the caller
-            // gave it up with xfrmsync_active_free, and no call on it is in
-            // progress.
-            drop(unsafe { Box::from_raw(self.0) });
-        }
-    }
 }
 
 /// Starts the active node's side at `epoch` in the network namespace at
@@ -536,22 +526,7 @@ pub extern "C" fn xfrmsync_active_new(
 /// caller must not use the pointer afterwards.
 #[no_mangle]
 pub extern "C" fn xfrmsync_active_free(active: *mut xfrmsync_active) {
-    if active.is_null() {
-        return;
-    }
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        let c = active.cast::<CActive>();
-        // SAFETY: a non-NULL pointer came from Box::into_raw in
-        // xfrmsync_active_new and is alive until freed here or by the last
-        // `Dispatching` call on it.
-        if unsafe { (*c).dispatching.get() } > 0 {
-            // SAFETY: as above; the last `Dispatching` frees it.
-            unsafe { (*c).closing.set(true) };
-        } else {
-            // SAFETY: as above, and the caller gives up its pointer here.
-            drop(unsafe { Box::from_raw(c) });
-        }
-    }));
+    release(active.cast::<CActive>());
 }
 
 /// The fd to poll for readability (non-blocking, close-on-exec), or a
@@ -593,7 +568,7 @@ pub extern "C" fn xfrmsync_active_dispatch(
     user_data: *mut c_void,
 ) -> c_int {
     boundary(|| {
-        let (_dispatching, c) = Dispatching::enter(active)?;
+        let (_dispatching, c) = InCall::enter(active.cast::<CActive>())?;
         let (Some(on_record), Some(on_gone)) = (on_record, on_gone) else {
             return Err(Error::invalid("on_record or on_gone is NULL"));
         };

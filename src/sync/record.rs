@@ -89,7 +89,13 @@ impl SyncRecord {
     /// Whether this record replaces `held`, the one kept for the same SA: a
     /// higher epoch, or the same epoch and a higher counter.
     pub fn supersedes(&self, held: &SyncRecord) -> bool {
-        (self.epoch, self.counter) > (held.epoch, held.counter)
+        self.order() > held.order()
+    }
+
+    /// Where the record stands among the records of its SA: by epoch, then
+    /// by the sender's counter.
+    pub fn order(&self) -> (u64, u64) {
+        (self.epoch, self.counter)
     }
 
     /// Bytes the record takes encoded.

@@ -108,10 +108,32 @@ impl Commit {
     }
 }
 
+/// A record as the standby keeps it: encoded, as it came off the link,
+/// which for most SAs is a fifth of the decoded form (whose ESN bitmap has
+/// room for 128 words); its order kept beside it for the comparisons.
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    counter: u64,
+    bytes: Box<[u8]>,
+}
+
+impl Held {
+    fn new(record: &SyncRecord) -> Result<Held> {
+        let mut bytes = Vec::with_capacity(record.encoded_len());
+        record.encode(&mut bytes)?;
+        Ok(Held { epoch: record.epoch, counter: record.counter, bytes: bytes.into_boxed_slice() })
+    }
+
+    fn record(&self) -> SyncRecord {
+        SyncRecord::decode(&self.bytes).expect("a record the standby encoded decodes")
+    }
+}
+
 /// The latest record of each SA, and the highest epoch known.
 #[derive(Debug, Default)]
 pub struct Standby {
-    records: HashMap<SaId, SyncRecord>,
+    records: HashMap<SaId, Held>,
     epoch: u64,
     stats: StandbyStats,
 }
@@ -140,35 +162,37 @@ impl Standby {
         self.records.is_empty()
     }
 
-    pub fn get(&self, sa: &SaId) -> Option<&SyncRecord> {
-        self.records.get(sa)
+    pub fn get(&self, sa: &SaId) -> Option<SyncRecord> {
+        self.records.get(sa).map(Held::record)
     }
 
-    pub fn records(&self) -> impl Iterator<Item = &SyncRecord> {
-        self.records.values()
+    pub fn records(&self) -> impl Iterator<Item = SyncRecord> + '_ {
+        self.records.values().map(Held::record)
     }
 
-    /// Takes `record` if it is the newest of its SA.
-    pub fn receive(&mut self, record: SyncRecord) -> Received {
+    /// Takes `record` if it is the newest of its SA. A record whose
+    /// addresses are of two families is no SA's, and is refused.
+    pub fn receive(&mut self, record: SyncRecord) -> Result<Received> {
         if record.epoch < self.epoch {
             self.stats.lower_epoch += 1;
-            return Received::LowerEpoch;
+            return Ok(Received::LowerEpoch);
         }
+        let held = Held::new(&record)?;
         self.epoch = record.epoch;
         match self.records.get_mut(&record.sa) {
-            Some(held) if !record.supersedes(held) => {
+            Some(old) if record.order() <= (old.epoch, old.counter) => {
                 self.stats.older += 1;
-                Received::Older
+                Ok(Received::Older)
             }
-            Some(held) => {
-                *held = record;
+            Some(old) => {
+                *old = held;
                 self.stats.held += 1;
-                Received::Held
+                Ok(Received::Held)
             }
             None => {
-                self.records.insert(record.sa, record);
+                self.records.insert(record.sa, held);
                 self.stats.held += 1;
-                Received::Held
+                Ok(Received::Held)
             }
         }
     }
@@ -215,7 +239,7 @@ impl Standby {
         let mut writes: Vec<(SaId, AeUpdate)> = Vec::new();
         let mut written_at = Vec::new();
         for info in &local {
-            let record = &self.records[&info.sa];
+            let record = &self.records[&info.sa].record();
             let direction =
                 Direction::of_sa(info.direction, info.saddr, info.sa.daddr, &local_addresses).or(record.direction);
             let record_age_ms = now.saturating_sub(record.sent_at_ms);

@@ -24,18 +24,7 @@ source vmtest/guest/ha-net.sh
 series=${XFRMSYNC_VM_KERNEL:-$(uname -r)}
 out=target/vmtest/ha-$series
 
-passed=0 failed=0 last=$SECONDS
-report() {
-    echo "$1 - ${*:2} ($((SECONDS - last)) s)"
-    last=$SECONDS
-}
-ok() { report ok "$@"; passed=$((passed + 1)); }
-not_ok() { report "not ok" "$@"; failed=$((failed + 1)); }
-finish() {
-    echo "ha: $passed passed, $failed failed"
-    [[ $failed -eq 0 && $passed -gt 0 ]]
-    exit
-}
+source vmtest/guest/tap.sh ha
 for bin in target/vmtest/vm_sync target/vmtest/udp-send target/release/xfrmsync target/ctest/ha_sync; do
     [[ -x $bin ]] || { not_ok "$bin missing: run scripts/test (it builds everything before booting)"; finish; }
 done

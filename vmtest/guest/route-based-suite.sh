@@ -28,19 +28,7 @@ series=${XFRMSYNC_VM_KERNEL:-$(uname -r)}
 out=target/vmtest/route-based-$series
 sas=$out/sas.txt
 
-passed=0 failed=0 last=$SECONDS
-# Each line says how long its step took.
-report() {
-    echo "$1 - ${*:2} ($((SECONDS - last)) s)"
-    last=$SECONDS
-}
-ok() { report ok "$@"; passed=$((passed + 1)); }
-not_ok() { report "not ok" "$@"; failed=$((failed + 1)); }
-finish() {
-    echo "route-based: $passed passed, $failed failed"
-    [[ $failed -eq 0 && $passed -gt 0 ]]
-    exit
-}
+source vmtest/guest/tap.sh route-based
 for bin in target/ctest/route_based_test target/vmtest/vm_route_based target/release/xfrmsync; do
     [[ -x $bin ]] || { not_ok "$bin missing: run scripts/test (it builds everything before booting)"; finish; }
 done

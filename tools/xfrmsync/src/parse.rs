@@ -3,6 +3,8 @@
 //! families. Each returns a message fit to follow "what: ". And how the
 //! files (rules, sync config) report their problems: by line.
 
+use std::fmt;
+
 use xfrmsync::sa::{IPPROTO_AH, IPPROTO_COMP, IPPROTO_ESP};
 use xfrmsync::Mark;
 
@@ -115,17 +117,35 @@ pub struct Problem {
     pub reason: String,
 }
 
-/// The report on a file named `file`: one `FILE:LINE: reason` per
-/// problem, the way compilers name places.
-pub fn report(problems: &[Problem], file: &str) -> String {
-    let lines: Vec<String> = problems
-        .iter()
-        .map(|p| match p.line {
-            Some(line) => format!("{file}:{line}: {}", p.reason),
-            None => format!("{file}: {}", p.reason),
-        })
-        .collect();
-    lines.join("\n")
+/// Everything wrong with a file (the rules file, the sync config file);
+/// never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileErrors {
+    /// What the file is ("rules file"), which names it in `Display`.
+    pub kind: &'static str,
+    pub problems: Vec<Problem>,
+}
+
+impl FileErrors {
+    /// The report on a file named `file`: one `FILE:LINE: reason` per
+    /// problem, the way compilers name places.
+    pub fn report(&self, file: &str) -> String {
+        let lines: Vec<String> = self
+            .problems
+            .iter()
+            .map(|p| match p.line {
+                Some(line) => format!("{file}:{line}: {}", p.reason),
+                None => format!("{file}: {}", p.reason),
+            })
+            .collect();
+        lines.join("\n")
+    }
+}
+
+impl fmt::Display for FileErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.report(self.kind))
+    }
 }
 
 /// Turns toml's byte offsets into line numbers.

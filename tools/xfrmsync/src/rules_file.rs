@@ -8,7 +8,6 @@
 //! the rules in force.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::path::Path;
@@ -18,32 +17,15 @@ use toml::{Spanned, Value};
 use xfrmsync::registry::{Direction, Prefix, RuleSet};
 use xfrmsync::{Mark, Rule, SaMatch, Thresholds};
 
-use crate::parse::{self, LineIndex, Problem};
+use crate::parse::{self, FileErrors, LineIndex, Problem};
 
 /// The largest timer threshold taken whatever the kernel's HZ: the kernel
 /// keeps the timer in jiffies and reports `jiffies * 10` in 32 bits, so at
 /// HZ 1000 this is the most it can hold and read back.
 pub const MAX_TIMER_MS: u32 = u32::MAX / 10;
 
-/// Everything wrong with a file; never empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RulesError {
-    pub problems: Vec<Problem>,
-}
-
-impl RulesError {
-    /// The report for a file named `file`: one `FILE:LINE: reason` per
-    /// problem, the way compilers name places.
-    pub fn report(&self, file: &str) -> String {
-        parse::report(&self.problems, file)
-    }
-}
-
-impl fmt::Display for RulesError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.report("rules file"))
-    }
-}
+/// Names a rules file in `FileErrors`' Display.
+const KIND: &str = "rules file";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,9 +64,10 @@ pub fn load(path: &Path, hz: Option<u32>) -> Result<Vec<Rule>, String> {
 
 /// Parses a rules file. `hz`, when the kernel's HZ is known, also refuses
 /// timer thresholds that HZ cannot hold (see `xfrmsync::timer`).
-pub fn parse(text: &str, hz: Option<u32>) -> Result<Vec<Rule>, RulesError> {
+pub fn parse(text: &str, hz: Option<u32>) -> Result<Vec<Rule>, FileErrors> {
     let lines = LineIndex::new(text);
-    let raw: RawFile = toml::from_str(text).map_err(|e| RulesError {
+    let raw: RawFile = toml::from_str(text).map_err(|e| FileErrors {
+        kind: KIND,
         problems: vec![Problem { line: e.span().map(|s| lines.line(s.start)), reason: syntax_reason(e.message()) }],
     })?;
     let mut checker = Checker { lines: &lines, problems: Vec::new(), hz };
@@ -109,7 +92,7 @@ pub fn parse(text: &str, hz: Option<u32>) -> Result<Vec<Rule>, RulesError> {
     if checker.problems.is_empty() {
         Ok(rules)
     } else {
-        Err(RulesError { problems: checker.problems })
+        Err(FileErrors { kind: KIND, problems: checker.problems })
     }
 }
 

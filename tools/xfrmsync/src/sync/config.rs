@@ -12,7 +12,6 @@
 //! Nothing here opens a file: the key file and the rules file are only
 //! named, and the daemon reads them, with their own checks, when it starts.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ use toml::Spanned;
 use xfrmsync::sync::{InboundPolicy, MarginPolicy, MAX_RECORD_LEN};
 use xfrmsync::Thresholds;
 
-use crate::parse::{self, LineIndex, Problem};
+use crate::parse::{self, FileErrors, LineIndex, Problem};
 use crate::rules_file::MAX_TIMER_MS;
 use crate::sys;
 
@@ -143,24 +142,8 @@ const DEFAULT_MAX_RETRANSMITS: u32 = 8;
 const DEFAULT_MAX_AGE_S: u64 = 60;
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 
-/// Everything wrong with a file; never empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub problems: Vec<Problem>,
-}
-
-impl ConfigError {
-    /// One `FILE:LINE: reason` per problem, in the order of the lines.
-    pub fn report(&self, file: &str) -> String {
-        parse::report(&self.problems, file)
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.report("config file"))
-    }
-}
+/// Names a config file in `FileErrors`' Display.
+const KIND: &str = "config file";
 
 /// Reads and parses `path`; the error is the full report, file name and
 /// lines included.
@@ -171,9 +154,10 @@ pub fn load(path: &Path) -> Result<SyncConfig, String> {
 }
 
 /// Parses a config file.
-pub fn parse(text: &str) -> Result<SyncConfig, ConfigError> {
+pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
     let lines = LineIndex::new(text);
-    let doc = DeTable::parse(text).map_err(|e| ConfigError {
+    let doc = DeTable::parse(text).map_err(|e| FileErrors {
+        kind: KIND,
         problems: vec![Problem { line: e.span().map(|s| lines.line(s.start)), reason: e.message().trim_end().into() }],
     })?;
     let mut c = Checker { lines: &lines, problems: Vec::new() };
@@ -274,7 +258,7 @@ pub fn parse(text: &str) -> Result<SyncConfig, ConfigError> {
     if !c.problems.is_empty() {
         // Stable: problems of one line stay in the order they were found.
         c.problems.sort_by_key(|p| p.line.unwrap_or(0));
-        return Err(ConfigError { problems: c.problems });
+        return Err(FileErrors { kind: KIND, problems: c.problems });
     }
     let active_defaults = ActiveSettings::default();
     // A required key that is absent is a problem (Checker::required).

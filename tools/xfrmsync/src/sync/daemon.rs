@@ -367,15 +367,19 @@ impl Daemon {
             let per_sa = self.per_sa.entry(record.sa).or_default();
             per_sa.received += 1;
             match standby.receive(record) {
-                Received::Held => {
+                Err(e) => {
+                    log::warn!("sync link: a record refused: {e}");
+                    self.counts.rejected_malformed += 1;
+                }
+                Ok(Received::Held) => {
                     self.counts.records_held += 1;
                     per_sa.held += 1;
                 }
-                Received::Older => {
+                Ok(Received::Older) => {
                     self.counts.rejected_older += 1;
                     per_sa.older += 1;
                 }
-                Received::LowerEpoch => {
+                Ok(Received::LowerEpoch) => {
                     self.counts.rejected_lower_epoch += 1;
                     per_sa.lower_epoch += 1;
                 }
