@@ -1,6 +1,6 @@
 //! The xfrmsync bench (issue 9). Prints figures, asserts no timing.
 //!
-//!   bench [--quick] [decode] [dispatch] [memory] [fields]
+//!   bench [--quick] [decode] [dispatch] [memory] [fields] [standby]
 //!   bench --only DECODER KIND ROUNDS    one decoder, for callgrind
 //!
 //! Events are the captured Linux 6.1 ones (tests/corpus/linux-6.1): legacy,
@@ -15,6 +15,7 @@ mod alloc;
 mod corpus;
 mod fake;
 mod peers;
+mod standby;
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -327,5 +328,8 @@ fn main() {
     }
     if wanted("memory") {
         memory(if quick { &[100_000] } else { &[100_000, 1_000_000] });
+    }
+    if wanted("standby") {
+        standby::memory(&[SAS]);
     }
 }

@@ -70,6 +70,10 @@ pub fn npx_parse_read(msg: &[u8]) -> u64 {
     sum
 }
 
+/// A replay state as a peer decoded it: ESN format or not, then oseq, seq,
+/// oseq_hi, seq_hi, window and the bitmap words.
+type ReplayFields = (bool, u32, u32, u32, u32, u32, Vec<u32>);
+
 /// What one decoder says about an event, in xfrmsync's terms, `None` for
 /// what it leaves out.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -81,7 +85,7 @@ struct Fields {
     proto: Option<u8>,
     reqid: Option<u32>,
     flags: Option<u32>,
-    replay: Option<(bool, u32, u32, u32, u32, u32, Vec<u32>)>,
+    replay: Option<ReplayFields>,
     lifetime: Option<(u64, u64, u64, u64)>,
     mark: Option<(u32, u32)>,
     if_id: Option<u32>,

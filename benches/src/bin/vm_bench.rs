@@ -12,6 +12,12 @@
 //!                         events/s, the receive buffer that sees no ENOBUFS,
 //!                         overruns with a small buffer and the resync after
 //!                         them (`bound`: the first part only)
+//!   vm_bench commit N     HA sync (issue 13): the same N SAs in namespaces
+//!                         ka (active) and kb (standby); `Active` on ka
+//!                         until a `Standby` in this process holds a record
+//!                         of each, then `Standby::commit` on kb, timed;
+//!                         every SA's outcome counted and its number read
+//!                         back from kb; the standby's bytes per SA
 //!   vm_bench send SECS    (internal) the traffic, run in namespace xa
 //!
 //! Prints figures; asserts no timing. The SAs use the null cipher, so what
@@ -25,6 +31,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xfrmsync::{Error, Handle, SaId};
+
+// The counting allocator of the host bench: the standby's bytes per SA are
+// allocator totals, as the host's memory figures are.
+#[allow(dead_code)]
+#[path = "../alloc.rs"]
+mod alloc;
+
+#[global_allocator]
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 const STORM_SAS: usize = 1000;
 const PORT0: u16 = 20000;
@@ -576,6 +591,241 @@ fn concentrator(n: usize, storm: usize) {
     sh("ip netns del xc");
 }
 
+/// The local address of both commit namespaces: outbound SAs leave from
+/// it, inbound ones arrive at it, which is how either node tells their
+/// direction.
+const COMMIT_LOCAL: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+
+/// Commit SA `i`'s peer: one address each (as `concentrator_dst`), so that
+/// no two SAs share the kernel's hash bucket of their addresses.
+fn commit_peer(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8)
+}
+
+/// Commit SA `i`: even ones outbound, odd ones inbound.
+fn commit_outbound(i: usize) -> bool {
+    i.is_multiple_of(2)
+}
+
+/// One pair of commit SAs in four ESN, with a window of 128 (a 4-word
+/// bitmap).
+fn commit_esn(i: usize) -> bool {
+    (i / 2) % 4 == 3
+}
+
+fn commit_sa(i: usize) -> SaId {
+    let daddr = if commit_outbound(i) { commit_peer(i) } else { COMMIT_LOCAL };
+    SaId::esp(daddr.into(), 0x200000 + i as u32)
+}
+
+/// The moving number the active node's SA `i` starts at: the active side
+/// has sent or received that much; ESN SAs past 2^32.
+fn commit_number(i: usize) -> u64 {
+    let low = 1000 + 7 * i as u64;
+    if commit_esn(i) {
+        (1 << 32) + low
+    } else {
+        low
+    }
+}
+
+/// The `ip -batch` lines of the N commit SAs: the same SPIs, reqids and
+/// (null) keys in both namespaces; `numbers`: each SA's moving number as
+/// on the active node, else 0 as freshly installed on a standby.
+fn commit_lines(n: usize, numbers: bool) -> String {
+    (0..n)
+        .map(|i| {
+            let (src, dst, which) = if commit_outbound(i) {
+                (COMMIT_LOCAL, commit_peer(i), "oseq")
+            } else {
+                (commit_peer(i), COMMIT_LOCAL, "seq")
+            };
+            let number = if numbers { commit_number(i) } else { 0 };
+            let replay = if commit_esn(i) {
+                format!(
+                    "flag esn replay-window 128 replay-{which} {} replay-{which}-hi {}",
+                    number as u32,
+                    number >> 32
+                )
+            } else {
+                format!("replay-window 32 replay-{which} {number}")
+            };
+            format!(
+                "xfrm state add src {src} dst {dst} proto esp spi 0x{:x} reqid {} mode transport {replay} \
+                 enc ecb(cipher_null) \"\"\n",
+                0x200000 + i,
+                1000 + (i % 4)
+            )
+        })
+        .collect()
+}
+
+/// HA sync's takeover on N SAs (issue 13). Namespaces ka (the active node)
+/// and kb (the standby) hold the same N SAs, ka's with traffic counted;
+/// `Active` on ka hands its records to a `Standby` in this process until it
+/// holds one of each SA (the link between them is the daemon's business,
+/// measured on the host); then `Standby::commit` on kb, timed, and every
+/// SA's outcome counted and its number read back from kb.
+fn commit(n: usize) {
+    use xfrmsync::sync::{Active, ActiveConfig, CommitOptions, Outcome, Outgoing, Standby};
+    use xfrmsync::Replay;
+
+    learn_hz();
+    sh("modprobe -a xfrm_user esp4 crypto_null authencesn
+        for n in ka kb; do ip netns del $n 2>/dev/null || true; ip netns add $n; done");
+    for (ns, numbers) in [("ka", true), ("kb", false)] {
+        let t = Instant::now();
+        ip_batch(ns, &format!("link set lo up\naddr add {COMMIT_LOCAL}/32 dev lo\n{}", commit_lines(n, numbers)));
+        println!(
+            "{n} SAs added in {ns} with ip -batch in {:.1} s ({} outbound, {} inbound, {} ESN with a 128-packet window)",
+            t.elapsed().as_secs_f64(),
+            (0..n).filter(|&i| commit_outbound(i)).count(),
+            (0..n).filter(|&i| !commit_outbound(i)).count(),
+            (0..n).filter(|&i| commit_esn(i)).count()
+        );
+    }
+
+    // The active side, until the standby holds a record of every SA.
+    let live0 = alloc::live();
+    let mut standby = Standby::new(0);
+    let t = Instant::now();
+    let handle = Handle::builder().netns_path("/run/netns/ka").receive_buffer(8 << 20).open().unwrap();
+    let mut active = Active::new(handle, 1, ActiveConfig::default()).unwrap();
+    let (mut calls, mut lost) = (0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while standby.len() < n {
+        assert!(Instant::now() < deadline, "the standby holds {} of {n} records after 300 s", standby.len());
+        let wait = active.next_due().saturating_duration_since(Instant::now()).min(Duration::from_millis(50));
+        let mut p = libc::pollfd { fd: active.registry().handle().event_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd.
+        unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+        let dispatched = active.dispatch(&mut |outgoing| {
+            if let Outgoing::Record(record) = outgoing {
+                // What became of it is in the standby's stats.
+                let _ = standby.receive(*record);
+            }
+        });
+        calls += 1;
+        match dispatched {
+            Ok(_) => {}
+            Err(Error::EventsLost) => lost += 1,
+            Err(e) => panic!("active dispatch: {e}"),
+        }
+    }
+    let collected = t.elapsed();
+    let stats = active.stats();
+    drop(active);
+    let unheld = (0..n).filter(|&i| standby.get(&commit_sa(i)).is_none()).count();
+    assert_eq!(unheld, 0, "the standby holds a record of each of the N SAs");
+
+    // The takeover.
+    let handle = Handle::builder().netns_path("/run/netns/kb").events(false).open().unwrap();
+    let t = Instant::now();
+    let done = standby.commit(&handle, &CommitOptions::default()).unwrap();
+    let committed = t.elapsed();
+    let t = Instant::now();
+    let again = standby.commit(&handle, &CommitOptions::default()).unwrap();
+    let committed_again = t.elapsed();
+    assert_eq!(again.written(), n, "the second commit wrote every SA too");
+    // For comparison: the listing a commit starts with, alone.
+    let t = Instant::now();
+    let mut listed = 0;
+    handle.dump_sas(|_| listed += 1).unwrap();
+    let listing = t.elapsed();
+
+    let (mut written, mut rekey, mut mismatch, mut failed) = (0, 0, 0, 0);
+    let mut expect = std::collections::HashMap::new();
+    for sa in &done.sas {
+        match &sa.outcome {
+            Outcome::Written { written: number, .. } => {
+                written += 1;
+                expect.insert(sa.sa, *number);
+            }
+            Outcome::NeedsRekey { .. } => rekey += 1,
+            Outcome::Mismatch(_) => mismatch += 1,
+            Outcome::Failed(_) => failed += 1,
+        }
+    }
+    // Every SA's number as the kernel now holds it; the second commit
+    // wrote the same numbers again (nothing moved in between).
+    let (mut read_back, mut as_written, mut first_wrong) = (0, 0, None);
+    handle
+        .dump_sas(|info| {
+            let Some(number) = expect.get(&info.sa) else { return };
+            read_back += 1;
+            let replay: Option<Replay> = info.replay;
+            let now =
+                replay
+                    .map(|r| if info.sa.daddr == std::net::IpAddr::V4(COMMIT_LOCAL) { r.seq64() } else { r.oseq64() });
+            if now == Some(*number) {
+                as_written += 1;
+            } else if first_wrong.is_none() {
+                first_wrong = Some(format!("{}: {now:?}, written {number}", info.sa));
+            }
+        })
+        .unwrap();
+    // The standby's records, from the allocator: what its drop frees.
+    let held = alloc::live();
+    drop(standby);
+    let standby_bytes = (held - alloc::live()).max(0) as f64;
+    let everything = (held - live0).max(0) as f64;
+
+    println!();
+    println!("| step | time | SAs/s |");
+    println!("|---|---|---|");
+    println!(
+        "| records collected: `Active` on ka (its listing of every SA) until the standby holds {n} | {:.2} s | {:.0} |",
+        collected.as_secs_f64(),
+        n as f64 / collected.as_secs_f64()
+    );
+    println!(
+        "| **`Standby::commit` on kb: list, plan, write {n} SAs** | **{:.3} s** | **{:.0}** |",
+        committed.as_secs_f64(),
+        n as f64 / committed.as_secs_f64()
+    );
+    println!(
+        "| the same commit again | {:.3} s | {:.0} |",
+        committed_again.as_secs_f64(),
+        n as f64 / committed_again.as_secs_f64()
+    );
+    println!(
+        "| for comparison: a listing of kb's {listed} SAs alone (`dump_sas`) | {:.3} s | {:.0} |",
+        listing.as_secs_f64(),
+        listed as f64 / listing.as_secs_f64()
+    );
+    println!();
+    println!(
+        "active: {} records ({} from listings, {} from events, {} from notifications), {} own updates skipped, {calls} dispatch calls, ENOBUFS {lost}",
+        stats.records, stats.from_listings, stats.from_events, stats.from_notifications, stats.own_updates
+    );
+    println!(
+        "commit: epoch {}, {} SAs: {written} written, {rekey} need a rekey, {mismatch} mismatched, {failed} failed; {} records without a local SA",
+        done.epoch,
+        done.sas.len(),
+        done.missing_locally.len()
+    );
+    println!(
+        "read back from kb: {read_back} SAs, {as_written} with the number written{}",
+        first_wrong.map_or(String::new(), |w| format!(" (first that is not: {w})"))
+    );
+    println!(
+        "standby memory: {:.1} MB for {n} SAs, {:.1} bytes/SA (allocator totals; the whole process grew {:.1} MB)",
+        standby_bytes / 1e6,
+        standby_bytes / n as f64,
+        everything / 1e6
+    );
+    println!(
+        "RATIO commit {n} SAs: {:.3} s ({:.0} SAs/s); records collected in {:.2} s; standby {:.1} bytes/SA",
+        committed.as_secs_f64(),
+        n as f64 / committed.as_secs_f64(),
+        collected.as_secs_f64(),
+        standby_bytes / n as f64
+    );
+    sh("ip netns del ka; ip netns del kb");
+    assert_eq!((written, rekey, mismatch, failed), (n, 0, 0, 0), "every SA written");
+    assert_eq!(as_written, n, "every SA holds the number written");
+}
+
 /// The SAs of namespace `ns` whose destination is in `prefix` (a.b.c.0/24
 /// style, by its first three octets), their thresholds read raw: how many
 /// are on `replay`/`timer_ms`, and the first that is not.
@@ -616,6 +866,7 @@ fn main() {
             args.get(1).and_then(|v| v.parse().ok()).unwrap_or(100_000),
             args.get(2).and_then(|v| v.parse().ok()).unwrap_or(20_000),
         ),
+        Some("commit") => commit(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(10_000)),
         Some("many") => many(args.get(1).and_then(|v| v.parse().ok()).unwrap_or(10_000)),
         Some("storm") => storm(
             args.get(1).and_then(|v| v.parse().ok()).unwrap_or(5.0),
@@ -623,7 +874,10 @@ fn main() {
         ),
         Some("send") => send(args[1].parse().unwrap()),
         _ => {
-            eprintln!("usage: vm_bench many N | storm SECONDS [bound] | concentrator SAS STORM_SAS | check NETNS PREFIX REPLAY TIMER_MS");
+            eprintln!(
+                "usage: vm_bench many N | storm SECONDS [bound] | concentrator SAS STORM_SAS | commit N | check NETNS \
+                 PREFIX REPLAY TIMER_MS"
+            );
             std::process::exit(2);
         }
     }

@@ -242,7 +242,7 @@ impl Daemon {
     /// The link holds many unacknowledged messages: sending more would
     /// only see the oldest given up.
     fn link_busy(&self) -> bool {
-        self.transport.outstanding() * 4 >= self.transport.max_outstanding() * 3
+        !self.transport.ready()
     }
 
     fn heartbeat(&mut self) {
