@@ -114,6 +114,24 @@ fn xfrm_stat(ns: &str) -> HashMap<String, u64> {
         .collect()
 }
 
+/// The per-SA counters of `ip -s xfrm state` in the namespace, summed over
+/// its SAs: how many SAs showed them, packets refused as replays, and
+/// failed integrity checks.
+fn sa_stats(ns: &str) -> (usize, u64, u64) {
+    let out = Command::new("ip").args(["-n", ns, "-s", "xfrm", "state"]).output().expect("ip");
+    let (mut sas, mut replay, mut failed) = (0, 0, 0);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "  replay-window 0 replay 0 failed 0"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"replay-window") && words.len() >= 6 && words[2] == "replay" {
+            sas += 1;
+            replay += words[3].parse::<u64>().unwrap_or(0);
+            failed += words[5].parse::<u64>().unwrap_or(0);
+        }
+    }
+    (sas, replay, failed)
+}
+
 fn with_number(replay: Replay, outbound: bool, number: u64) -> Replay {
     match replay {
         Replay::Esn(mut r) if outbound => {
@@ -720,6 +738,14 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     for name in ["XfrmInStateSeqError", "XfrmInNoStates", "XfrmInStateInvalid"] {
         let (before, after) = (counter(&p_stat_before, name), counter(&p_stat_after, name));
         println!("P {name}: {before} -> {after}; S {name}: {}", counter(&s_stat, name));
+    }
+    let (p_sas, p_sa_replays, p_sa_failed) = sa_stats("hp");
+    println!("P's {p_sas} SAs (ip -s xfrm state): {p_sa_replays} packets refused as replays, {p_sa_failed} failed");
+    if p_sas != 2 * pairs.len() {
+        failures.push(format!("ip -s xfrm state showed the counters of {p_sas} of P's {} SAs", 2 * pairs.len()));
+    }
+    if p_sa_replays != 0 || p_sa_failed != 0 {
+        failures.push(format!("P's SAs refused {p_sa_replays} replays and failed {p_sa_failed} packets"));
     }
     let p_replays = counter(&p_stat_after, "XfrmInStateSeqError") - counter(&p_stat_before, "XfrmInStateSeqError");
     if p_replays != 0 {
