@@ -285,6 +285,7 @@ impl Nodes {
         {
             let config = format!(
                 "control_socket = \"{dir}/{node}.sock\"\nstate_file = \"{dir}/{node}.state\"\nrole = \"{role}\"\n\
+                 metrics = \"127.0.0.1:9477\"\n\
                  [link]\nlocal = \"{local}:7700\"\npeer = \"{peer}:7700\"\nkey_file = \"{key}\"\nheartbeat_ms = 200\n\
                  [active]\nrefresh_s = 30\nreplay_packets = 32\ntimer_ms = 500\n\
                  [standby]\ndetection_ms = {DETECTION_MS}\non_replaced = \"{on_replaced}\"\n",
@@ -483,6 +484,66 @@ fn parse_sa(text: &str) -> SaId {
         .unwrap_or_else(|| panic!("status names an SA the suite did not install: {text}"))
 }
 
+/// `GET /metrics` of the daemon in namespace `ns` (its metrics listen on
+/// that namespace's loopback): each sample line's name and labels, and its
+/// value.
+fn scrape(ns: &str) -> HashMap<String, f64> {
+    // bash's /dev/tcp: a Python start costs seconds under TCG.
+    let fetch = "exec 3<>/dev/tcp/127.0.0.1/9477 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3";
+    let out = Command::new("ip").args(["netns", "exec", ns, "bash", "-c", fetch]).output().expect("bash");
+    assert!(out.status.success(), "scraping {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
+        .collect()
+}
+
+fn metric(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(f64::NAN)
+}
+
+/// What the daemons' metrics say while A syncs S.
+fn check_metrics_while_syncing(sas: usize, failures: &mut Vec<String>) {
+    let (a, s) = (scrape("ha"), scrape("hs"));
+    for (what, ok) in [
+        ("A's records_sent_total > 0", metric(&a, "xfrmsync_sync_records_sent_total") > 0.0),
+        ("A's role is active", metric(&a, "xfrmsync_sync_role{role=\"active\"}") == 1.0),
+        ("S's records_received_total > 0", metric(&s, "xfrmsync_sync_records_received_total") > 0.0),
+        ("S's role is standby", metric(&s, "xfrmsync_sync_role{role=\"standby\"}") == 1.0),
+        ("S holds a record of every SA", metric(&s, "xfrmsync_sync_records_held") == sas as f64),
+        ("S's last record is under 2 s old", metric(&s, "xfrmsync_sync_last_record_age_seconds") < 2.0),
+    ] {
+        if !ok {
+            failures.push(format!("metrics: {what}"));
+        }
+    }
+}
+
+/// What S's metrics say after its commit.
+fn check_metrics_after_commit(sas: usize, failures: &mut Vec<String>) {
+    let s = scrape("hs");
+    let written = metric(&s, "xfrmsync_sync_last_commit_sas{outcome=\"written\"}");
+    let rekey = metric(&s, "xfrmsync_sync_last_commit_sas{outcome=\"needs_rekey\"}");
+    for (what, ok) in [
+        ("S committed once", metric(&s, "xfrmsync_sync_commits_total") == 1.0),
+        ("S is active", metric(&s, "xfrmsync_sync_role{role=\"active\"}") == 1.0),
+        ("S's last commit wrote all but the SA that needs a rekey", written == sas as f64 - 1.0 && rekey == 1.0),
+        ("S's margins at least the floor", metric(&s, "xfrmsync_sync_last_commit_margin_min_packets") >= 1024.0),
+    ] {
+        if !ok {
+            failures.push(format!("metrics: {what}"));
+        }
+    }
+    println!(
+        "metrics after commit: S at epoch {}, commits {}, written {written}, needs rekey {rekey}, margins {}-{}",
+        metric(&s, "xfrmsync_sync_epoch"),
+        metric(&s, "xfrmsync_sync_commits_total"),
+        metric(&s, "xfrmsync_sync_last_commit_margin_min_packets"),
+        metric(&s, "xfrmsync_sync_last_commit_margin_max_packets")
+    );
+}
+
 fn run_ok(command: &mut Command) {
     let out = command.output().expect("spawn");
     assert!(out.status.success(), "{command:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -593,6 +654,9 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     if mode == "split" {
         return split_brain(nodes, &pairs, &a, &s, a_senders, p_senders);
     }
+    if mode == "daemon" {
+        check_metrics_while_syncing(2 * pairs.len(), &mut failures);
+    }
     if mode != "overrun" {
         nodes.cut_link();
         thread::sleep(Duration::from_secs(1));
@@ -612,6 +676,10 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     let (rows, summary) = nodes.commit(&s);
     let committed_at = Instant::now();
     let s_after_commit = counters(&s, &pairs);
+    if mode == "daemon" {
+        // A's namespace is down by now; S's metrics only.
+        check_metrics_after_commit(2 * pairs.len(), &mut failures);
+    }
     let mut s_senders: Vec<Child> =
         pairs.iter().filter(|pr| !pr.needs_rekey()).map(|pr| sender("hs", pr.peer, pr.port, 1_000_000)).collect();
 

@@ -4,6 +4,8 @@
 //! let alone write, the host's SAs. Takeovers of real SAs under traffic
 //! are tests/vm_sync.rs, in the VM.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ fn private_netns() {
 struct Pair {
     dir: PathBuf,
     daemons: Vec<(String, Child)>,
+    /// Each node serves metrics (the config's `metrics`) on [`Pair::metrics_port`].
+    metrics: bool,
 }
 
 impl Pair {
@@ -40,17 +44,21 @@ impl Pair {
         let key = dir.join("key");
         let out = xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
-        Pair { dir, daemons: Vec::new() }
+        Pair { dir, daemons: Vec::new(), metrics: false }
     }
 
     fn config(&self, node: &str, role: &str, key: &Path) -> PathBuf {
         let (local, peer) = if node == "a" { (7800, 7801) } else { (7801, 7800) };
         let path = self.dir.join(format!("{node}.toml"));
         let d = self.dir.display();
+        let metrics = match self.metrics {
+            true => format!("metrics = \"127.0.0.1:{}\"\n", Pair::metrics_port(node)),
+            false => String::new(),
+        };
         std::fs::write(
             &path,
             format!(
-                "control_socket = \"{d}/{node}.sock\"\nstate_file = \"{d}/{node}.state\"\nrole = \"{role}\"\n\
+                "{metrics}control_socket = \"{d}/{node}.sock\"\nstate_file = \"{d}/{node}.state\"\nrole = \"{role}\"\n\
                  [link]\nlocal = \"127.0.0.1:{local}\"\npeer = \"127.0.0.1:{peer}\"\nkey_file = \"{}\"\n\
                  heartbeat_ms = 100\n",
                 key.display()
@@ -65,11 +73,16 @@ impl Pair {
     }
 
     fn start_with_key(&mut self, node: &str, role: &str, key: &Path) {
+        self.start_with(node, role, key, &[]);
+    }
+
+    fn start_with(&mut self, node: &str, role: &str, key: &Path, args: &[&str]) {
         let config = self.config(node, role, key);
         let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
         let child = xfrmsync()
             .args(["sync", "--config"])
             .arg(config)
+            .args(args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -114,6 +127,40 @@ impl Pair {
         }
     }
 
+    fn metrics_port(node: &str) -> u16 {
+        if node == "a" {
+            9477
+        } else {
+            9478
+        }
+    }
+
+    /// `GET path` of `node`'s metrics endpoint: the status line, the
+    /// headers and the body.
+    fn get(&self, node: &str, path: &str) -> (String, String, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", Pair::metrics_port(node))).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/plain\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {answer:?}"));
+        let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+        (status.to_string(), headers.to_string(), body.to_string())
+    }
+
+    /// `node`'s metrics, read by a Prometheus text parser.
+    fn scrape(&self, node: &str) -> Metrics {
+        let (status, headers, body) = self.get(node, "/metrics");
+        assert_eq!(status, "HTTP/1.0 200 OK");
+        assert!(headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{headers}");
+        assert!(headers.contains(&format!("Content-Length: {}", body.len())), "{headers}");
+        let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+        // The parser skips lines it cannot read: every sample line must be one.
+        let lines = body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
+        assert_eq!(scrape.samples.len(), lines, "lines the parser skipped:\n{body}");
+        Metrics { scrape, body }
+    }
+
     fn epoch_file(&self, node: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{node}.state"))).unwrap_or_default()
     }
@@ -128,6 +175,42 @@ impl Pair {
                 )
             })
             .collect()
+    }
+}
+
+struct Metrics {
+    scrape: prometheus_parse::Scrape,
+    body: String,
+}
+
+impl Metrics {
+    /// The value of `name` (without the prefix) with `label`, if any.
+    fn value(&self, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+        let name = format!("xfrmsync_sync_{name}");
+        let sample = self.scrape.samples.iter().find(|s| {
+            s.metric == name
+                && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v))
+                && (label.is_some() || s.labels.is_empty())
+        })?;
+        match sample.value {
+            prometheus_parse::Value::Counter(v) => {
+                assert!(name.ends_with("_total"), "a counter without _total: {name}");
+                Some(v)
+            }
+            prometheus_parse::Value::Gauge(v) => Some(v),
+            ref other => panic!("{name}: neither counter nor gauge: {other:?}"),
+        }
+    }
+
+    fn get(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        self.value(name, label).unwrap_or_else(|| panic!("no {name} {label:?} in:\n{}", self.body))
+    }
+
+    /// `name`'s `# TYPE` and whether it has its `# HELP`.
+    fn family(&self, name: &str) -> (Option<&str>, bool) {
+        let name = format!("xfrmsync_sync_{name}");
+        let kind = self.body.lines().find_map(|l| l.strip_prefix(&format!("# TYPE {name} ")));
+        (kind, self.scrape.docs.contains_key(&name))
     }
 }
 
@@ -220,4 +303,120 @@ fn commands_fail_clearly_without_a_daemon_and_keygen_keeps_a_key() {
     let check = xfrmsync().args(["sync", "check", "--config"]).arg(&example).output().unwrap();
     assert!(check.status.success(), "{}", text(&check));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_are_served_for_prometheus() {
+    private_netns();
+    let mut pair = Pair::new("metrics");
+    pair.metrics = true;
+    pair.start("s", "standby");
+    pair.start("a", "active");
+    pair.wait("s", "hearing the active peer", |st| st["peer"]["role"] == "active");
+    pair.wait("s", "the snapshot it asked for", |st| st["resyncs"]["completed"].as_u64() >= Some(1));
+
+    let s = pair.scrape("s");
+    let families = [
+        ("records_sent_total", "counter"),
+        ("records_received_total", "counter"),
+        ("records_rejected_total", "counter"),
+        ("departures_sent_total", "counter"),
+        ("resyncs_total", "counter"),
+        ("commits_total", "counter"),
+        ("last_commit_sas", "gauge"),
+        ("last_commit_margin_min_packets", "gauge"),
+        ("last_commit_margin_max_packets", "gauge"),
+        ("epoch", "gauge"),
+        ("epoch_changes_total", "counter"),
+        ("role", "gauge"),
+        ("records_held", "gauge"),
+        ("last_record_age_seconds", "gauge"),
+        ("peer_heartbeat_age_seconds", "gauge"),
+        ("events_lost_total", "counter"),
+        ("link_packets_sent_total", "counter"),
+        ("link_packets_received_total", "counter"),
+        ("link_packets_retransmitted_total", "counter"),
+        ("link_packets_given_up_total", "counter"),
+        ("link_packets_dropped_total", "counter"),
+    ];
+    for (name, kind) in families {
+        assert_eq!(s.family(name), (Some(kind), true), "{name}:\n{}", s.body);
+    }
+    assert_eq!(s.get("role", Some(("role", "standby"))), 1.0);
+    assert_eq!(s.get("role", Some(("role", "active"))), 0.0);
+    assert_eq!(s.get("role", Some(("role", "replaced"))), 0.0);
+    assert_eq!(s.get("epoch", None), 0.0);
+    for reason in ["older", "lower_epoch", "malformed"] {
+        assert_eq!(s.get("records_rejected_total", Some(("reason", reason))), 0.0);
+    }
+    for outcome in ["written", "needs_rekey", "mismatch", "failed"] {
+        assert_eq!(s.get("last_commit_sas", Some(("outcome", outcome))), 0.0);
+    }
+    assert_eq!(s.value("last_commit_margin_min_packets", None), None, "no margin before a commit");
+    assert!(s.get("peer_heartbeat_age_seconds", None) < 5.0);
+    assert!(s.get("link_packets_dropped_total", Some(("reason", "auth_failed"))) == 0.0);
+    let a = pair.scrape("a");
+    assert_eq!(a.get("role", Some(("role", "active"))), 1.0);
+    assert_eq!(a.get("role", Some(("role", "standby"))), 0.0);
+
+    // A resync moves the counters of both (no SA here, so no record: the
+    // records themselves are counted in the VM tests' takeovers).
+    let asked = s.get("resyncs_total", Some(("kind", "asked")));
+    let completed = s.get("resyncs_total", Some(("kind", "completed")));
+    let served = a.get("resyncs_total", Some(("kind", "served")));
+    let link_received = s.get("link_packets_received_total", None);
+    assert!(pair.ask("s", &["resync"]).unwrap().status.success());
+    pair.wait("s", "the second snapshot", |st| st["resyncs"]["completed"].as_u64() > Some(completed as u64));
+    let s = pair.scrape("s");
+    assert_eq!(s.get("resyncs_total", Some(("kind", "asked"))), asked + 1.0);
+    assert!(s.get("resyncs_total", Some(("kind", "completed"))) > completed);
+    assert!(s.get("link_packets_received_total", None) > link_received);
+    assert!(pair.scrape("a").get("resyncs_total", Some(("kind", "served"))) > served);
+
+    // A commit: S is active at epoch 1, A is replaced and learns it.
+    let commit = pair.ask("s", &["commit"]).unwrap();
+    assert!(commit.status.success(), "{}", text(&commit));
+    pair.wait("a", "being replaced", |st| st["role"] == "replaced");
+    let s = pair.scrape("s");
+    assert_eq!(s.get("epoch", None), 1.0);
+    assert_eq!(s.get("epoch_changes_total", None), 1.0);
+    assert_eq!(s.get("commits_total", None), 1.0);
+    assert_eq!(s.get("role", Some(("role", "active"))), 1.0);
+    assert_eq!(s.get("role", Some(("role", "standby"))), 0.0);
+    let a = pair.scrape("a");
+    assert_eq!(a.get("epoch", None), 1.0);
+    assert_eq!(a.get("epoch_changes_total", None), 1.0);
+    assert_eq!(a.get("role", Some(("role", "replaced"))), 1.0);
+    assert_eq!(a.get("role", Some(("role", "active"))), 0.0);
+
+    // Another path is not found; another method not allowed.
+    let (status, _, _) = pair.get("s", "/");
+    assert_eq!(status, "HTTP/1.0 404 Not Found");
+    let (status, _, _) = pair.get("s", "/metricsx");
+    assert_eq!(status, "HTTP/1.0 404 Not Found");
+
+    // A client that sends nothing holds up neither the daemon nor the
+    // next scrape, and is closed after a second.
+    let mut silent = TcpStream::connect(("127.0.0.1", Pair::metrics_port("s"))).unwrap();
+    let started = Instant::now();
+    assert_eq!(pair.scrape("s").get("role", Some(("role", "active"))), 1.0);
+    let answered = started.elapsed();
+    assert!(answered < Duration::from_millis(900), "the scrape waited for the silent client: {answered:?}");
+    assert_eq!(pair.status("s")["role"], "active");
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(silent.read(&mut buf).map_err(|e| e.kind()), Ok(0), "closed, without an answer");
+    let closed = started.elapsed();
+    assert!(closed >= Duration::from_millis(900), "closed after {closed:?}");
+
+    // `--metrics` wins over the config's key.
+    pair.stop("a");
+    pair.start_with("a", "standby", &pair.dir.join("key"), &["--metrics", "127.0.0.1:9479"]);
+    assert!(TcpStream::connect(("127.0.0.1", Pair::metrics_port("a"))).is_err(), "the config's port, not the flag's");
+    let mut stream = TcpStream::connect(("127.0.0.1", 9479)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("xfrmsync_sync_role{role=\"standby\"} 1\n"), "{answer}");
 }

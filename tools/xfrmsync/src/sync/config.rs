@@ -58,6 +58,8 @@ pub struct SyncConfig {
     pub state_file: PathBuf,
     /// The role at start, until the cluster manager gives one.
     pub role: Role,
+    /// Where Prometheus metrics are served (`--metrics` overrides); `None`, the default: nowhere.
+    pub metrics: Option<SocketAddr>,
     pub link: LinkSettings,
     pub active: ActiveSettings,
     pub standby: StandbySettings,
@@ -167,6 +169,7 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
     let control_socket = c.get(&mut top, "control_socket", socket_path);
     let state_file = c.get(&mut top, "state_file", absolute_path);
     let role = c.get(&mut top, "role", |v| choice(v, &[("standby", Role::Standby), ("active", Role::Active)]));
+    let metrics = c.get(&mut top, "metrics", metrics_addr);
 
     let mut link = c.section(&mut top, "link");
     let local = c.get(&mut link, "local", socket_addr);
@@ -268,6 +271,7 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
         control_socket: value(control_socket, DEFAULT_CONTROL_SOCKET.into()),
         state_file: value(state_file, DEFAULT_STATE_FILE.into()),
         role: value(role, Role::default()),
+        metrics: metrics.map(Spanned::into_inner),
         link: LinkSettings {
             local: local.expect(missing).into_inner(),
             peer: peer.expect(missing).into_inner(),
@@ -476,6 +480,22 @@ fn socket_addr(v: &DeValue) -> Result<SocketAddr, String> {
     Ok(a)
 }
 
+/// Where `--metrics` listens: ADDRESS:PORT, a port of its own.
+fn metrics_addr(v: &DeValue) -> Result<SocketAddr, String> {
+    let s = string(v)?;
+    parse_metrics_addr(s)
+}
+
+/// As [`metrics_addr`], from the command line too.
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let a: SocketAddr =
+        s.parse().map_err(|_| format!("'{s}' is not ADDRESS:PORT (127.0.0.1:9477, or [::1]:9477 for IPv6)"))?;
+    if a.port() == 0 {
+        return Err(format!("'{s}' has port 0; Prometheus must know the port to scrape"));
+    }
+    Ok(a)
+}
+
 /// One of `choices`, by its word.
 fn choice<T: Copy>(v: &DeValue, choices: &[(&str, T)]) -> Result<T, String> {
     let words: Vec<String> = choices.iter().map(|(w, _)| format!("\"{w}\"")).collect();
@@ -537,6 +557,7 @@ mod tests {
 control_socket = "/run/xs/ctl.sock"
 state_file = "/var/lib/xs/state"
 role = "active"
+metrics = "[::1]:9477"
 
 [link]
 local = "[fd00:99::1]:7701"
@@ -585,6 +606,7 @@ on_replaced = "delete-outbound"
             control_socket: "/run/xs/ctl.sock".into(),
             state_file: "/var/lib/xs/state".into(),
             role: Role::Active,
+            metrics: Some("[::1]:9477".parse().unwrap()),
             link: LinkSettings {
                 local: "[fd00:99::1]:7701".parse().unwrap(),
                 peer: "[fd00:99::2]:7702".parse().unwrap(),
@@ -617,6 +639,7 @@ on_replaced = "delete-outbound"
             control_socket: "/run/xfrmsync/sync.sock".into(),
             state_file: "/var/lib/xfrmsync/sync.state".into(),
             role: Role::Standby,
+            metrics: None,
             link: LinkSettings {
                 local: "10.99.0.1:7700".parse().unwrap(),
                 peer: "10.99.0.2:7700".parse().unwrap(),

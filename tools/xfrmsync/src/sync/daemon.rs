@@ -33,6 +33,7 @@ use xfrmsync::{Error, Handle, SaId};
 
 use super::config::{OnReplaced, Role, SyncConfig};
 use super::control::{self, Reply, Request};
+use super::metrics;
 use super::transport::{Kind, Transport};
 use crate::sys;
 
@@ -135,6 +136,14 @@ pub struct Daemon {
     serving_snapshot: bool,
     records_out: Vec<u8>,
     departures_out: Vec<u8>,
+    /// `--metrics`: the Prometheus endpoint.
+    metrics: Option<metrics::Endpoint>,
+    /// Times `epoch` rose.
+    epoch_changes: u64,
+    /// Event-socket overruns of the active sides this node had before the one now.
+    events_lost_before: u64,
+    /// When the newest record from the peer arrived.
+    last_record_at: Option<Instant>,
 }
 
 /// The heartbeat's payload: version, role, 6 bytes 0, the epoch.
@@ -151,6 +160,10 @@ impl Daemon {
         let control = control::listen(&config.control_socket)
             .map_err(|e| format!("{}: control socket: {e}", config.control_socket.display()))?;
         let handle = open(netns.as_deref(), false)?;
+        let metrics = match config.metrics {
+            Some(addr) => Some(metrics::Endpoint::bind(addr).map_err(|e| format!("metrics {addr}: {e}"))?),
+            None => None,
+        };
         let mut daemon = Daemon {
             node: Node::Standby(Standby::new(epoch)),
             config,
@@ -169,6 +182,10 @@ impl Daemon {
             serving_snapshot: false,
             records_out: Vec::new(),
             departures_out: Vec::new(),
+            metrics,
+            epoch_changes: 0,
+            events_lost_before: 0,
+            last_record_at: None,
         };
         match daemon.config.role {
             Role::Active => daemon.become_active()?,
@@ -191,6 +208,9 @@ impl Daemon {
             self.config.link.peer,
             self.config.control_socket.display()
         ));
+        if let Some(Ok(addr)) = self.metrics.as_ref().map(metrics::Endpoint::local_addr) {
+            self.say(&format!("metrics on http://{addr}/metrics"));
+        }
         loop {
             let now = Instant::now();
             let mut until = self.next_heartbeat;
@@ -209,9 +229,14 @@ impl Daemon {
                 }
                 _ => -1,
             };
-            let fds: [RawFd; 4] = [self.transport.fd(), self.control.as_raw_fd(), signals.as_raw_fd(), active_fd];
-            let [link, control, signal, events] =
-                sys::wait_readable(fds, Some(until)).map_err(|e| format!("poll: {e}"))?;
+            let mut fds: [RawFd; 4 + 1 + metrics::CLIENTS] = [-1; 4 + 1 + metrics::CLIENTS];
+            fds[..4].copy_from_slice(&[self.transport.fd(), self.control.as_raw_fd(), signals.as_raw_fd(), active_fd]);
+            if let Some(endpoint) = &self.metrics {
+                fds[4..].copy_from_slice(&endpoint.fds());
+                until = endpoint.next_deadline().map_or(until, |t| until.min(t));
+            }
+            let ready = sys::wait_readable(fds, Some(until)).map_err(|e| format!("poll: {e}"))?;
+            let [link, control, signal, events] = [ready[0], ready[1], ready[2], ready[3]];
             if signal {
                 while let Some(s) = signals.next().map_err(|e| format!("reading signals: {e}"))? {
                     if s != libc::SIGHUP {
@@ -236,7 +261,72 @@ impl Daemon {
             if control {
                 self.serve_control();
             }
+            if let Some(mut endpoint) = self.metrics.take() {
+                endpoint.process(&ready[4..], Instant::now(), &mut || self.metrics_values());
+                self.metrics = Some(endpoint);
+            }
         }
+    }
+
+    /// What `--metrics` shows (metrics.rs says what each is).
+    fn metrics_values(&self) -> metrics::Values {
+        let c = &self.counts;
+        let t = self.transport.stats();
+        let d = &t.dropped;
+        let mut last_commit = [0u64; 4];
+        for committed in self.committed.values() {
+            if let Some(at) = metrics::OUTCOMES.iter().position(|o| *o == committed.kind) {
+                last_commit[at] += 1;
+            }
+        }
+        let margins = self.committed.values().filter_map(|c| c.margin);
+        let (records_held, events_lost) = match &self.node {
+            Node::Standby(standby) | Node::Replaced { standby, .. } => (standby.len() as u64, 0),
+            Node::Active(active) => (0, active.stats().events_lost),
+        };
+        metrics::Values {
+            role: self.node.name(),
+            epoch: self.epoch,
+            epoch_changes: self.epoch_changes,
+            records_sent: c.records_sent,
+            records_received: c.records_received,
+            rejected_older: c.rejected_older,
+            rejected_lower_epoch: c.rejected_lower_epoch,
+            rejected_malformed: c.rejected_malformed,
+            departures_sent: c.departures_sent,
+            resyncs_asked: c.snapshots_asked,
+            resyncs_served: c.snapshots_served,
+            resyncs_completed: c.snapshots_done,
+            commits: c.commits,
+            last_commit,
+            last_commit_margin_min: margins.clone().min(),
+            last_commit_margin_max: margins.max(),
+            records_held,
+            last_record_age: self.last_record_at.map(|t| t.elapsed()),
+            peer_heartbeat_age: self.peer.map(|p| p.at.elapsed()),
+            events_lost: self.events_lost_before + events_lost,
+            link_sent: t.sent,
+            link_received: t.received,
+            link_retransmitted: t.retransmitted,
+            link_given_up: t.given_up,
+            link_dropped: vec![
+                ("not_from_peer", d.not_from_peer),
+                ("auth_failed", d.auth_failed),
+                ("malformed", d.malformed),
+                ("replayed", d.replayed),
+                ("too_old", d.too_old),
+                ("from_future", d.from_future),
+                ("old_session", d.old_session),
+            ],
+        }
+    }
+
+    /// The node is `node` from now on; an active side's counts are kept.
+    fn set_node(&mut self, node: Node) {
+        if let Node::Active(active) = &self.node {
+            self.events_lost_before += active.stats().events_lost;
+        }
+        self.node = node;
     }
 
     /// The link holds many unacknowledged messages: sending more would
@@ -313,6 +403,7 @@ impl Daemon {
             return;
         }
         self.epoch = epoch;
+        self.epoch_changes += 1;
         if let Err(e) = write_epoch(&self.config.state_file, epoch) {
             log::error!("{e}");
         }
@@ -336,7 +427,7 @@ impl Daemon {
                         Err(e) => eprintln!("xfrmsync sync: REPLACED: listing the outbound SAs to delete: {e}"),
                     }
                 }
-                self.node = Node::Replaced { standby: Standby::new(epoch), by: epoch };
+                self.set_node(Node::Replaced { standby: Standby::new(epoch), by: epoch });
             }
             Node::Standby(standby) | Node::Replaced { standby, .. } => standby.learn_epoch(epoch),
         }
@@ -354,6 +445,7 @@ impl Daemon {
             };
             payload = &payload[used..];
             self.counts.records_received += 1;
+            self.last_record_at = Some(Instant::now());
             if record.epoch > self.epoch {
                 self.learn_epoch(record.epoch);
             }
@@ -471,7 +563,7 @@ impl Daemon {
             refresh: self.config.active.refresh,
         };
         let active = Active::new(handle, self.epoch, config).map_err(|e| format!("the active side: {e}"))?;
-        self.node = Node::Active(Box::new(active));
+        self.set_node(Node::Active(Box::new(active)));
         self.serving_snapshot = true;
         // Said at once, so that an old active node that hears it stops.
         self.heartbeat();
@@ -527,7 +619,7 @@ impl Daemon {
                 },
             },
             Request::Role(Role::Standby) => {
-                self.node = Node::Standby(Standby::new(self.epoch));
+                self.set_node(Node::Standby(Standby::new(self.epoch)));
                 self.ask_snapshot();
                 self.say(&format!("standby at epoch {}", self.epoch));
                 Reply::ok(format!("standby at epoch {}; asked the peer for every SA", self.epoch))
@@ -555,6 +647,9 @@ impl Daemon {
             Err(e) => return Reply::failed(format!("not committed: {e}")),
         };
         let took = started.elapsed();
+        if commit.epoch > self.epoch {
+            self.epoch_changes += 1;
+        }
         self.epoch = commit.epoch;
         self.counts.commits += 1;
         let mut text = String::new();

@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod key;
+pub mod metrics;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -28,6 +29,10 @@ pub struct Args {
     /// Reach the daemon at this control socket rather than the config's
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (the daemon;
+    /// overrides the config's `metrics`)
+    #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_metrics_addr)]
+    metrics: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     action: Option<Action>,
 }
@@ -109,7 +114,10 @@ fn run_daemon(global: &Global, args: &Args) -> Outcome {
     // Before any thread starts (the handle's netns helper is one).
     let signals = sys::Signals::take(&[libc::SIGHUP, libc::SIGTERM, libc::SIGINT])
         .map_err(|e| Failure::new(format!("taking signals: {e}")))?;
-    let config = config::load(&args.config).map_err(Failure::new)?;
+    let mut config = config::load(&args.config).map_err(Failure::new)?;
+    if let Some(addr) = args.metrics {
+        config.metrics = Some(addr);
+    }
     let key = key::Key::load(&config.link.key_file).map_err(Failure::new)?;
     if let Err(e) = xfrmsync::hz::kernel_hz_without_sa() {
         log::info!("kernel HZ not learnt before starting: {e}");

@@ -1,0 +1,496 @@
+//! `xfrmsync sync --metrics ADDR:PORT` (or the config's `metrics` key): the
+//! daemon's counters for Prometheus, in its text exposition format 0.0.4,
+//! on `GET /metrics`. Off by default.
+//!
+//! Served from the daemon's own poll loop, no thread: the listener and up
+//! to [`CLIENTS`] connections waiting for their request are fds of that
+//! loop, all non-blocking. A client has 1 s to send its request (at most
+//! [`MAX_REQUEST`] bytes); one that sends nothing is closed then, and one
+//! more client than there is room for closes the oldest waiting. The answer
+//! is written at once (`HTTP/1.0`, `Content-Length`, then close): it is a
+//! few KB, which the socket's buffer takes whole. `GET /metrics` (any query
+//! string) is answered with the metrics, another path with 404, another
+//! method with 405. Bind it to a loopback or management address: it has no
+//! authentication (it shows counters only, no key and no SA).
+//!
+//! The metrics, every name prefixed `xfrmsync_sync_`:
+//!
+//! | name | type | what |
+//! | --- | --- | --- |
+//! | `records_sent_total` | counter | records sent to the peer (while active) |
+//! | `records_received_total` | counter | records received from the peer |
+//! | `records_rejected_total{reason}` | counter | received and not held: `older` than one held, of a `lower_epoch`, `malformed` |
+//! | `departures_sent_total` | counter | departures (an SA gone) sent |
+//! | `resyncs_total{kind}` | counter | snapshots `asked` of the peer, `served` to it, `completed` (received whole) |
+//! | `commits_total` | counter | takeovers done here |
+//! | `last_commit_sas{outcome}` | gauge | the last commit's SAs: `written`, `needs_rekey`, `mismatch`, `failed` (0 before any) |
+//! | `last_commit_margin_min_packets`, `..._max_packets` | gauge | the least and greatest margin the last commit added; absent before a commit with a margin |
+//! | `epoch` | gauge | the highest epoch the node knows |
+//! | `epoch_changes_total` | counter | times that epoch rose (a commit here, or a higher one learnt) |
+//! | `role{role}` | gauge | 1 for the node's role (`active`, `standby`, `replaced`), 0 for the others |
+//! | `records_held` | gauge | records held now (0 while active) |
+//! | `last_record_age_seconds` | gauge | since the newest record from the peer arrived, by this node's clock; absent before any |
+//! | `peer_heartbeat_age_seconds` | gauge | since the peer's last heartbeat; absent before any |
+//! | `events_lost_total` | counter | times the active side's event socket overran (each followed by a listing); summed over every time the node was active |
+//! | `link_packets_sent_total`, `..._received_total`, `..._retransmitted_total`, `..._given_up_total` | counter | the sync link's messages |
+//! | `link_packets_dropped_total{reason}` | counter | datagrams refused: `not_from_peer`, `auth_failed`, `malformed`, `replayed`, `too_old`, `from_future`, `old_session` |
+//!
+//! "Absent" means the family's `# HELP` and `# TYPE` lines with no sample,
+//! rather than NaN: an alert on `absent(...)` or on a threshold then does
+//! not fire on a made-up value.
+//!
+//! No label names an SA, so the number of series is fixed whatever the
+//! number of SAs: per-SA metrics (a record's age, its last margin) would
+//! be an opt-in of their own, not written yet; `xfrmsync sync status
+//! --json` has them. Nor is there a replication lag in sequence numbers:
+//! the standby does not see the active node's kernel, and the active node
+//! does not know what the standby holds (acknowledgements are per packet,
+//! not per record), so it could not be sampled soundly without a new
+//! message; `last_record_age_seconds` and the link's `given_up` counter
+//! are the signs of a standby falling behind.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Connections kept waiting for their request at once.
+pub const CLIENTS: usize = 4;
+/// The most of a request read; a longer one is refused.
+pub const MAX_REQUEST: usize = 4096;
+/// How long a client has to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long writing the answer may wait on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_millis(200);
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the metrics show, gathered by the daemon at each scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Values {
+    /// `active`, `standby` or `replaced`.
+    pub role: &'static str,
+    pub epoch: u64,
+    pub epoch_changes: u64,
+    pub records_sent: u64,
+    pub records_received: u64,
+    pub rejected_older: u64,
+    pub rejected_lower_epoch: u64,
+    pub rejected_malformed: u64,
+    pub departures_sent: u64,
+    pub resyncs_asked: u64,
+    pub resyncs_served: u64,
+    pub resyncs_completed: u64,
+    pub commits: u64,
+    /// The last commit's SAs by outcome: written, needs_rekey, mismatch, failed.
+    pub last_commit: [u64; 4],
+    pub last_commit_margin_min: Option<u64>,
+    pub last_commit_margin_max: Option<u64>,
+    pub records_held: u64,
+    pub last_record_age: Option<Duration>,
+    pub peer_heartbeat_age: Option<Duration>,
+    pub events_lost: u64,
+    pub link_sent: u64,
+    pub link_received: u64,
+    pub link_retransmitted: u64,
+    pub link_given_up: u64,
+    /// By reason, each reason always listed.
+    pub link_dropped: Vec<(&'static str, u64)>,
+}
+
+pub const ROLES: [&str; 3] = ["active", "standby", "replaced"];
+pub const OUTCOMES: [&str; 4] = ["written", "needs_rekey", "mismatch", "failed"];
+
+/// A sample's value: counts exactly, seconds as floats.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Count(u64),
+    Seconds(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    Counter,
+    Gauge,
+}
+
+/// The exposition text being written: one family at a time.
+struct Text(String);
+
+impl Text {
+    /// A family: `# HELP`, `# TYPE`, then its samples, each with its
+    /// labels. A counter's name ends in `_total`.
+    fn family(&mut self, name: &str, kind: Type, help: &str, samples: &[(&[(&str, &str)], Number)]) {
+        debug_assert!(kind != Type::Counter || name.ends_with("_total"), "{name}");
+        let kind_name = match kind {
+            Type::Counter => "counter",
+            Type::Gauge => "gauge",
+        };
+        let _ = writeln!(self.0, "# HELP xfrmsync_sync_{name} {}", escape_help(help));
+        let _ = writeln!(self.0, "# TYPE xfrmsync_sync_{name} {kind_name}");
+        for (labels, value) in samples {
+            self.0.push_str("xfrmsync_sync_");
+            self.0.push_str(name);
+            if !labels.is_empty() {
+                self.0.push('{');
+                for (i, (label, value)) in labels.iter().enumerate() {
+                    if i > 0 {
+                        self.0.push(',');
+                    }
+                    let _ = write!(self.0, "{label}=\"{}\"", escape_label_value(value));
+                }
+                self.0.push('}');
+            }
+            let _ = match value {
+                Number::Count(n) => writeln!(self.0, " {n}"),
+                Number::Seconds(d) => writeln!(self.0, " {}", d.as_secs_f64()),
+            };
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: Type, help: &str, value: u64) {
+        self.family(name, kind, help, &[(&[], Number::Count(value))]);
+    }
+
+    /// One sample per label value.
+    fn by(&mut self, name: &str, kind: Type, help: &str, label: &str, values: &[(&str, u64)]) {
+        let labels: Vec<[(&str, &str); 1]> = values.iter().map(|(v, _)| [(label, *v)]).collect();
+        let samples: Vec<(&[(&str, &str)], Number)> =
+            labels.iter().zip(values).map(|(l, (_, n))| (&l[..], Number::Count(*n))).collect();
+        self.family(name, kind, help, &samples);
+    }
+
+    /// A sample, or none when there is no value yet.
+    fn maybe(&mut self, name: &str, kind: Type, help: &str, value: Option<Number>) {
+        let samples: Vec<(&[(&str, &str)], Number)> = value.into_iter().map(|v| (&[][..], v)).collect();
+        self.family(name, kind, help, &samples);
+    }
+}
+
+/// `\` and newline escaped, as the format wants in `# HELP`.
+fn escape_help(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// `\`, `"` and newline escaped, as the format wants in a label value.
+fn escape_label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The exposition text of `v`.
+pub fn render(v: &Values) -> String {
+    use Type::{Counter, Gauge};
+    let mut t = Text(String::with_capacity(8192));
+    t.one("records_sent_total", Counter, "Records sent to the peer.", v.records_sent);
+    t.one("records_received_total", Counter, "Records received from the peer.", v.records_received);
+    t.by(
+        "records_rejected_total",
+        Counter,
+        "Records received and not held, by reason.",
+        "reason",
+        &[("older", v.rejected_older), ("lower_epoch", v.rejected_lower_epoch), ("malformed", v.rejected_malformed)],
+    );
+    t.one("departures_sent_total", Counter, "Departures (an SA gone) sent to the peer.", v.departures_sent);
+    t.by(
+        "resyncs_total",
+        Counter,
+        "Snapshots asked of the peer, served to it, and completed.",
+        "kind",
+        &[("asked", v.resyncs_asked), ("served", v.resyncs_served), ("completed", v.resyncs_completed)],
+    );
+    t.one("commits_total", Counter, "Takeovers (commits) done by this node.", v.commits);
+    let outcomes: Vec<(&str, u64)> = OUTCOMES.iter().copied().zip(v.last_commit).collect();
+    t.by("last_commit_sas", Gauge, "The last commit's SAs, by outcome.", "outcome", &outcomes);
+    t.maybe(
+        "last_commit_margin_min_packets",
+        Gauge,
+        "The least margin the last commit added to an SA, in packets.",
+        v.last_commit_margin_min.map(Number::Count),
+    );
+    t.maybe(
+        "last_commit_margin_max_packets",
+        Gauge,
+        "The greatest margin the last commit added to an SA, in packets.",
+        v.last_commit_margin_max.map(Number::Count),
+    );
+    t.one("epoch", Gauge, "The highest epoch this node knows.", v.epoch);
+    t.one("epoch_changes_total", Counter, "Times this node's epoch rose.", v.epoch_changes);
+    let roles: Vec<(&str, u64)> = ROLES.iter().map(|r| (*r, u64::from(*r == v.role))).collect();
+    t.by("role", Gauge, "1 for the node's role, 0 for the others.", "role", &roles);
+    t.one("records_held", Gauge, "Records held now, one per SA.", v.records_held);
+    t.maybe(
+        "last_record_age_seconds",
+        Gauge,
+        "Seconds since the newest record from the peer arrived; absent before any.",
+        v.last_record_age.map(Number::Seconds),
+    );
+    t.maybe(
+        "peer_heartbeat_age_seconds",
+        Gauge,
+        "Seconds since the peer's last heartbeat; absent before any.",
+        v.peer_heartbeat_age.map(Number::Seconds),
+    );
+    t.one("events_lost_total", Counter, "Times the active side's event socket overran.", v.events_lost);
+    t.one("link_packets_sent_total", Counter, "Messages sent on the sync link.", v.link_sent);
+    t.one("link_packets_received_total", Counter, "Messages received on the sync link.", v.link_received);
+    t.one("link_packets_retransmitted_total", Counter, "Messages sent again on the sync link.", v.link_retransmitted);
+    t.one("link_packets_given_up_total", Counter, "Reliable messages never acknowledged by the peer.", v.link_given_up);
+    t.by(
+        "link_packets_dropped_total",
+        Counter,
+        "Datagrams refused on the sync link, by reason.",
+        "reason",
+        &v.link_dropped,
+    );
+    t.0
+}
+
+/// A connection waiting for its request.
+struct Client {
+    stream: TcpStream,
+    request: Vec<u8>,
+    deadline: Instant,
+}
+
+/// The listener and the connections waiting for their request.
+pub struct Endpoint {
+    listener: TcpListener,
+    clients: [Option<Client>; CLIENTS],
+}
+
+/// What a request asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Metrics,
+    NotFound,
+    BadMethod,
+    Bad,
+}
+
+impl Endpoint {
+    pub fn bind(addr: SocketAddr) -> io::Result<Endpoint> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Endpoint { listener, clients: Default::default() })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The fds to wait on: the listener, then each waiting client (-1 for
+    /// none, which poll skips).
+    pub fn fds(&self) -> [RawFd; 1 + CLIENTS] {
+        let mut fds = [-1; 1 + CLIENTS];
+        fds[0] = self.listener.as_raw_fd();
+        for (fd, client) in fds[1..].iter_mut().zip(&self.clients) {
+            if let Some(c) = client {
+                *fd = c.stream.as_raw_fd();
+            }
+        }
+        fds
+    }
+
+    /// When the first waiting client runs out of time.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.clients.iter().flatten().map(|c| c.deadline).min()
+    }
+
+    /// Accepts, reads and answers what is ready (`ready` as for
+    /// [`Endpoint::fds`]), and closes clients out of time. `values` is
+    /// called for each scrape answered.
+    pub fn process(&mut self, ready: &[bool], now: Instant, values: &mut dyn FnMut() -> Values) {
+        for (slot, ready) in ready[1..].iter().enumerate() {
+            if *ready {
+                self.read(slot, values);
+            }
+        }
+        if ready[0] {
+            self.accept(now, values);
+        }
+        for client in &mut self.clients {
+            if client.as_ref().is_some_and(|c| c.deadline <= now) {
+                log::debug!("metrics: a client sent no request within {REQUEST_TIMEOUT:?}");
+                *client = None;
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant, values: &mut dyn FnMut() -> Values) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("metrics: accepting: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("metrics: {e}");
+                continue;
+            }
+            // The free slot, or the one waiting longest.
+            let slot = match self.clients.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => {
+                    let (oldest, _) = self
+                        .clients
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, c)| c.as_ref().map(|c| c.deadline))
+                        .expect("CLIENTS > 0");
+                    log::debug!("metrics: more clients than {CLIENTS} waiting; the oldest closed");
+                    oldest
+                }
+            };
+            let client = Client { stream, request: Vec::new(), deadline: now + REQUEST_TIMEOUT };
+            self.clients[slot] = Some(client);
+            // A scraper sends its request with the connection: often here already.
+            self.read(slot, values);
+        }
+    }
+
+    /// Reads what `slot`'s client sent; answers once its request is whole.
+    fn read(&mut self, slot: usize, values: &mut dyn FnMut() -> Values) {
+        let Some(client) = &mut self.clients[slot] else { return };
+        let mut buf = [0u8; 1024];
+        let asked = loop {
+            match client.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.clients[slot] = None;
+                    return;
+                }
+                Ok(n) => {
+                    client.request.extend_from_slice(&buf[..n]);
+                    if let Some(asked) = request(&client.request) {
+                        break asked;
+                    }
+                    if client.request.len() > MAX_REQUEST {
+                        break Asked::Bad;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("metrics: reading a request: {e}");
+                    self.clients[slot] = None;
+                    return;
+                }
+            }
+        };
+        let client = self.clients[slot].take().expect("read above");
+        let (status, body, extra) = match asked {
+            Asked::Metrics => ("200 OK", render(&values()), ""),
+            Asked::NotFound => ("404 Not Found", "Not found: the metrics are at /metrics\n".into(), ""),
+            Asked::BadMethod => ("405 Method Not Allowed", "Only GET\n".into(), "Allow: GET\r\n"),
+            Asked::Bad => ("400 Bad Request", "Bad request\n".into(), ""),
+        };
+        let answer = format!(
+            "HTTP/1.0 {status}\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n{extra}Connection: \
+             close\r\n\r\n{body}",
+            body.len()
+        );
+        if let Err(e) = write_answer(&client.stream, answer.as_bytes()) {
+            log::debug!("metrics: writing an answer: {e}");
+        }
+    }
+}
+
+fn write_answer(mut stream: &TcpStream, answer: &[u8]) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    stream.write_all(answer)?;
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// What a request asks for, once its head is whole (`None` before).
+fn request(bytes: &[u8]) -> Option<Asked> {
+    let end =
+        bytes.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| bytes.windows(2).position(|w| w == b"\n\n"))?;
+    let Ok(head) = std::str::from_utf8(&bytes[..end]) else { return Some(Asked::Bad) };
+    let line = head.lines().next().unwrap_or("");
+    let mut words = line.split_ascii_whitespace();
+    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next()) else {
+        return Some(Asked::Bad);
+    };
+    if words.next().is_some() || !version.starts_with("HTTP/1.") {
+        return Some(Asked::Bad);
+    }
+    if method != "GET" {
+        return Some(Asked::BadMethod);
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    Some(if path == "/metrics" { Asked::Metrics } else { Asked::NotFound })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_and_label_values_are_escaped_as_the_format_says() {
+        assert_eq!(escape_help("a\\b\nc \"q\""), "a\\\\b\\nc \"q\"");
+        assert_eq!(escape_label_value("a\\b\nc \"q\""), "a\\\\b\\nc \\\"q\\\"");
+        let mut t = Text(String::new());
+        t.family(
+            "x_total",
+            Type::Counter,
+            "Line one\nback\\slash",
+            &[(&[("k", "v\"1\""), ("j", "\\")], Number::Count(3))],
+        );
+        assert_eq!(
+            t.0,
+            "# HELP xfrmsync_sync_x_total Line one\\nback\\\\slash\n# TYPE xfrmsync_sync_x_total counter\n\
+             xfrmsync_sync_x_total{k=\"v\\\"1\\\"\",j=\"\\\\\"} 3\n"
+        );
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_counters_end_in_total() {
+        let v = Values {
+            role: "standby",
+            link_dropped: vec![("auth_failed", 2), ("old_session", 0)],
+            last_record_age: Some(Duration::from_millis(1500)),
+            ..Values::default()
+        };
+        let text = render(&v);
+        let mut families: Vec<(&str, &str)> = Vec::new();
+        let mut helped: Vec<&str> = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped.push(rest.split(' ').next().unwrap());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert_eq!(helped.last(), Some(&name), "HELP before TYPE: {name}");
+                assert!(!families.iter().any(|(n, _)| *n == name), "{name} twice");
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{name} {kind}");
+                families.push((name, kind));
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(families.last().map(|f| f.0), Some(name), "a sample out of its family: {line}");
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+            }
+        }
+        assert!(text.contains("xfrmsync_sync_role{role=\"standby\"} 1\nxfrmsync_sync_role{role=\"replaced\"} 0\n"));
+        assert!(text.contains("xfrmsync_sync_role{role=\"active\"} 0\n"));
+        assert!(text.contains("xfrmsync_sync_link_packets_dropped_total{reason=\"auth_failed\"} 2\n"));
+        assert!(text.contains("xfrmsync_sync_last_record_age_seconds 1.5\n"));
+        // Absent before any: the family's lines, no sample.
+        assert!(text.contains("# TYPE xfrmsync_sync_peer_heartbeat_age_seconds gauge\n# HELP"));
+        assert!(text.contains("xfrmsync_sync_last_commit_sas{outcome=\"needs_rekey\"} 0\n"));
+    }
+
+    #[test]
+    fn requests_are_read_as_http() {
+        assert_eq!(request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Some(Asked::Metrics));
+        assert_eq!(request(b"GET /metrics?x=1 HTTP/1.0\n\n"), Some(Asked::Metrics));
+        assert_eq!(request(b"GET / HTTP/1.1\r\n\r\n"), Some(Asked::NotFound));
+        assert_eq!(request(b"POST /metrics HTTP/1.1\r\n\r\n"), Some(Asked::BadMethod));
+        assert_eq!(request(b"GET /metrics\r\n\r\n"), Some(Asked::Bad));
+        assert_eq!(request(b"\xff\xfe\r\n\r\n"), Some(Asked::Bad));
+    }
+}
