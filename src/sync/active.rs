@@ -32,7 +32,7 @@ use crate::error::Result;
 use crate::handle::{Handle, SaChange};
 use crate::registry::{Direction, Observed, Registry, Rule, SaMatch, Thresholds};
 use crate::sa::SaId;
-use crate::sync::{now_ms, SyncRecord};
+use crate::sync::{moving_number, now_ms, SyncRecord};
 
 /// The name of the rule that gives synced SAs the default thresholds; it
 /// comes after the caller's rules, so any of them wins.
@@ -344,17 +344,6 @@ struct State {
 }
 
 impl State {
-    /// The number that moves with the SA's traffic: the outbound one, or
-    /// the inbound one; the larger where the direction is unknown (the
-    /// other stays 0).
-    fn number(&self) -> u64 {
-        match self.direction {
-            Some(Direction::Out) => self.replay.oseq64(),
-            Some(Direction::In) => self.replay.seq64(),
-            None => self.replay.oseq64().max(self.replay.seq64()),
-        }
-    }
-
     /// The record to send, unless the state is older than one sent; the
     /// SA's rate estimate moves on with it.
     fn record(
@@ -365,7 +354,7 @@ impl State {
         stats: &mut ActiveStats,
     ) -> Option<SyncRecord> {
         let now = now_ms();
-        let number = self.number();
+        let number = moving_number(&self.replay, self.direction);
         let add_time = self.lifetime.add_time;
         let rate_per_ks = match sent.get_mut(&self.sa) {
             Some(last) if last.add_time == add_time => {

@@ -67,6 +67,17 @@ pub fn margin(record: &SyncRecord, now_ms: u64, policy: &MarginPolicy) -> u64 {
     estimate.clamp(policy.floor, policy.ceiling.max(policy.floor))
 }
 
+/// The number that moves with an SA's traffic in `direction`: the
+/// outbound one, or the inbound one; the larger where the direction is not
+/// known (the other stays 0).
+pub fn moving_number(replay: &Replay, direction: Option<Direction>) -> u64 {
+    match direction {
+        Some(Direction::Out) => replay.oseq64(),
+        Some(Direction::In) => replay.seq64(),
+        None => replay.oseq64().max(replay.seq64()),
+    }
+}
+
 /// What a commit does to one SA.
 // Like `Replay`, large on purpose: the ESN bitmap is a fixed array.
 #[allow(clippy::large_enum_variant)]

@@ -24,7 +24,7 @@ pub mod record;
 pub mod standby;
 
 pub use active::{Active, ActiveConfig, ActiveStats, Outgoing};
-pub use commit::{margin, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
+pub use commit::{margin, moving_number, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
 pub use record::{Departure, SyncRecord, DEPARTURE_LEN, MAX_RECORD_LEN, RECORD_VERSION};
 pub use standby::{Commit, CommitOptions, Outcome, Received, SaCommit, Standby, StandbyStats};
 

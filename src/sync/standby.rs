@@ -17,12 +17,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::aevent::{AeUpdate, Aevent, Replay};
+use crate::aevent::{AeUpdate, Aevent};
 use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::registry::Direction;
 use crate::sa::SaId;
-use crate::sync::commit::{plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
+use crate::sync::commit::{moving_number, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
 use crate::sync::SyncRecord;
 use crate::wire::SaInfo;
 
@@ -249,15 +249,15 @@ impl Standby {
                     match plan(record, &state, info.esn(), direction, now, &options.margin, options.inbound) {
                         Err(mismatch) => Outcome::Mismatch(mismatch),
                         Ok(CommitPlan::NeedsRekey { next, margin }) => {
-                            Outcome::NeedsRekey { synced: moving(&record.replay, direction), next, margin }
+                            Outcome::NeedsRekey { synced: moving_number(&record.replay, direction), next, margin }
                         }
                         Ok(CommitPlan::Write { update, margin }) => {
-                            let written = update.replay.as_ref().map_or(0, |r| moving(r, direction));
+                            let written = update.replay.as_ref().map_or(0, |r| moving_number(r, direction));
                             written_at.push(sas.len());
                             writes.push((info.sa, update));
                             Outcome::Written {
-                                synced: moving(&record.replay, direction),
-                                local: moving(&state.replay, direction),
+                                synced: moving_number(&record.replay, direction),
+                                local: moving_number(&state.replay, direction),
                                 written,
                                 margin,
                             }
@@ -285,15 +285,6 @@ impl Standby {
         let missing_locally = self.records.keys().filter(|sa| !listed.contains(sa)).copied().collect();
         self.epoch += 1;
         Ok(Commit { epoch: self.epoch, sas, missing_locally })
-    }
-}
-
-/// The number that moves with an SA's traffic in `direction`.
-fn moving(replay: &Replay, direction: Option<Direction>) -> u64 {
-    match direction {
-        Some(Direction::Out) => replay.oseq64(),
-        Some(Direction::In) => replay.seq64(),
-        None => replay.oseq64().max(replay.seq64()),
     }
 }
 

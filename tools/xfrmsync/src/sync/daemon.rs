@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use xfrmsync::registry::Direction;
 use xfrmsync::sync::{
-    now_ms, Active, ActiveConfig, CommitOptions, Departure, Outcome, Outgoing, Received, Standby, SyncRecord,
+    moving_number, now_ms, Active, ActiveConfig, CommitOptions, Departure, Outcome, Outgoing, Received, Standby,
+    SyncRecord,
 };
 use xfrmsync::{Error, Handle, SaId};
 
@@ -859,11 +860,7 @@ impl Daemon {
         let mut rows: HashMap<SaId, SaRow> = HashMap::new();
         if let Node::Standby(standby) | Node::Replaced { standby, .. } = &self.node {
             for record in standby.records() {
-                let number = match record.direction {
-                    Some(Direction::In) => record.replay.seq64(),
-                    Some(Direction::Out) => record.replay.oseq64(),
-                    None => record.replay.oseq64().max(record.replay.seq64()),
-                };
+                let number = moving_number(&record.replay, record.direction);
                 rows.insert(
                     record.sa,
                     SaRow {
