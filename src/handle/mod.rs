@@ -357,6 +357,25 @@ impl Requests {
     }
 }
 
+/// The `NEWAE` attributes of `update`, its timer in jiffies at `hz` (known
+/// whenever the update has a timer); an empty update is refused.
+fn newae_of(update: &AeUpdate, hz: Option<u32>) -> Result<NewAe<'_>> {
+    if update.is_empty() {
+        return Err(Error::invalid("an update must set at least one value or threshold"));
+    }
+    let etimer_jiffies = match (update.timer_threshold_ms, hz) {
+        (Some(ms), Some(hz)) => Some(timer::ms_to_jiffies(ms, hz)?),
+        (Some(_), None) => return Err(Error::invalid("a timer threshold needs the kernel's HZ")),
+        (None, _) => None,
+    };
+    Ok(NewAe {
+        replay_threshold: update.replay_threshold,
+        etimer_jiffies,
+        replay: update.replay.as_ref(),
+        lifetime: update.lifetime.as_ref(),
+    })
+}
+
 /// A dump the kernel marked `NLM_F_DUMP_INTR`: its list changed while it
 /// ran, so entries may be missing.
 fn dump_interrupted(operation: &'static str) -> Error {
@@ -885,25 +904,15 @@ impl Handle {
     /// an SA has it, it is measured on `sa` (see [`Handle::calibrate_hz`]).
     pub fn update(&self, sa: &SaId, update: &AeUpdate) -> Result<()> {
         let _call = self.call();
-        if update.is_empty() {
-            return Err(Error::invalid("an update must set at least one value or threshold"));
-        }
+        let hz = match update.timer_threshold_ms {
+            Some(_) => Some(self.hz_for(sa)?),
+            None => None,
+        };
+        let set = newae_of(update, hz)?;
         if let Some(replay) = &update.replay {
             self.check_replay_form(sa, replay)?;
         }
-        let etimer_jiffies = match update.timer_threshold_ms {
-            Some(ms) => Some(timer::ms_to_jiffies(ms, self.hz_for(sa)?)?),
-            None => None,
-        };
-        self.newae(
-            sa,
-            &NewAe {
-                replay_threshold: update.replay_threshold,
-                etimer_jiffies,
-                replay: update.replay.as_ref(),
-                lifetime: update.lifetime.as_ref(),
-            },
-        )
+        self.newae(sa, &set)
     }
 
     /// Deletes `sa` (`XFRM_MSG_DELSA`).
@@ -1379,22 +1388,7 @@ impl Handle {
             items.len(),
             |i| {
                 let (sa, update) = &items[i];
-                if update.is_empty() {
-                    return Err(Error::invalid("an update must set at least one value or threshold"));
-                }
-                let etimer_jiffies = match (update.timer_threshold_ms, hz) {
-                    (Some(ms), Some(hz)) => Some(timer::ms_to_jiffies(ms, hz)?),
-                    _ => None,
-                };
-                Ok((
-                    sa,
-                    NewAe {
-                        replay_threshold: update.replay_threshold,
-                        etimer_jiffies,
-                        replay: update.replay.as_ref(),
-                        lifetime: update.lifetime.as_ref(),
-                    },
-                ))
+                Ok((sa, newae_of(update, hz)?))
             },
             each,
         )
