@@ -360,12 +360,8 @@ impl Daemon {
                 self.say("the peer restarted");
             }
             // A standby that restarted knows nothing: send it everything.
-            if let Node::Active(active) = &mut self.node {
-                self.counts.snapshots_served += 1;
-                self.serving_snapshot = true;
-                if let Err(e) = active.snapshot() {
-                    log::warn!("snapshot for the peer: {e}");
-                }
+            if let Err(e) = self.serve_snapshot() {
+                log::warn!("snapshot for the peer: {e}");
             }
         }
         for (kind, payload) in messages {
@@ -373,18 +369,23 @@ impl Daemon {
                 Kind::Records => self.take_records(&payload),
                 Kind::Gone => self.take_departures(&payload),
                 Kind::SnapshotRequest => {
-                    if let Node::Active(active) = &mut self.node {
-                        self.counts.snapshots_served += 1;
-                        self.serving_snapshot = true;
-                        if let Err(e) = active.snapshot() {
-                            log::warn!("snapshot for the peer: {e}");
-                        }
+                    if let Err(e) = self.serve_snapshot() {
+                        log::warn!("snapshot for the peer: {e}");
                     }
                 }
                 Kind::SnapshotDone => self.counts.snapshots_done += 1,
                 Kind::Heartbeat => self.take_heartbeat(&payload),
             }
         }
+    }
+
+    /// On the active node, sends every SA again, `SnapshotDone` after the
+    /// last; elsewhere nothing.
+    fn serve_snapshot(&mut self) -> Result<(), Error> {
+        let Node::Active(active) = &mut self.node else { return Ok(()) };
+        self.counts.snapshots_served += 1;
+        self.serving_snapshot = true;
+        active.snapshot()
     }
 
     fn take_heartbeat(&mut self, payload: &[u8]) {
@@ -596,12 +597,9 @@ impl Daemon {
     fn handle_request(&mut self, request: Request) -> Reply {
         match request {
             Request::Status { json } => Reply::ok(if json { self.status_json() } else { self.status_text() }),
-            Request::Resync => match &mut self.node {
-                Node::Active(active) => match active.snapshot() {
-                    Ok(()) => {
-                        self.serving_snapshot = true;
-                        Reply::ok("sending every SA to the peer")
-                    }
+            Request::Resync => match &self.node {
+                Node::Active(_) => match self.serve_snapshot() {
+                    Ok(()) => Reply::ok("sending every SA to the peer"),
                     Err(e) => Reply::failed(format!("snapshot: {e}")),
                 },
                 _ => {
