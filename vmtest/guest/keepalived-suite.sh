@@ -501,3 +501,4 @@ cleanup
 echo "keepalived: A -> S with xfrmsync:    $FIRST_SYNC"
 echo "keepalived: S -> A with xfrmsync:    $SECOND_SYNC"
 echo "keepalived: A -> S without xfrmsync: $NOSYNC"
+finish
