@@ -2,6 +2,13 @@
 //! tables `[link]` (required), `[active]` and `[standby]`. Every key is
 //! shown and explained in tools/xfrmsync/sync.example.toml.
 //!
+//! `[link]`'s `transport` says which keys it takes: those of the UDP link
+//! (`local`, `peer`, `key_file` required; the default), or those of a
+//! Corosync CPG group (`group`, `max_message`). A key of the other
+//! transport is an error at its line rather than ignored: a file that
+//! names a key file or a peer the daemon would not use misleads its
+//! reader about what protects the link.
+//!
 //! Problems are reported as the rules file reports them, `FILE:LINE:
 //! reason`, all of them at once. The file is read as toml's document tree,
 //! which keeps a span on every key and value (`toml::de::DeTable`), rather
@@ -65,9 +72,23 @@ pub struct SyncConfig {
     pub standby: StandbySettings,
 }
 
-/// The sync link between the two nodes.
+/// The sync link between the nodes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkSettings {
+    pub transport: LinkTransport,
+    pub heartbeat: Duration,
+}
+
+/// What carries the link, with its own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkTransport {
+    Udp(UdpSettings),
+    Cpg(CpgSettings),
+}
+
+/// The UDP link between two nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpSettings {
     pub local: SocketAddr,
     /// Packets from any other address and port are dropped.
     pub peer: SocketAddr,
@@ -82,7 +103,15 @@ pub struct LinkSettings {
     /// Packets older than this by the sender's clock are refused, which
     /// bounds how long a captured packet can be replayed.
     pub max_age: Duration,
-    pub heartbeat: Duration,
+}
+
+/// A Corosync CPG group of any number of nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpgSettings {
+    /// Every daemon of the cluster joins this group.
+    pub group: String,
+    /// The longest message, [`MAX_MESSAGE_LEAST`]..=[`MAX_MESSAGE_MOST`] bytes.
+    pub max_message: usize,
 }
 
 /// What the node does while it is active.
@@ -143,6 +172,16 @@ const DEFAULT_RETRANSMIT_MS: u64 = 200;
 const DEFAULT_MAX_RETRANSMITS: u32 = 8;
 const DEFAULT_MAX_AGE_S: u64 = 60;
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
+pub const DEFAULT_GROUP: &str = "xfrmsync";
+const DEFAULT_MAX_MESSAGE: usize = 8192;
+/// As `max_packet`'s least: the longest record must fit one message.
+pub const MAX_MESSAGE_LEAST: usize = 1024;
+/// About what corosync 3 sends whole (1 MiB less 1 KiB; the link cuts
+/// messages to that); the daemon batches records into a few KB anyway.
+pub const MAX_MESSAGE_MOST: usize = 1 << 20;
+/// `struct cpg_name` holds 128 bytes; one is kept for the NUL that
+/// corosync's tools print names with.
+const GROUP_MOST: usize = 127;
 
 /// Names a config file in `FileErrors`' Display.
 const KIND: &str = "config file";
@@ -172,24 +211,46 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
     let metrics = c.get(&mut top, "metrics", metrics_addr);
 
     let mut link = c.section(&mut top, "link");
-    let local = c.get(&mut link, "local", socket_addr);
-    let peer = c.get(&mut link, "peer", |v| {
+    // The transport says which keys the table takes, so it is read first;
+    // a wrong one is said in its turn below, and then every key is only
+    // checked for its value.
+    let kind = match link.table.and_then(|t| t.get("transport")) {
+        None => Some(Kind::Udp),
+        Some(v) => choice(v.get_ref(), TRANSPORTS).ok(),
+    };
+    let udp_key = match kind {
+        Some(Kind::Cpg) => Err(NOT_WITH_CPG),
+        _ => Ok(()),
+    };
+    let cpg_key = match kind {
+        Some(Kind::Udp) => Err(ONLY_WITH_CPG),
+        _ => Ok(()),
+    };
+    let local = c.get_if(&mut link, "local", udp_key, socket_addr);
+    let peer = c.get_if(&mut link, "peer", udp_key, |v| {
         let a = socket_addr(v)?;
         if a.ip().is_unspecified() {
             return Err(format!("'{a}' is no node's address"));
         }
         Ok(a)
     });
-    let key_file = c.get(&mut link, "key_file", absolute_path);
-    let max_packet = c.get(&mut link, "max_packet", |v| {
+    let key_file = c.get_if(&mut link, "key_file", udp_key, absolute_path);
+    let max_packet = c.get_if(&mut link, "max_packet", udp_key, |v| {
         whole(v, MAX_PACKET_LEAST as u64..=MAX_PACKET_MOST as u64, "bytes").map(|n| n as usize)
     });
-    let retransmit = c.get(&mut link, "retransmit_ms", |v| milliseconds(v, 10..=60_000));
+    let retransmit = c.get_if(&mut link, "retransmit_ms", udp_key, |v| milliseconds(v, 10..=60_000));
     let max_retransmits =
-        c.get(&mut link, "max_retransmits", |v| whole(v, 0..=100, "retransmissions").map(|n| n as u32));
-    let max_age = c.get(&mut link, "max_age_s", |v| seconds(v, 1..=3600));
+        c.get_if(&mut link, "max_retransmits", udp_key, |v| whole(v, 0..=100, "retransmissions").map(|n| n as u32));
+    let max_age = c.get_if(&mut link, "max_age_s", udp_key, |v| seconds(v, 1..=3600));
     let heartbeat = c.get(&mut link, "heartbeat_ms", |v| milliseconds(v, 10..=60_000));
-    c.required(&link, &["local", "peer", "key_file"]);
+    c.get(&mut link, "transport", |v| choice(v, TRANSPORTS));
+    let group = c.get_if(&mut link, "group", cpg_key, group_name);
+    let max_message = c.get_if(&mut link, "max_message", cpg_key, |v| {
+        whole(v, MAX_MESSAGE_LEAST as u64..=MAX_MESSAGE_MOST as u64, "bytes").map(|n| n as usize)
+    });
+    if kind == Some(Kind::Udp) {
+        c.required(&link, &["local", "peer", "key_file"]);
+    }
     if let (Some(l), Some(p)) = (&local, &peer) {
         let (l, p, at) = (l.get_ref(), p.get_ref(), p.span());
         if l.ip() == p.ip() && l.port() == p.port() {
@@ -273,13 +334,21 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
         role: value(role, Role::default()),
         metrics: metrics.map(Spanned::into_inner),
         link: LinkSettings {
-            local: local.expect(missing).into_inner(),
-            peer: peer.expect(missing).into_inner(),
-            key_file: key_file.expect(missing).into_inner(),
-            max_packet: value(max_packet, DEFAULT_MAX_PACKET),
-            retransmit: value(retransmit, Duration::from_millis(DEFAULT_RETRANSMIT_MS)),
-            max_retransmits: value(max_retransmits, DEFAULT_MAX_RETRANSMITS),
-            max_age: value(max_age, Duration::from_secs(DEFAULT_MAX_AGE_S)),
+            transport: match kind.expect("a wrong transport is a problem") {
+                Kind::Udp => LinkTransport::Udp(UdpSettings {
+                    local: local.expect(missing).into_inner(),
+                    peer: peer.expect(missing).into_inner(),
+                    key_file: key_file.expect(missing).into_inner(),
+                    max_packet: value(max_packet, DEFAULT_MAX_PACKET),
+                    retransmit: value(retransmit, Duration::from_millis(DEFAULT_RETRANSMIT_MS)),
+                    max_retransmits: value(max_retransmits, DEFAULT_MAX_RETRANSMITS),
+                    max_age: value(max_age, Duration::from_secs(DEFAULT_MAX_AGE_S)),
+                }),
+                Kind::Cpg => LinkTransport::Cpg(CpgSettings {
+                    group: value(group, DEFAULT_GROUP.into()),
+                    max_message: value(max_message, DEFAULT_MAX_MESSAGE),
+                }),
+            },
             heartbeat: value(heartbeat, Duration::from_millis(DEFAULT_HEARTBEAT_MS)),
         },
         active: ActiveSettings {
@@ -297,6 +366,18 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
         },
     })
 }
+
+/// `[link]`'s `transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Udp,
+    Cpg,
+}
+
+const TRANSPORTS: &[(&str, Kind)] = &[("udp", Kind::Udp), ("cpg", Kind::Cpg)];
+const NOT_WITH_CPG: &str = "not with transport = \"cpg\": corosync's ring carries, authenticates and encrypts the \
+                            messages (CPG takes group, max_message, heartbeat_ms)";
+const ONLY_WITH_CPG: &str = "only with transport = \"cpg\" (this link is UDP, the default)";
 
 fn value<T>(v: Option<Spanned<T>>, default: T) -> T {
     v.map_or(default, Spanned::into_inner)
@@ -373,6 +454,24 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    /// As [`Checker::get`] where the table takes `key` (`taken` is
+    /// `Ok`); where it does not, the key is known but refused, at its line,
+    /// for the reason `taken` gives, whatever its value.
+    fn get_if<T>(
+        &mut self,
+        section: &mut Section,
+        key: &'static str,
+        taken: Result<(), &str>,
+        convert: impl FnOnce(&DeValue) -> Result<T, String>,
+    ) -> Option<Spanned<T>> {
+        let Err(why) = taken else { return self.get(section, key, convert) };
+        section.keys.push(key);
+        if let Some((k, _)) = section.table.and_then(|t| t.get_key_value(key)) {
+            self.problem(k.span(), format!("{}: {why}", section.label(key)));
+        }
+        None
     }
 
     /// One problem for all the required keys a table lacks, at its header.
@@ -478,6 +577,18 @@ fn socket_addr(v: &DeValue) -> Result<SocketAddr, String> {
         return Err(format!("'{s}' is a multicast address; the link is between two nodes"));
     }
     Ok(a)
+}
+
+/// A CPG group's name: what `struct cpg_name` holds.
+fn group_name(v: &DeValue) -> Result<String, String> {
+    let s = string(v)?;
+    if s.is_empty() || s.len() > GROUP_MOST {
+        return Err(format!("expected 1 to {GROUP_MOST} bytes, found {}", s.len()));
+    }
+    if s.contains('\0') {
+        return Err("a group name cannot hold a NUL character".into());
+    }
+    Ok(s.to_string())
 }
 
 /// Where `--metrics` listens: ADDRESS:PORT, a port of its own.
@@ -586,6 +697,15 @@ on_replaced = "delete-outbound"
 
     const MINIMAL: &str = "[link]\nlocal = \"10.99.0.1:7700\"\npeer = \"10.99.0.2:7700\"\nkey_file = \"/k\"\n";
 
+    const CPG: &str = "[link]\ntransport = \"cpg\"\n";
+
+    fn udp(c: &SyncConfig) -> &UdpSettings {
+        match &c.link.transport {
+            LinkTransport::Udp(udp) => udp,
+            other => panic!("not UDP: {other:?}"),
+        }
+    }
+
     /// The single problem of `text`: its line and reason.
     fn refused(text: &str) -> (Option<usize>, String) {
         let err = parse(text).expect_err("the file must be refused");
@@ -608,13 +728,15 @@ on_replaced = "delete-outbound"
             role: Role::Active,
             metrics: Some("[::1]:9477".parse().unwrap()),
             link: LinkSettings {
-                local: "[fd00:99::1]:7701".parse().unwrap(),
-                peer: "[fd00:99::2]:7702".parse().unwrap(),
-                key_file: "/etc/xs/sync.key".into(),
-                max_packet: 9000,
-                retransmit: Duration::from_millis(150),
-                max_retransmits: 5,
-                max_age: Duration::from_secs(30),
+                transport: LinkTransport::Udp(UdpSettings {
+                    local: "[fd00:99::1]:7701".parse().unwrap(),
+                    peer: "[fd00:99::2]:7702".parse().unwrap(),
+                    key_file: "/etc/xs/sync.key".into(),
+                    max_packet: 9000,
+                    retransmit: Duration::from_millis(150),
+                    max_retransmits: 5,
+                    max_age: Duration::from_secs(30),
+                }),
                 heartbeat: Duration::from_millis(500),
             },
             active: ActiveSettings {
@@ -641,13 +763,15 @@ on_replaced = "delete-outbound"
             role: Role::Standby,
             metrics: None,
             link: LinkSettings {
-                local: "10.99.0.1:7700".parse().unwrap(),
-                peer: "10.99.0.2:7700".parse().unwrap(),
-                key_file: "/k".into(),
-                max_packet: 1400,
-                retransmit: Duration::from_millis(200),
-                max_retransmits: 8,
-                max_age: Duration::from_secs(60),
+                transport: LinkTransport::Udp(UdpSettings {
+                    local: "10.99.0.1:7700".parse().unwrap(),
+                    peer: "10.99.0.2:7700".parse().unwrap(),
+                    key_file: "/k".into(),
+                    max_packet: 1400,
+                    retransmit: Duration::from_millis(200),
+                    max_retransmits: 8,
+                    max_age: Duration::from_secs(60),
+                }),
                 heartbeat: Duration::from_millis(1000),
             },
             active: ActiveSettings {
@@ -674,14 +798,27 @@ on_replaced = "delete-outbound"
         let c = parse(example).unwrap_or_else(|e| panic!("{}", e.report("sync.example.toml")));
         let mut minimal = parse(&format!(
             "[link]\nlocal = \"{}\"\npeer = \"{}\"\nkey_file = \"{}\"\n",
-            c.link.local,
-            c.link.peer,
-            c.link.key_file.display()
+            udp(&c).local,
+            udp(&c).peer,
+            udp(&c).key_file.display()
         ))
         .unwrap();
         minimal.netns = c.netns.clone();
         minimal.active.rules_file = c.active.rules_file.clone();
         assert_eq!(c, minimal);
+        // Its CPG keys, commented out, are the CPG defaults.
+        let cpg_lines: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| ["transport = ", "group = ", "max_message = "].iter().any(|k| l.starts_with(k)))
+            .collect();
+        assert_eq!(cpg_lines.len(), 3, "{cpg_lines:?}");
+        let cpg = parse(&format!("[link]\n{}\n", cpg_lines.join("\n"))).unwrap();
+        assert_eq!(cpg, parse(CPG).unwrap());
+        assert_eq!(
+            cpg.link.transport,
+            LinkTransport::Cpg(CpgSettings { group: DEFAULT_GROUP.into(), max_message: DEFAULT_MAX_MESSAGE })
+        );
     }
 
     #[test]
@@ -798,7 +935,7 @@ on_replaced = "delete-outbound"
         }
         // The bounds themselves are taken.
         let c = parse(&with("max_packet = 1024\n[active]\ntimer_ms = 429496729\nreplay_packets = 4294967295")).unwrap();
-        assert_eq!(c.link.max_packet, 1024);
+        assert_eq!(udp(&c).max_packet, 1024);
         assert_eq!(c.active.thresholds, Thresholds { replay_packets: u32::MAX, timer_ms: MAX_TIMER_MS });
     }
 
@@ -947,6 +1084,90 @@ max_packet = 512
              /etc/xfrmsync/sync.toml:8: [link] lacks key_file\n\
              /etc/xfrmsync/sync.toml:10: link.peer: the same as link.local; the peer is the other node\n\
              /etc/xfrmsync/sync.toml:11: link.max_packet: expected 1024 to 65000 bytes, found 512"
+        );
+    }
+
+    #[test]
+    fn a_cpg_link_takes_its_own_keys_and_none_of_udp() {
+        let c = parse(CPG).unwrap();
+        assert_eq!(
+            c.link,
+            LinkSettings {
+                transport: LinkTransport::Cpg(CpgSettings { group: "xfrmsync".into(), max_message: 8192 }),
+                heartbeat: Duration::from_millis(1000),
+            }
+        );
+        let c = parse(&format!("{CPG}group = \"ipsec-ha\"\nmax_message = 65536\nheartbeat_ms = 250\n")).unwrap();
+        assert_eq!(
+            c.link,
+            LinkSettings {
+                transport: LinkTransport::Cpg(CpgSettings { group: "ipsec-ha".into(), max_message: 65536 }),
+                heartbeat: Duration::from_millis(250),
+            }
+        );
+        // Written out, UDP is the default.
+        assert_eq!(parse(&with("transport = \"udp\"")).unwrap(), parse(MINIMAL).unwrap());
+
+        // Each UDP key, at its line.
+        for (line, key) in [
+            ("local = \"10.99.0.1:7700\"", "local"),
+            ("peer = \"10.99.0.2:7700\"", "peer"),
+            ("key_file = \"/k\"", "key_file"),
+            ("max_packet = 1400", "max_packet"),
+            ("retransmit_ms = 200", "retransmit_ms"),
+            ("max_retransmits = 8", "max_retransmits"),
+            ("max_age_s = 60", "max_age_s"),
+        ] {
+            let (at, reason) = refused(&format!("{CPG}group = \"g\"\n{line}\n"));
+            assert_eq!(at, Some(4), "{line}");
+            assert_eq!(
+                reason,
+                format!(
+                    "link.{key}: not with transport = \"cpg\": corosync's ring carries, authenticates and encrypts \
+                     the messages (CPG takes group, max_message, heartbeat_ms)"
+                )
+            );
+        }
+        // Whatever its value: the key is what is wrong.
+        let (at, reason) = refused(&format!("{CPG}local = \"10.99.0.1\"\n"));
+        assert_eq!(at, Some(3));
+        assert!(reason.starts_with("link.local: not with transport = \"cpg\""), "{reason}");
+        // And the CPG keys on a UDP link.
+        let (at, reason) = refused(&with("group = \"xfrmsync\""));
+        assert_eq!(at, Some(5));
+        assert_eq!(reason, "link.group: only with transport = \"cpg\" (this link is UDP, the default)");
+        let (at, reason) = refused(&with("max_message = 8192"));
+        assert_eq!(at, Some(5));
+        assert!(reason.starts_with("link.max_message: only with transport"), "{reason}");
+
+        // Wrong values.
+        for (line, reason) in [
+            ("transport = \"tcp\"", "link.transport: expected \"udp\" or \"cpg\", found \"tcp\""),
+            ("group = \"\"", "link.group: expected 1 to 127 bytes, found 0"),
+            ("max_message = 1023", "link.max_message: expected 1024 to 1048576 bytes, found 1023"),
+            ("max_message = 1048577", "link.max_message: expected 1024 to 1048576 bytes, found 1048577"),
+            ("group = 5", "link.group: expected a string, found integer"),
+        ] {
+            let text = match line.starts_with("transport") {
+                true => format!("[link]\n{line}\n"),
+                false => format!("{CPG}{line}\n"),
+            };
+            let (at, got) = refused(&text);
+            assert_eq!(got, reason);
+            assert_eq!(at, Some(2 + usize::from(!line.starts_with("transport"))), "{line}");
+        }
+        let long = "g".repeat(127);
+        assert!(parse(&format!("{CPG}group = \"{long}\"\n")).is_ok());
+        let (_, reason) = refused(&format!("{CPG}group = \"{long}g\"\n"));
+        assert_eq!(reason, "link.group: expected 1 to 127 bytes, found 128");
+        // A wrong transport says so once, not what the keys would need.
+        let (at, reason) = refused("[link]\ntransport = \"quic\"\ngroup = \"g\"\n");
+        assert_eq!(at, Some(2), "{reason}");
+        let (at, reason) = refused("[link]\ntransport = \"cpg\"\nmax_message = 1024\nkey_file = \"/k\"\n");
+        assert_eq!((at, reason.starts_with("link.key_file: not with")), (Some(4), true));
+        assert_eq!(
+            parse(&format!("{CPG}max_message = 1048576\n")).map(|c| c.link.heartbeat),
+            Ok(Duration::from_secs(1))
         );
     }
 

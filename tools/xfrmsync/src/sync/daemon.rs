@@ -1,12 +1,15 @@
 //! The `xfrmsync sync` daemon: the library's sync engine on one node, the
-//! link to the other node, and the control socket, in one poll loop.
+//! link to the other nodes (link.rs: UDP to one peer, or a CPG group), and
+//! the control socket, in one poll loop.
 //!
 //! Roles, given from outside (the cluster manager, or the config at start):
 //! - **standby**: holds the latest record of every SA (records of an epoch
 //!   below the highest known are ignored), asks the active node for a
 //!   snapshot when it starts and when the active node restarts;
 //! - **active**: sends a record for every SA as its counters move, every
-//!   SA again each refresh period, and a snapshot when the standby asks;
+//!   SA again each refresh period, and a snapshot when a standby asks or a
+//!   peer appears (the UDP peer restarted; a member joined the CPG group,
+//!   which has no state transfer of its own);
 //! - **replaced**: was active, and learned of a higher epoch (the standby
 //!   committed): it sends nothing more, optionally deletes its outbound
 //!   SAs, and keeps records like a standby, so that it can take over again.
@@ -34,8 +37,9 @@ use xfrmsync::{Error, Handle, SaId};
 
 use super::config::{OnReplaced, Role, SyncConfig};
 use super::control::{self, Reply, Request};
+use super::link::{Link, PeerId};
 use super::metrics;
-use super::transport::{Kind, Transport};
+use super::transport::Kind;
 use crate::sys;
 
 /// What the node is now.
@@ -108,7 +112,12 @@ struct PerSa {
     lower_epoch: u64,
 }
 
-/// What the peer's heartbeat said last.
+/// The most peers whose heartbeats are kept: CPG's most members of a
+/// group. A member's entry goes when it leaves; beyond this, the one heard
+/// least recently makes room.
+const PEERS_KEPT: usize = super::cpg::CPG_MEMBERS_MAX;
+
+/// What a peer's heartbeat said last.
 #[derive(Debug, Clone, Copy)]
 struct PeerHeard {
     role: u8,
@@ -120,7 +129,7 @@ pub struct Daemon {
     config: SyncConfig,
     netns: Option<PathBuf>,
     rules: Vec<xfrmsync::Rule>,
-    transport: Transport,
+    link: Link,
     control: UnixListener,
     /// For commits and reading SAs; the active side opens its own.
     handle: Handle,
@@ -130,8 +139,8 @@ pub struct Daemon {
     counts: Counts,
     per_sa: HashMap<SaId, PerSa>,
     committed: HashMap<SaId, Committed>,
-    peer: Option<PeerHeard>,
-    peer_session: Option<super::transport::SessionId>,
+    /// Each peer's last heartbeat, by sender.
+    peers: HashMap<PeerId, PeerHeard>,
     next_heartbeat: Instant,
     /// A snapshot is being sent; `SnapshotDone` follows its last record.
     serving_snapshot: bool,
@@ -155,7 +164,7 @@ impl Daemon {
         config: SyncConfig,
         netns: Option<PathBuf>,
         rules: Vec<xfrmsync::Rule>,
-        transport: Transport,
+        link: Link,
     ) -> Result<Daemon, String> {
         let epoch = read_epoch(&config.state_file)?;
         let control = control::listen(&config.control_socket)
@@ -170,15 +179,14 @@ impl Daemon {
             config,
             netns,
             rules,
-            transport,
+            link,
             control,
             handle,
             epoch,
             counts: Counts::default(),
             per_sa: HashMap::new(),
             committed: HashMap::new(),
-            peer: None,
-            peer_session: None,
+            peers: HashMap::new(),
             next_heartbeat: Instant::now(),
             serving_snapshot: false,
             records_out: Vec::new(),
@@ -202,11 +210,10 @@ impl Daemon {
     /// Runs until SIGTERM or SIGINT.
     pub fn run(&mut self, signals: &sys::Signals) -> Result<(), String> {
         self.say(&format!(
-            "ready: {} at epoch {}, link {} <-> {}, control {}",
+            "ready: {} at epoch {}, {}, control {}",
             self.node.name(),
             self.epoch,
-            self.config.link.local,
-            self.config.link.peer,
+            self.link.describe(),
             self.config.control_socket.display()
         ));
         if let Some(Ok(addr)) = self.metrics.as_ref().map(metrics::Endpoint::local_addr) {
@@ -215,7 +222,7 @@ impl Daemon {
         loop {
             let now = Instant::now();
             let mut until = self.next_heartbeat;
-            if let Some(t) = self.transport.next_deadline() {
+            if let Some(t) = self.link.next_deadline() {
                 until = until.min(t);
             }
             let active_fd = match &self.node {
@@ -231,7 +238,7 @@ impl Daemon {
                 _ => -1,
             };
             let mut fds: [RawFd; 4 + 1 + metrics::CLIENTS] = [-1; 4 + 1 + metrics::CLIENTS];
-            fds[..4].copy_from_slice(&[self.transport.fd(), self.control.as_raw_fd(), signals.as_raw_fd(), active_fd]);
+            fds[..4].copy_from_slice(&[self.link.fd(), self.control.as_raw_fd(), signals.as_raw_fd(), active_fd]);
             if let Some(endpoint) = &self.metrics {
                 fds[4..].copy_from_slice(&endpoint.fds());
                 until = endpoint.next_deadline().map_or(until, |t| until.min(t));
@@ -249,9 +256,11 @@ impl Daemon {
             if link {
                 self.receive();
             }
-            if let Err(e) = self.transport.on_timer(Instant::now()) {
+            if let Err(e) = self.link.on_timer(Instant::now()) {
                 log::warn!("sync link: {e}");
             }
+            // Losing corosync, found by a send or the timer, forgets its members.
+            self.take_membership();
             let due = matches!(&self.node, Node::Active(a) if a.next_due() <= Instant::now());
             if (events || due) && !self.link_busy() {
                 self.dispatch();
@@ -272,8 +281,6 @@ impl Daemon {
     /// What `--metrics` shows (metrics.rs says what each is).
     fn metrics_values(&self) -> metrics::Values {
         let c = &self.counts;
-        let t = self.transport.stats();
-        let d = &t.dropped;
         let mut last_commit = [0u64; 4];
         for committed in self.committed.values() {
             if let Some(at) = metrics::OUTCOMES.iter().position(|o| *o == committed.kind) {
@@ -285,7 +292,7 @@ impl Daemon {
             Node::Standby(standby) | Node::Replaced { standby, .. } => (standby.len() as u64, 0),
             Node::Active(active) => (0, active.stats().events_lost),
         };
-        metrics::Values {
+        let mut values = metrics::Values {
             role: self.node.name(),
             epoch: self.epoch,
             epoch_changes: self.epoch_changes,
@@ -304,22 +311,13 @@ impl Daemon {
             last_commit_margin_max: margins.max(),
             records_held,
             last_record_age: self.last_record_at.map(|t| t.elapsed()),
-            peer_heartbeat_age: self.peer.map(|p| p.at.elapsed()),
+            peer_heartbeat_age: self.newest_peer().map(|(_, p)| p.at.elapsed()),
+            peers_heard: self.peers.len() as u64,
             events_lost: self.events_lost_before + events_lost,
-            link_sent: t.sent,
-            link_received: t.received,
-            link_retransmitted: t.retransmitted,
-            link_given_up: t.given_up,
-            link_dropped: vec![
-                ("not_from_peer", d.not_from_peer),
-                ("auth_failed", d.auth_failed),
-                ("malformed", d.malformed),
-                ("replayed", d.replayed),
-                ("too_old", d.too_old),
-                ("from_future", d.from_future),
-                ("old_session", d.old_session),
-            ],
-        }
+            ..metrics::Values::default()
+        };
+        self.link.metrics(&mut values);
+        values
     }
 
     /// The node is `node` from now on; an active side's counts are kept.
@@ -333,7 +331,7 @@ impl Daemon {
     /// The link holds many unacknowledged messages: sending more would
     /// only see the oldest given up.
     fn link_busy(&self) -> bool {
-        !self.transport.ready()
+        !self.link.ready()
     }
 
     fn heartbeat(&mut self) {
@@ -341,30 +339,19 @@ impl Daemon {
         payload[0] = 1;
         payload[1] = self.node.wire();
         payload[8..].copy_from_slice(&self.epoch.to_be_bytes());
-        if let Err(e) = self.transport.send_unreliable(Kind::Heartbeat, &payload) {
+        if let Err(e) = self.link.send_unreliable(Kind::Heartbeat, &payload, Instant::now()) {
             log::debug!("heartbeat: {e}");
         }
         self.next_heartbeat = Instant::now() + self.config.link.heartbeat;
     }
 
     fn receive(&mut self) {
-        let mut messages: Vec<(Kind, Vec<u8>)> = Vec::new();
-        if let Err(e) = self.transport.receive(|kind, payload| messages.push((kind, payload.to_vec()))) {
+        let mut messages: Vec<(PeerId, Kind, Vec<u8>)> = Vec::new();
+        if let Err(e) = self.link.receive(|from, kind, payload| messages.push((from, kind, payload.to_vec()))) {
             log::warn!("sync link: {e}");
         }
-        let session = self.transport.peer_session().map(|s| s.id);
-        if session.is_some() && session != self.peer_session {
-            let restarted = self.peer_session.is_some();
-            self.peer_session = session;
-            if restarted {
-                self.say("the peer restarted");
-            }
-            // A standby that restarted knows nothing: send it everything.
-            if let Err(e) = self.serve_snapshot() {
-                log::warn!("snapshot for the peer: {e}");
-            }
-        }
-        for (kind, payload) in messages {
+        self.take_membership();
+        for (from, kind, payload) in messages {
             match kind {
                 Kind::Records => self.take_records(&payload),
                 Kind::Gone => self.take_departures(&payload),
@@ -374,9 +361,38 @@ impl Daemon {
                     }
                 }
                 Kind::SnapshotDone => self.counts.snapshots_done += 1,
-                Kind::Heartbeat => self.take_heartbeat(&payload),
+                Kind::Heartbeat => self.take_heartbeat(from, &payload),
             }
         }
+    }
+
+    /// Peers that appeared get everything (a standby that restarted or
+    /// joined knows nothing); peers that left are forgotten.
+    fn take_membership(&mut self) {
+        let changes = self.link.take_changes();
+        for peer in &changes.left {
+            self.peers.remove(peer);
+            self.say(&format!("{peer} left the group"));
+        }
+        if changes.joined.is_empty() {
+            return;
+        }
+        for joined in &changes.joined {
+            if joined.restarted {
+                self.say("the peer restarted");
+            } else if self.link.is_group() {
+                self.say(&format!("{} appeared in the group", joined.peer));
+            }
+        }
+        // One snapshot answers every peer that appeared at once.
+        if let Err(e) = self.serve_snapshot() {
+            log::warn!("snapshot for the peer: {e}");
+        }
+    }
+
+    /// The peer heard most recently.
+    fn newest_peer(&self) -> Option<(&PeerId, &PeerHeard)> {
+        self.peers.iter().max_by_key(|(_, p)| p.at)
     }
 
     /// On the active node, sends every SA again, `SnapshotDone` after the
@@ -388,13 +404,19 @@ impl Daemon {
         active.snapshot()
     }
 
-    fn take_heartbeat(&mut self, payload: &[u8]) {
+    fn take_heartbeat(&mut self, from: PeerId, payload: &[u8]) {
         if payload.len() != HEARTBEAT_LEN || payload[0] != 1 {
             self.counts.rejected_malformed += 1;
             return;
         }
         let epoch = u64::from_be_bytes(payload[8..].try_into().expect("8 bytes"));
-        self.peer = Some(PeerHeard { role: payload[1], epoch, at: Instant::now() });
+        if !self.peers.contains_key(&from) && self.peers.len() >= PEERS_KEPT {
+            let stalest = self.peers.iter().min_by_key(|(_, p)| p.at).map(|(id, _)| *id);
+            if let Some(id) = stalest {
+                self.peers.remove(&id);
+            }
+        }
+        self.peers.insert(from, PeerHeard { role: payload[1], epoch, at: Instant::now() });
         self.learn_epoch(epoch);
     }
 
@@ -505,7 +527,7 @@ impl Daemon {
         let (records, departures, per_sa) = (&mut self.records_out, &mut self.departures_out, &mut self.per_sa);
         let mut sent = (0u64, 0u64);
         let mut flushes: Vec<(Kind, Vec<u8>)> = Vec::new();
-        let max = self.transport.max_payload();
+        let max = self.link.max_payload();
         let result = active.dispatch(&mut |outgoing| match outgoing {
             Outgoing::Record(record) => {
                 if records.len() + record.encoded_len() > max {
@@ -544,7 +566,7 @@ impl Daemon {
         self.counts.departures_sent += sent.1;
         let now = Instant::now();
         for (kind, payload) in flushes {
-            if let Err(e) = self.transport.send(kind, &payload, now) {
+            if let Err(e) = self.link.send(kind, &payload, now) {
                 log::warn!("sync link: sending {kind:?}: {e}");
             }
         }
@@ -552,7 +574,7 @@ impl Daemon {
 
     fn ask_snapshot(&mut self) {
         self.counts.snapshots_asked += 1;
-        if let Err(e) = self.transport.send(Kind::SnapshotRequest, &[], Instant::now()) {
+        if let Err(e) = self.link.send(Kind::SnapshotRequest, &[], Instant::now()) {
             log::warn!("sync link: asking for a snapshot: {e}");
         }
     }
@@ -724,23 +746,35 @@ impl Daemon {
 
     fn status_text(&self) -> String {
         let mut text = String::new();
-        let t = self.transport.stats();
         let _ = writeln!(text, "role: {} at epoch {}", self.node.name(), self.epoch);
         if let Node::Replaced { by, .. } = &self.node {
             let _ = writeln!(text, "REPLACED by a node at epoch {by}: sending nothing");
         }
-        match &self.peer {
-            Some(p) => {
+        if self.link.is_group() {
+            let _ = writeln!(text, "peers: {} heard", self.peers.len());
+            for (id, p) in self.peer_rows() {
                 let _ = writeln!(
                     text,
-                    "peer: {} at epoch {}, heard {} ms ago",
+                    "peer {id}: {} at epoch {}, heard {} ms ago",
                     role_name(p.role),
                     p.epoch,
                     p.at.elapsed().as_millis()
                 );
             }
-            None => {
-                let _ = writeln!(text, "peer: not heard");
+        } else {
+            match self.newest_peer() {
+                Some((_, p)) => {
+                    let _ = writeln!(
+                        text,
+                        "peer: {} at epoch {}, heard {} ms ago",
+                        role_name(p.role),
+                        p.epoch,
+                        p.at.elapsed().as_millis()
+                    );
+                }
+                None => {
+                    let _ = writeln!(text, "peer: not heard");
+                }
             }
         }
         let c = &self.counts;
@@ -762,25 +796,7 @@ impl Daemon {
             "resyncs: asked {}, served {}, completed {}; commits {}",
             c.snapshots_asked, c.snapshots_served, c.snapshots_done, c.commits
         );
-        let d = &t.dropped;
-        let _ = writeln!(
-            text,
-            "link: sent {}, received {}, retransmitted {}, given up {}, outstanding {}; dropped {} (not from peer {}, \
-             auth failed {}, malformed {}, replayed {}, too old {}, from future {}, old session {})",
-            t.sent,
-            t.received,
-            t.retransmitted,
-            t.given_up,
-            self.transport.outstanding(),
-            d.total(),
-            d.not_from_peer,
-            d.auth_failed,
-            d.malformed,
-            d.replayed,
-            d.too_old,
-            d.from_future,
-            d.old_session
-        );
+        let _ = writeln!(text, "{}", self.link.status_text());
         for sa in self.sa_rows() {
             let _ = writeln!(
                 text,
@@ -801,9 +817,7 @@ impl Daemon {
     }
 
     fn status_json(&self) -> String {
-        let t = self.transport.stats();
         let c = &self.counts;
-        let d = &t.dropped;
         let sas: Vec<serde_json::Value> = self
             .sa_rows()
             .into_iter()
@@ -829,9 +843,20 @@ impl Daemon {
             "role": self.node.name(),
             "epoch": self.epoch,
             "replaced_by": match &self.node { Node::Replaced { by, .. } => Some(*by), _ => None },
-            "peer": self.peer.map(|p| serde_json::json!({
+            "peer": self.newest_peer().map(|(_, p)| serde_json::json!({
                 "role": role_name(p.role), "epoch": p.epoch, "heard_ms_ago": p.at.elapsed().as_millis() as u64,
             })),
+            "peers": self.peer_rows().iter().map(|(id, p)| {
+                let mut peer = serde_json::json!({
+                    "id": id.to_string(), "role": role_name(p.role), "epoch": p.epoch,
+                    "heard_ms_ago": p.at.elapsed().as_millis() as u64,
+                });
+                if let PeerId::Cpg(member) = id {
+                    peer["nodeid"] = member.nodeid.into();
+                    peer["pid"] = member.pid.into();
+                }
+                peer
+            }).collect::<Vec<_>>(),
             "records": {
                 "sent": c.records_sent, "received": c.records_received, "held": c.records_held,
                 "rejected": { "older": c.rejected_older, "lower_epoch": c.rejected_lower_epoch,
@@ -840,16 +865,17 @@ impl Daemon {
             },
             "resyncs": { "asked": c.snapshots_asked, "served": c.snapshots_served, "completed": c.snapshots_done },
             "commits": c.commits,
-            "link": {
-                "sent": t.sent, "received": t.received, "retransmitted": t.retransmitted, "acked": t.acked,
-                "given_up": t.given_up, "outstanding": self.transport.outstanding(),
-                "dropped": { "not_from_peer": d.not_from_peer, "auth_failed": d.auth_failed, "malformed": d.malformed,
-                             "replayed": d.replayed, "too_old": d.too_old, "from_future": d.from_future,
-                             "old_session": d.old_session },
-            },
+            "link": self.link.status_json(),
             "sas": sas,
         })
         .to_string()
+    }
+
+    /// Every peer heard, in the order of their ids.
+    fn peer_rows(&self) -> Vec<(PeerId, PeerHeard)> {
+        let mut rows: Vec<(PeerId, PeerHeard)> = self.peers.iter().map(|(id, p)| (*id, *p)).collect();
+        rows.sort_by_key(|(id, _)| *id);
+        rows
     }
 
     /// One row per SA the node holds a record of or committed.

@@ -30,10 +30,17 @@
 //! | `role{role}` | gauge | 1 for the node's role (`active`, `standby`, `replaced`), 0 for the others |
 //! | `records_held` | gauge | records held now (0 while active) |
 //! | `last_record_age_seconds` | gauge | since the newest record from the peer arrived, by this node's clock; absent before any |
-//! | `peer_heartbeat_age_seconds` | gauge | since the peer's last heartbeat; absent before any |
+//! | `peer_heartbeat_age_seconds` | gauge | since the newest heartbeat of any peer; absent before any |
+//! | `peers_heard` | gauge | peers whose last heartbeat the node holds (one at most on the UDP link; CPG members that left are forgotten) |
 //! | `events_lost_total` | counter | times the active side's event socket overran (each followed by a listing); summed over every time the node was active |
-//! | `link_packets_sent_total`, `..._received_total`, `..._retransmitted_total`, `..._given_up_total` | counter | the sync link's messages |
-//! | `link_packets_dropped_total{reason}` | counter | datagrams refused: `not_from_peer`, `auth_failed`, `malformed`, `replayed`, `too_old`, `from_future`, `old_session` |
+//! | `link_packets_sent_total`, `..._received_total`, `..._retransmitted_total`, `..._given_up_total` | counter | the sync link's messages (CPG: taken by corosync, delivered from other members, 0, never handed to corosync) |
+//! | `link_packets_dropped_total{reason}` | counter | datagrams refused: `not_from_peer`, `auth_failed`, `malformed`, `replayed`, `too_old`, `from_future`, `old_session`; on the CPG link only `malformed` |
+//! | `link_try_again_total` | counter | CPG: `CS_ERR_TRY_AGAIN` answers (corosync's flow control); absent on the UDP link |
+//! | `link_queue_wait_longest_seconds` | gauge | CPG: the longest a message waited in the queue for corosync to take it, the one waiting now included (the ring blocks during failure detection); absent on the UDP link |
+//! | `link_ring_wait_longest_seconds` | gauge | CPG: the longest from corosync taking a message of this node's to delivering it back, the one in flight now included: the ring's own delay, which shows its block during failure detection even when nothing waits in the queue; absent on the UDP link |
+//! | `link_queued_messages` | gauge | CPG: messages waiting for corosync now; absent on the UDP link |
+//! | `link_group_members` | gauge | CPG: the group's other members, as corosync says; absent on the UDP link |
+//! | `link_connected` | gauge | CPG: 1 while the daemon is joined, 0 while corosync is lost; absent on the UDP link |
 //!
 //! "Absent" means the family's `# HELP` and `# TYPE` lines with no sample,
 //! rather than NaN: an alert on `absent(...)` or on a threshold then does
@@ -90,6 +97,7 @@ pub struct Values {
     pub records_held: u64,
     pub last_record_age: Option<Duration>,
     pub peer_heartbeat_age: Option<Duration>,
+    pub peers_heard: u64,
     pub events_lost: u64,
     pub link_sent: u64,
     pub link_received: u64,
@@ -97,6 +105,19 @@ pub struct Values {
     pub link_given_up: u64,
     /// By reason, each reason always listed.
     pub link_dropped: Vec<(&'static str, u64)>,
+    /// The CPG link's own; `None` on the UDP link.
+    pub cpg: Option<CpgValues>,
+}
+
+/// What only the CPG link has.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpgValues {
+    pub try_again: u64,
+    pub queued: u64,
+    pub queue_wait_longest: Duration,
+    pub ring_wait_longest: Duration,
+    pub members: u64,
+    pub connected: bool,
 }
 
 pub const ROLES: [&str; 3] = ["active", "standby", "replaced"];
@@ -228,9 +249,10 @@ pub fn render(v: &Values) -> String {
     t.maybe(
         "peer_heartbeat_age_seconds",
         Gauge,
-        "Seconds since the peer's last heartbeat; absent before any.",
+        "Seconds since the newest heartbeat of any peer; absent before any.",
         v.peer_heartbeat_age.map(Number::Seconds),
     );
+    t.one("peers_heard", Gauge, "Peers whose last heartbeat this node holds.", v.peers_heard);
     t.one("events_lost_total", Counter, "Times the active side's event socket overran.", v.events_lost);
     t.one("link_packets_sent_total", Counter, "Messages sent on the sync link.", v.link_sent);
     t.one("link_packets_received_total", Counter, "Messages received on the sync link.", v.link_received);
@@ -242,6 +264,43 @@ pub fn render(v: &Values) -> String {
         "Datagrams refused on the sync link, by reason.",
         "reason",
         &v.link_dropped,
+    );
+    let cpg = v.cpg.as_ref();
+    t.maybe(
+        "link_try_again_total",
+        Counter,
+        "CPG: times corosync answered CS_ERR_TRY_AGAIN (flow control); absent on the UDP link.",
+        cpg.map(|c| Number::Count(c.try_again)),
+    );
+    t.maybe(
+        "link_queue_wait_longest_seconds",
+        Gauge,
+        "CPG: the longest a message waited for corosync to take it, the one waiting now included.",
+        cpg.map(|c| Number::Seconds(c.queue_wait_longest)),
+    );
+    t.maybe(
+        "link_ring_wait_longest_seconds",
+        Gauge,
+        "CPG: the longest from corosync taking a message of ours to delivering it back, the one in flight included.",
+        cpg.map(|c| Number::Seconds(c.ring_wait_longest)),
+    );
+    t.maybe(
+        "link_queued_messages",
+        Gauge,
+        "CPG: messages waiting for corosync to take them.",
+        cpg.map(|c| Number::Count(c.queued)),
+    );
+    t.maybe(
+        "link_group_members",
+        Gauge,
+        "CPG: the group's other members, as corosync says.",
+        cpg.map(|c| Number::Count(c.members)),
+    );
+    t.maybe(
+        "link_connected",
+        Gauge,
+        "CPG: 1 while joined to the group, 0 while corosync is lost.",
+        cpg.map(|c| Number::Count(u64::from(c.connected))),
     );
     t.0
 }
@@ -481,6 +540,44 @@ mod tests {
         // Absent before any: the family's lines, no sample.
         assert!(text.contains("# TYPE xfrmsync_sync_peer_heartbeat_age_seconds gauge\n# HELP"));
         assert!(text.contains("xfrmsync_sync_last_commit_sas{outcome=\"needs_rekey\"} 0\n"));
+    }
+
+    #[test]
+    fn the_cpg_families_are_absent_on_the_udp_link() {
+        let udp = render(&Values { role: "standby", ..Values::default() });
+        for name in [
+            "link_try_again_total",
+            "link_queue_wait_longest_seconds",
+            "link_ring_wait_longest_seconds",
+            "link_queued_messages",
+        ] {
+            assert!(udp.contains(&format!("# TYPE xfrmsync_sync_{name} ")), "{name}");
+            assert!(!udp.contains(&format!("\nxfrmsync_sync_{name} ")), "{name} has a sample:\n{udp}");
+        }
+        let cpg = render(&Values {
+            role: "active",
+            peers_heard: 2,
+            cpg: Some(CpgValues {
+                try_again: 7,
+                queued: 3,
+                queue_wait_longest: Duration::from_millis(2500),
+                ring_wait_longest: Duration::from_millis(3400),
+                members: 2,
+                connected: true,
+            }),
+            ..Values::default()
+        });
+        for line in [
+            "xfrmsync_sync_link_try_again_total 7\n",
+            "xfrmsync_sync_link_queue_wait_longest_seconds 2.5\n",
+            "xfrmsync_sync_link_queued_messages 3\n",
+            "xfrmsync_sync_link_ring_wait_longest_seconds 3.4\n",
+            "xfrmsync_sync_link_group_members 2\n",
+            "xfrmsync_sync_link_connected 1\n",
+            "xfrmsync_sync_peers_heard 2\n",
+        ] {
+            assert!(cpg.contains(line), "{line}in:\n{cpg}");
+        }
     }
 
     #[test]

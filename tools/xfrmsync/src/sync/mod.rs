@@ -1,11 +1,15 @@
 //! `xfrmsync sync`: the HA sync daemon (issue 13), a client of the
-//! library's engine (`xfrmsync::sync`) with a transport of its own, and the
-//! commands that steer a running daemon.
+//! library's engine (`xfrmsync::sync`) with a link of its own (its UDP
+//! transport, or a Corosync CPG group), and the commands that steer a
+//! running daemon.
 
 pub mod config;
 pub mod control;
+pub mod cpg;
+pub mod cpg_link;
 pub mod daemon;
 pub mod key;
+pub mod link;
 pub mod metrics;
 pub mod transport;
 
@@ -15,7 +19,7 @@ use std::time::Duration;
 use clap::{Subcommand, ValueEnum};
 
 use crate::{output, rules_file, sys, Failure, Global, Outcome};
-use config::Role;
+use config::{LinkTransport, Role};
 use control::Request;
 
 /// Where the daemon looks for its config when none is named.
@@ -118,7 +122,6 @@ fn run_daemon(global: &Global, args: &Args) -> Outcome {
     if let Some(addr) = args.metrics {
         config.metrics = Some(addr);
     }
-    let key = key::Key::load(&config.link.key_file).map_err(Failure::new)?;
     if let Err(e) = xfrmsync::hz::kernel_hz_without_sa() {
         log::info!("kernel HZ not learnt before starting: {e}");
     }
@@ -132,13 +135,29 @@ fn run_daemon(global: &Global, args: &Args) -> Outcome {
         None => Vec::new(),
     };
     let netns = config.netns.clone().or_else(|| global.netns_path());
-    let mut link = transport::TransportConfig::new(config.link.local, config.link.peer, key);
-    link.max_packet = config.link.max_packet;
-    link.retransmit_after = config.link.retransmit;
-    link.max_retransmits = config.link.max_retransmits;
-    link.max_age = config.link.max_age;
-    let transport =
-        transport::Transport::bind(link).map_err(|e| Failure::new(format!("sync link {}: {e}", config.link.local)))?;
-    let mut daemon = daemon::Daemon::start(config, netns, rules, transport).map_err(Failure::new)?;
+    let link = open_link(&config.link.transport)?;
+    let mut daemon = daemon::Daemon::start(config, netns, rules, link).map_err(Failure::new)?;
     daemon.run(&signals).map_err(Failure::new)
+}
+
+fn open_link(settings: &LinkTransport) -> Result<link::Link, Failure> {
+    match settings {
+        LinkTransport::Udp(udp) => {
+            let key = key::Key::load(&udp.key_file).map_err(Failure::new)?;
+            let mut config = transport::TransportConfig::new(udp.local, udp.peer, key);
+            config.max_packet = udp.max_packet;
+            config.retransmit_after = udp.retransmit;
+            config.max_retransmits = udp.max_retransmits;
+            config.max_age = udp.max_age;
+            let transport = transport::Transport::bind(config)
+                .map_err(|e| Failure::new(format!("sync link {}: {e}", udp.local)))?;
+            Ok(link::Link::Udp(link::UdpLink::new(transport, udp.local, udp.peer)))
+        }
+        LinkTransport::Cpg(cpg) => {
+            let config = cpg_link::CpgConfig::new(&cpg.group, cpg.max_message);
+            let joined = cpg_link::CpgLink::join(config)
+                .map_err(|e| Failure::new(format!("sync link: CPG group '{}': {e}", cpg.group)))?;
+            Ok(link::Link::Cpg(joined))
+        }
+    }
 }

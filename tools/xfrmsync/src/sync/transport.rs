@@ -205,7 +205,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn wire(self) -> u8 {
+    pub(super) fn wire(self) -> u8 {
         match self {
             Kind::Records => 2,
             Kind::SnapshotRequest => 3,
@@ -215,7 +215,7 @@ impl Kind {
         }
     }
 
-    fn from_wire(kind: u8) -> Option<Kind> {
+    pub(super) fn from_wire(kind: u8) -> Option<Kind> {
         match kind {
             2 => Some(Kind::Records),
             3 => Some(Kind::SnapshotRequest),
