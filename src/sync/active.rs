@@ -309,6 +309,20 @@ impl Active {
         first
     }
 
+    /// Moves this node's epoch up to `epoch` without a takeover: a standby
+    /// knew a higher epoch than the one this node committed at (it had seen
+    /// it before this node's state file did, or committed itself once and
+    /// restarted), and would refuse every record of the lower one. Records
+    /// from now on carry `epoch`. Refused (false) once replaced, or if
+    /// `epoch` is not higher.
+    pub fn raise_epoch(&mut self, epoch: u64) -> bool {
+        if epoch <= self.epoch || self.replaced_by.is_some() {
+            return false;
+        }
+        self.epoch = epoch;
+        true
+    }
+
     /// The higher epoch that replaced this node, once learned.
     pub fn replaced_by(&self) -> Option<u64> {
         self.replaced_by

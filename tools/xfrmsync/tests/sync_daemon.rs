@@ -268,6 +268,27 @@ fn a_commit_replaces_the_active_node_and_epochs_survive_restarts() {
 }
 
 #[test]
+fn an_active_node_moves_above_a_standby_that_knows_a_higher_epoch() {
+    private_netns();
+    let mut pair = Pair::new("outrank");
+    // S took over at epoch 5 once; A's state file never heard of it, and A
+    // is promoted before it hears S. A commits at 1, then hears S at 5:
+    // that is not a takeover (S is standby), so A stays active, above it.
+    std::fs::write(pair.dir.join("s.state"), "epoch 5\n").unwrap();
+    pair.start("a", "standby");
+    let commit = pair.ask("a", &["commit"]).unwrap();
+    assert!(commit.status.success(), "{}", text(&commit));
+    assert!(text(&commit).contains("epoch 1"), "{}", text(&commit));
+    pair.start("s", "standby");
+    let a = pair.wait("a", "moving above S's epoch", |st| st["epoch"].as_u64() == Some(6));
+    assert_eq!(a["role"], "active", "a standby's higher epoch replaced the active node: {a}");
+    assert_eq!(pair.epoch_file("a"), "epoch 6\n", "the new epoch is kept before it is used");
+    let s = pair.wait("s", "learning A's epoch", |st| st["epoch"].as_u64() == Some(6));
+    assert_eq!(s["role"], "standby");
+    pair.wait("s", "A's snapshot at the new epoch", |st| st["resyncs"]["completed"].as_u64() >= Some(1));
+}
+
+#[test]
 fn a_peer_without_the_key_is_refused_and_counted() {
     private_netns();
     let mut pair = Pair::new("key");

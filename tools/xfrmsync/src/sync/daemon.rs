@@ -65,7 +65,7 @@ impl Node {
     fn wire(&self) -> u8 {
         match self {
             Node::Standby(_) => 0,
-            Node::Active(_) => 1,
+            Node::Active(_) => ACTIVE_WIRE,
             Node::Replaced { .. } => 2,
         }
     }
@@ -158,6 +158,8 @@ pub struct Daemon {
 
 /// The heartbeat's payload: version, role, 6 bytes 0, the epoch.
 const HEARTBEAT_LEN: usize = 16;
+/// The heartbeat's role byte of an active node (`Node::wire`).
+const ACTIVE_WIRE: u8 = 1;
 
 impl Daemon {
     pub fn start(
@@ -416,8 +418,36 @@ impl Daemon {
                 self.peers.remove(&id);
             }
         }
-        self.peers.insert(from, PeerHeard { role: payload[1], epoch, at: Instant::now() });
-        self.learn_epoch(epoch);
+        let role = payload[1];
+        self.peers.insert(from, PeerHeard { role, epoch, at: Instant::now() });
+        // Only an active node's higher epoch means it took over; a standby
+        // that knows a higher one (from an earlier takeover this node's
+        // state file missed, or one of its own before a restart) would
+        // refuse this node's records: move above it instead.
+        if role != ACTIVE_WIRE && epoch > self.epoch && matches!(self.node, Node::Active(_)) {
+            self.outrank(epoch);
+        } else {
+            self.learn_epoch(epoch);
+        }
+    }
+
+    /// The active node moves to the epoch above `epoch`, kept in the state
+    /// file first like a commit's, and sends every SA again at it.
+    fn outrank(&mut self, epoch: u64) {
+        let Node::Active(active) = &mut self.node else { return };
+        let above = epoch + 1;
+        if let Err(e) = write_epoch(&self.config.state_file, above) {
+            log::error!("not moving above a standby's epoch {epoch}: {e}");
+            return;
+        }
+        if active.raise_epoch(above) {
+            self.say(&format!("a standby knew epoch {epoch}, above this node's {}: now active at {above}", self.epoch));
+            self.epoch = above;
+            self.epoch_changes += 1;
+            if let Err(e) = self.serve_snapshot() {
+                log::warn!("snapshot at the new epoch: {e}");
+            }
+        }
     }
 
     /// Another node holds `epoch`: above this node's own while active, it
