@@ -120,7 +120,13 @@ struct State {
     /// Learn every SA's direction, whether or not a rule needs it (see
     /// [`Registry::learn_directions`]).
     directions: bool,
+    /// When [`Registry::learn_direction`] last read the local addresses.
+    local_read_at: Option<Instant>,
 }
+
+/// How often [`Registry::learn_direction`] may read the local addresses
+/// again (a netlink dump) while some SA's direction is unknown.
+pub const LOCAL_ADDRESSES_REFRESH: Duration = Duration::from_secs(1);
 
 /// A listing read a few datagrams per dispatch call.
 #[derive(Debug, Clone, Copy)]
@@ -294,6 +300,30 @@ impl Registry {
     pub fn learn_directions(&self) -> Result<()> {
         self.state()?.directions = true;
         Ok(())
+    }
+
+    /// The direction of a tracked SA whose direction was not known when it
+    /// was first seen, from the local addresses now (read again at most
+    /// once per [`LOCAL_ADDRESSES_REFRESH`]): a cluster manager adds the
+    /// service address after the takeover, so the SAs listed at the takeover
+    /// learn theirs only then. Kept once learnt; `None` while no address
+    /// tells, or for an SA the registry does not track.
+    pub fn learn_direction(&self, sa: &SaId, saddr: IpAddr) -> Option<Direction> {
+        let mut state = self.state().ok()?;
+        let known = state.tracked.get(sa)?;
+        if known.direction.is_some() {
+            return known.direction;
+        }
+        if !matches!(state.local_read_at, Some(at) if at.elapsed() < LOCAL_ADDRESSES_REFRESH) {
+            state.local_read_at = Some(Instant::now());
+            match self.handle.local_addresses() {
+                Ok(local) => state.local = local,
+                Err(e) => log::warn!("listing local addresses: {e}"),
+            }
+        }
+        let direction = Direction::of_sa(None, Some(saddr), sa.daddr, &state.local)?;
+        state.tracked.set(sa, &Tracked { direction: Some(direction), ..known });
+        Some(direction)
     }
 
     /// How many owners have registered `sa` (see [`Registry::register_sa`]).
@@ -708,7 +738,15 @@ fn observe(
     let tracked = match state.tracked.get(&info.sa) {
         Some(known) if listed && change != SaChange::Updated && state.tracked.same_install(&info.sa, add_time) => {
             state.tracked.seen(&info.sa);
-            known
+            // An address that came after the SA (a service address moved
+            // here after the SA was installed) tells its direction now.
+            if known.direction.is_none() && facts.direction.is_some() {
+                let learnt = Tracked { direction: facts.direction, ..known };
+                state.tracked.set(&info.sa, &learnt);
+                learnt
+            } else {
+                known
+            }
         }
         // New, another SA under the same identity, one replaced in place,
         // or an announced install (see above).

@@ -271,7 +271,7 @@ impl Active {
                 sa: event.sa,
                 saddr: event.saddr,
                 reqid: event.reqid,
-                direction: tracked.direction,
+                direction: tracked.direction.or_else(|| self.registry.learn_direction(&event.sa, event.saddr)),
                 esn: tracked.esn,
                 replay: event.replay,
                 lifetime: event.lifetime,

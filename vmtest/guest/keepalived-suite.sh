@@ -58,7 +58,10 @@ cleanup() {
     local n
     for n in kp ka ks; do ip netns pids $n 2>/dev/null | xargs -r kill -9 2>/dev/null; done
     for n in kp ka ks ksw; do ip netns del $n 2>/dev/null; done
-    wait 2>/dev/null
+    # Only the suite's own processes: a bare wait would also wait for the
+    # stderr filter's process substitution, which never ends.
+    ((${#pids[@]} == 0)) || wait "${pids[@]}" 2>/dev/null
+    pids=()
 }
 now() { date +%s.%N; }
 

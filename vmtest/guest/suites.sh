@@ -12,7 +12,9 @@
 #   full  the same, plus tool-suite.sh (the xfrmsync command),
 #         pfkey-suite.sh (racoon's path) and keepalived-suite.sh (a real
 #         IKEv2 gateway pair failing over: keepalived, strongSwan's ha
-#         plugin and `xfrmsync sync`)
+#         plugin and `xfrmsync sync`) and corosync-suite.sh (three
+#         nodes on Corosync, `xfrmsync sync` over CPG, driven through the
+#         OCF agent as Pacemaker drives it)
 # Each suite runs to its end even when one before it failed; the time each
 # took is printed. Ends with `guest-suites: N passed, N failed`.
 set -uo pipefail
@@ -24,7 +26,7 @@ case $set_name in
           list=(kernel-suite.sh route-based-suite.sh registry-suite.sh ha-suite.sh strongswan-suite.sh) ;;
     full) export XFRMSYNC_BURST=${XFRMSYNC_BURST:-5000}
           list=(kernel-suite.sh route-based-suite.sh registry-suite.sh ha-suite.sh tool-suite.sh strongswan-suite.sh
-              pfkey-suite.sh keepalived-suite.sh) ;;
+              pfkey-suite.sh keepalived-suite.sh corosync-suite.sh) ;;
     *) echo "suites: XFRMSYNC_VM_SET is '$set_name', not core or full" >&2; exit 2 ;;
 esac
 echo "suites: $set_name set on $(uname -r): ${list[*]}"
