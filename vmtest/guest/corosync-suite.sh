@@ -39,15 +39,12 @@ OUT=$REPO/target/vmtest/corosync-$series
 RUN=/tmp/xfrmsync-cs
 XFRMSYNC=$REPO/target/release/xfrmsync
 AGENT=$REPO/tools/xfrmsync/contrib/pacemaker/xfrmsync
-PY=$(python3 -c 'import sys; print(sys.executable)')
-FACTS="$PY $REPO/vmtest/guest/ha-facts.py"
-TRAFFIC="$PY $REPO/vmtest/guest/ha-traffic.py"
-VIP=10.30.0.1 P=10.30.0.2 PORTS=9101,9102
+VIP=10.30.0.1 P=10.30.0.2 PORTS=9101,9102 NS=c
 NODES="a s1 s2"
 declare -A RING=([a]=10.98.0.1 [s1]=10.98.0.2 [s2]=10.98.0.3) NODEID=([a]=1 [s1]=2 [s2]=3)
 
 pids=()
-now() { date +%s.%N; }
+source vmtest/guest/ha-lib.sh
 cleanup() {
     local n
     for n in cp ca cs1 cs2; do ip netns pids $n 2>/dev/null | xargs -r kill -9 2>/dev/null; done
@@ -187,25 +184,6 @@ print(sum(1 for s in d["sas"] if s["record_age_ms"] is not None and s["record_ag
 take_address() { # NODE: what IPaddr2 does
     ip -n c$1 addr add $VIP/24 dev x0 && ip netns exec c$1 arping -q -U -c 1 -I x0 $VIP >/dev/null 2>&1 &
 }
-p_errors() {
-    local sa
-    sa=$($FACTS sas cp $VIP $P | awk '{r += $3; f += $4} END {print r + 0, f + 0}')
-    echo "$sa $($FACTS stat cp XfrmInStateSeqError) $($FACTS stat cp XfrmInStateProtoError)"
-}
-packets() { $FACTS sas c$1 $VIP $P | awk '{s += $2} END {print s + 0}'; }
-highest_oseq() { $FACTS sas c$1 $VIP $P | awk '$5 > m {m = $5} END {print m + 0}'; }
-traffic() { # NODE FILE ARGS...: sets TRAFFIC_PID (waits for the bind unless --wait-bind-s)
-    local node=$1 file=$2 from=$VIP to=$P i; shift 2
-    [[ $node == p ]] && from=$P to=$VIP
-    rm -f "$file"
-    ip netns exec c$node $TRAFFIC --bind $from --to $to --ports $PORTS --out "$file" "$@" 2>"$file.err" &
-    TRAFFIC_PID=$!
-    pids+=($TRAFFIC_PID)
-    [[ " $* " == *" --wait-bind-s "* ]] && return 0
-    for ((i = 0; i < 300; i++)); do [[ -s $file ]] && return 0; sleep 0.1; done
-    fatal "ha-traffic.py on $node did not start: $(cat "$file.err")"
-}
-
 # run MODE (sync|nosync)
 run() {
     local mode=$1 n t_death t_seen a_sent s1_sent p_after loss first a_last s1_low errors
@@ -236,10 +214,7 @@ run() {
     traffic s1 "$OUT/traffic-s1-$mode.json" --count 500 --wait-bind-s 60
     local sender=$TRAFFIC_PID
     sleep 2
-    ip netns pids ca | xargs -r kill -9
-    ip -n ca link set x0 down
-    ip -n ca link set r0 down
-    t_death=$(now)
+    t_death=$(kill_node a x0 r0)
     a_sent=$(packets a) a_last=$(highest_oseq a)
     until_members s1 2 30 || not_ok "$mode: S1's corosync still sees 3 nodes 30 s after A's death"
     t_seen=$(now)
@@ -251,10 +226,7 @@ run() {
     take_address s1
     wait "$sender"
     s1_sent=$($FACTS sent "$OUT/traffic-s1-$mode.json")
-    sleep 0.3
-    kill -USR1 "$p_traffic"
-    sleep 0.5
-    p_after=$($FACTS sas cp $VIP $P | awk '{s += $2} END {print s + 0}')
+    p_after=$(p_accepted "$p_traffic")
     loss=$((a_sent + s1_sent - p_after))
     first=$($FACTS first-after "$p_out" "$t_death")
     errors=$(p_errors)
@@ -318,20 +290,14 @@ print(s1["epoch"], s2["epoch"], fresh)' "$s1_status" "$s2_status" "$t_promote")
     sleep 1
     local s1_more s1_last s2_sent
     s1_more=$($FACTS sent "$OUT/traffic-s1-more.json")
-    ip netns pids cs1 | xargs -r kill -9
-    ip -n cs1 link set x0 down
-    ip -n cs1 link set r0 down
-    t_death=$(now)
+    t_death=$(kill_node s1 x0 r0)
     s1_last=$(highest_oseq s1)
     until_members s2 1 30 || not_ok "$mode: S2's corosync still sees S1 30 s after its death"
     agent s2 promote && ok "sync: agent promote on S2 after S1's death" || not_ok "sync: agent promote on S2: $(tail -5 "$OUT/agent-s2.log")"
     take_address s2
     wait "$sender"
     s2_sent=$($FACTS sent "$OUT/traffic-s2-$mode.json")
-    sleep 0.3
-    kill -USR1 "$p_traffic"
-    sleep 0.5
-    p_after=$($FACTS sas cp $VIP $P | awk '{s += $2} END {print s + 0}')
+    p_after=$(p_accepted "$p_traffic")
     loss=$((a_sent + s1_sent + s1_more + s2_sent - p_after))
     errors=$(p_errors)
     first=$($FACTS first-after "$p_out" "$t_death")

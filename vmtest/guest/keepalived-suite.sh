@@ -45,11 +45,7 @@ OUT=$REPO/target/vmtest/keepalived-$series
 RUN=/tmp/xfrmsync-ka # each node's /run (sockets, FIFO: not on 9p)
 XFRMSYNC=$REPO/target/release/xfrmsync
 NOTIFY=$REPO/tools/xfrmsync/contrib/keepalived/xfrmsync-keepalived-notify
-# The interpreter itself: pyenv's shim costs seconds per start under TCG.
-PY=$(python3 -c 'import sys; print(sys.executable)')
-FACTS="$PY $REPO/vmtest/guest/ha-facts.py"
-TRAFFIC="$PY $REPO/vmtest/guest/ha-traffic.py"
-VIP=10.30.0.1 P=10.30.0.2 PORTS=9201,9202
+VIP=10.30.0.1 P=10.30.0.2 PORTS=9201,9202 NS=k
 PLUGINS="random nonce aes sha1 sha2 hmac kdf gmp kernel-netlink socket-default vici"
 
 pids=()
@@ -63,7 +59,6 @@ cleanup() {
     ((${#pids[@]} == 0)) || wait "${pids[@]}" 2>/dev/null
     pids=()
 }
-now() { date +%s.%N; }
 
 for f in "$XFRMSYNC" /usr/lib/ipsec/charon /usr/sbin/swanctl /usr/lib/ipsec/plugins/libstrongswan-ha.so \
     /usr/sbin/keepalived /usr/bin/arping; do
@@ -226,6 +221,7 @@ EOF
 
 NETNS_PREFIX=k
 source vmtest/guest/charon-lib.sh
+source vmtest/guest/ha-lib.sh
 # in_node NODE LOG CMD...: in the node's namespace, with its own /run
 in_node() {
     local node=$1 log=$2; shift 2
@@ -264,38 +260,7 @@ start_gateway() {
     until_notified "$node" BACKUP "$before" || fatal "keepalived on $node: no BACKUP notify in 20 s ($(tail -3 "$OUT/keepalived-$node-$mode.log"))"
 }
 status_of() { "$XFRMSYNC" sync status --socket "$RUN/$1/run/xfrmsync.sock" "${@:2}"; }
-# kill_node NODE: every process in its namespace killed, its links down;
-# prints the time.
-kill_node() {
-    ip netns pids k$1 | xargs -r kill -9
-    ip -n k$1 link set "${1}0" down
-    ip -n k$1 link set y-$1 down
-    now
-}
 spis() { $FACTS sas k$1 "$2" "$3" | awk '{print $1}' | sort -n | tr '\n' ' '; }
-# packets NODE: packets of its outbound SAs (service -> P), summed
-packets() { $FACTS sas k$1 $VIP $P | awk '{s += $2} END {print s + 0}'; }
-highest_oseq() { $FACTS sas k$1 $VIP $P | awk '$5 > m {m = $5} END {print m + 0}'; }
-p_errors() { # P's replay and failure counters over its SAs from the service, and its namespace's
-    local sa
-    sa=$($FACTS sas kp $VIP $P | awk '{r += $3; f += $4} END {print r + 0, f + 0}')
-    echo "$sa $($FACTS stat kp XfrmInStateSeqError) $($FACTS stat kp XfrmInStateProtoError)"
-}
-# traffic NODE FILE ARGS...: ha-traffic.py in the background, from the
-# service address (P: from its own) to the other end; waits until it has
-# bound its ports (it writes FILE then) unless ARGS has --wait-bind-s.
-# Sets TRAFFIC_PID.
-traffic() {
-    local node=$1 file=$2 from=$VIP to=$P i; shift 2
-    [[ $node == p ]] && from=$P to=$VIP
-    rm -f "$file"
-    ip netns exec k$node $TRAFFIC --bind $from --to $to --ports $PORTS --out "$file" "$@" 2>"$file.err" &
-    TRAFFIC_PID=$!
-    pids+=($TRAFFIC_PID)
-    [[ " $* " == *" --wait-bind-s "* ]] && return 0
-    for ((i = 0; i < 300; i++)); do [[ -s $file ]] && return 0; sleep 0.1; done
-    fatal "ha-traffic.py on $node did not start: $(cat "$file.err")"
-}
 margins() { # NODE: the margins of its last commit
     grep -o 'margin [0-9]*' "$OUT/notify-$1-$RUN_NAME.log" | awk '{print $2}' | sort -n | tr '\n' ' '
 }
@@ -311,7 +276,7 @@ failover() {
     traffic "$to" "$OUT/traffic-$to-$label.json" --count 500 --wait-bind-s 30
     sender=$TRAFFIC_PID
     sleep 2 # the sender started (its bind waits for the address)
-    t_death=$(kill_node "$from")
+    t_death=$(kill_node "$from" "${from}0" "y-$from")
     from_sent=$(packets "$from")
     FROM_LAST=$(highest_oseq "$from")
     if until_notified "$to" MASTER "$before"; then
@@ -321,10 +286,7 @@ failover() {
     fi
     wait "$sender"
     to_sent=$($FACTS sent "$OUT/traffic-$to-$label.json")
-    sleep 0.3
-    kill -USR1 "$P_TRAFFIC"
-    sleep 0.5
-    p_after=$($FACTS sas kp $VIP $P | awk '{s += $2} END {print s + 0}')
+    p_after=$(p_accepted "$P_TRAFFIC")
     LOSS=$((from_sent + to_sent - p_after))
     FIRST=$($FACTS first-after "$P_OUT" "$t_death")
     echo "    $label: $from sent $from_sent, $to sent $to_sent, P accepted $p_after: lost $LOSS"

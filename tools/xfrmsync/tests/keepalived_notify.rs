@@ -6,6 +6,9 @@
 //! leaves the node without the address. The whole failover of a real IKEv2
 //! gateway is vmtest/guest/keepalived-suite.sh, in the VM.
 
+mod common;
+
+use common::text;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -14,22 +17,12 @@ use std::time::{Duration, Instant};
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/keepalived/xfrmsync-keepalived-notify");
 const ADDRESS: &str = "192.0.2.1/24";
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// This thread moves to a new network namespace (unshare is per thread),
-/// with an interface `svc0` for the service address (one end of a veth
-/// pair: this host's kernel has no dummy interfaces).
-fn private_netns() {
-    // SAFETY: unshare takes flags only; it changes this thread's namespace.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN: {}", std::io::Error::last_os_error());
-    for args in [
-        &["link", "set", "lo", "up"][..],
-        &["link", "add", "svc0", "type", "veth", "peer", "name", "svc1"],
-        &["link", "set", "svc0", "up"],
-    ] {
+/// A network namespace of the test's own, with an interface `svc0` for the
+/// service address (one end of a veth pair: this host's kernel has no dummy
+/// interfaces).
+fn private_netns_with_svc0() {
+    common::private_netns();
+    for args in [&["link", "add", "svc0", "type", "veth", "peer", "name", "svc1"][..], &["link", "set", "svc0", "up"]] {
         let out = Command::new("ip").args(args).output().expect("ip");
         assert!(out.status.success(), "ip {args:?}: {}", text(&out));
     }
@@ -59,7 +52,7 @@ impl Node {
 
     fn start_daemon(&mut self) {
         let key = self.dir.join("key");
-        let out = Command::new(env!("CARGO_BIN_EXE_xfrmsync")).args(["sync", "keygen"]).arg(&key).output().unwrap();
+        let out = common::xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
         assert!(out.status.success(), "{}", text(&out));
         let d = self.dir.display();
         let config = self.dir.join("sync.toml");
@@ -73,7 +66,7 @@ impl Node {
         )
         .unwrap();
         let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
+        let child = common::xfrmsync()
             .args(["sync", "--config"])
             .arg(&config)
             .stdout(log.try_clone().unwrap())
@@ -89,11 +82,8 @@ impl Node {
     }
 
     fn role_is(&self, role: &str) -> bool {
-        let out = Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
-            .args(["sync", "status", "--json", "--socket"])
-            .arg(self.socket())
-            .output()
-            .unwrap();
+        let out =
+            common::xfrmsync().args(["sync", "status", "--json", "--socket"]).arg(self.socket()).output().unwrap();
         out.status.success()
             && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|s| s["role"] == role)
     }
@@ -132,7 +122,7 @@ fn steps(log: &str) -> Vec<String> {
 
 #[test]
 fn master_commits_then_takes_the_address_then_the_ha_segment_and_backup_undoes_it() {
-    private_netns();
+    private_netns_with_svc0();
     let mut node = Node::new("order");
     node.start_daemon();
     // charon's FIFO, read as charon does: one open, one read.
@@ -174,7 +164,7 @@ fn master_commits_then_takes_the_address_then_the_ha_segment_and_backup_undoes_i
 
 #[test]
 fn a_failed_commit_leaves_the_address_alone_unless_forced() {
-    private_netns();
+    private_netns_with_svc0();
     let node = Node::new("refuse");
     // No daemon answers at this socket: the commit cannot be made.
     let nowhere = node.dir.join("no-daemon.sock");
@@ -191,7 +181,7 @@ fn a_failed_commit_leaves_the_address_alone_unless_forced() {
 
 #[test]
 fn without_xfrmsync_the_script_only_moves_the_address() {
-    private_netns();
+    private_netns_with_svc0();
     let node = Node::new("plain");
     let nowhere = node.dir.join("no-daemon.sock");
     let out = node.notify("MASTER", &nowhere, &["--ha-fifo", "none", "--no-xfrmsync"]);

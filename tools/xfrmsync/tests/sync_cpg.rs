@@ -8,6 +8,9 @@
 //! restarting under the daemons, and the metrics. Corosync must be
 //! installed (Debian: corosync, libcpg4): without it these tests fail.
 
+mod common;
+
+use common::{private_netns, text, xfrmsync};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -18,25 +21,6 @@ const GROUP: &str = "xfrmsync-test";
 /// The first node's metrics, in the test's own namespace.
 const METRICS_PORT: u16 = 9480;
 const PATIENCE: Duration = Duration::from_secs(15);
-
-fn xfrmsync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// Moves this test's thread into a new network namespace with loopback up:
-/// corosync and the daemons it starts inherit it. Only this thread moves,
-/// so other tests are not affected.
-fn private_netns() {
-    // SAFETY: unshare takes flags only; it changes this thread's namespace.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN: {}", std::io::Error::last_os_error());
-    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
-    assert!(up.success());
-}
 
 /// A corosync program, by its path in Debian, else from PATH.
 fn program(name: &str) -> PathBuf {

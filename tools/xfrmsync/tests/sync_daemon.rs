@@ -4,30 +4,14 @@
 //! let alone write, the host's SAs. Takeovers of real SAs under traffic
 //! are tests/vm_sync.rs, in the VM.
 
+mod common;
+
+use common::{private_netns, text, xfrmsync};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
-
-fn xfrmsync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// Moves this test's thread into a new network namespace with loopback up:
-/// the daemons it starts inherit it. Only this thread moves (unshare of the
-/// network namespace is per thread), so other tests are not affected.
-fn private_netns() {
-    // SAFETY: unshare takes flags only; it changes this thread's namespace.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN: {}", std::io::Error::last_os_error());
-    let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
-    assert!(up.success());
-}
 
 struct Pair {
     dir: PathBuf,
