@@ -33,7 +33,7 @@ REPO=$PWD
 
 source vmtest/guest/tap.sh corosync
 exec 2> >(grep --line-buffered -v '^vmtest/guest/corosync-suite.sh: line [0-9]*: *[0-9]* Killed' >&2)
-source vmtest/guest/ha-net.sh # AUTH, ENC, PAIRS
+source vmtest/guest/ha-net.sh # PAIRS and ha_sa_batches
 series=${XFRMSYNC_VM_KERNEL:-$(uname -r)}
 OUT=$REPO/target/vmtest/corosync-$series
 RUN=/tmp/xfrmsync-cs
@@ -69,7 +69,7 @@ echo "corosync-suite: $(uname -r), corosync $(dpkg-query -W -f='${Version}' coro
 
 build_net() {
     cleanup
-    local n batch_p="" batch_n=""
+    local n
     for n in cp ca cs1 cs2 csw crw; do ip netns add $n || return 1; done
     for n in csw crw; do ip -n $n link add br0 type bridge && ip -n $n link set br0 up || return 1; done
     ip link add p0 netns cp type veth peer name sw-p netns csw && ip -n csw link set sw-p master br0 up &&
@@ -81,25 +81,9 @@ build_net() {
             ip -n c$n addr add "${RING[$n]}/24" dev r0 || return 1
         mkdir -p "$RUN/$n/run"
     done
-    local name out in family esn window port replay reqid
-    while read -r name out in family esn window port; do
-        [[ $name == legacy4 || $name == esn4 ]] || continue
-        reqid=$((port - 9100))
-        replay="replay-window $window"
-        [[ $esn == 1 ]] && replay="$replay flag esn"
-        batch_n+="xfrm state add src $VIP dst $P proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $P dst $VIP proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $VIP dst $P proto udp dport $port dir out tmpl src $VIP dst $P proto esp reqid $reqid mode transport
-xfrm policy add src $P dst $VIP proto udp dport $port dir in tmpl src $P dst $VIP proto esp reqid $reqid mode transport
-"
-        batch_p+="xfrm state add src $VIP dst $P proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $P dst $VIP proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $P dst $VIP proto udp dport $port dir out tmpl src $P dst $VIP proto esp reqid $reqid mode transport
-xfrm policy add src $VIP dst $P proto udp dport $port dir in tmpl src $VIP dst $P proto esp reqid $reqid mode transport
-"
-    done <<<"$PAIRS"
-    ip -n cp -batch - <<<"$batch_p" || return 1
-    for n in $NODES; do ip -n c$n -batch - <<<"$batch_n" || return 1; done
+    ha_sa_batches legacy4 esn4
+    ip -n cp -batch - <<<"$SA_BATCH_PEER" || return 1
+    for n in $NODES; do ip -n c$n -batch - <<<"$SA_BATCH_NODE" || return 1; done
 }
 
 write_conf() { # NODE
@@ -148,9 +132,7 @@ EOF
 }
 
 start_corosync() { # NODE
-    ip netns exec c$1 sh -c 'mount --bind "$0/run" /run && exec corosync -f -c "$0/corosync.conf"' "$RUN/$1" \
-        >"$OUT/corosync-$1.log" 2>&1 &
-    pids+=($!)
+    in_node "$1" "$OUT/corosync-$1.log" corosync -f -c "$RUN/$1/corosync.conf"
 }
 members() { # NODE: how many nodes its corosync sees
     ip netns exec c$1 corosync-quorumtool -s 2>/dev/null | awk '/^Total votes:/ {print $3}'

@@ -2,7 +2,8 @@
 # traffic through the service address and what the kernels' counters say
 # of it. The suite sets REPO, VIP (the service address), P (the peer's
 # address), PORTS (ha-traffic.py's), NS (the prefix of its namespaces: the
-# peer's is ${NS}p, a node's ${NS}<node>), a pids array and fatal().
+# peer's is ${NS}p, a node's ${NS}<node>), RUN (a node's own /run is
+# $RUN/<node>/run), a pids array and fatal().
 
 # The interpreter itself: pyenv's shim costs seconds per start under TCG.
 PY=$(python3 -c 'import sys; print(sys.executable)')
@@ -10,6 +11,15 @@ FACTS="$PY $REPO/vmtest/guest/ha-facts.py"
 TRAFFIC="$PY $REPO/vmtest/guest/ha-traffic.py"
 
 now() { date +%s.%N; }
+
+# in_node NODE LOG CMD...: CMD in the background in the node's namespace,
+# with $RUN/NODE/run bound over /run: pid files (charon's, corosync's,
+# keepalived's) and charon's ha FIFO are fixed paths there, one per node.
+in_node() {
+    local node=$1 log=$2; shift 2
+    ip netns exec "$NS$node" sh -c 'mount --bind "$0/run" /run && exec "$@"' "$RUN/$node" "$@" >"$log" 2>&1 &
+    pids+=($!)
+}
 
 # traffic NODE FILE ARGS...: ha-traffic.py in the background, from the
 # service address to P (from P to the service address for NODE p); waits

@@ -29,9 +29,36 @@ esn6    0x40a1 0x40b1 6 1 128 9104
 wrap4   0x50a1 0x50b1 4 1 128 9105
 rekey4  0x60a1 0x60b1 4 0 64  9106
 '
+# ha_sa_batches [NAME...]: the `ip -batch` input for the SAs and policies
+# of those rows of PAIRS (every row without names): SA_BATCH_NODE for a
+# node holding the service address, SA_BATCH_PEER for P.
+ha_sa_batches() {
+    local name out in family esn window port svc p replay reqid
+    SA_BATCH_NODE="" SA_BATCH_PEER=""
+    while read -r name out in family esn window port; do
+        [[ -n $name ]] || continue
+        (($# == 0)) || [[ " $* " == *" $name "* ]] || continue
+        if [[ $family == 4 ]]; then svc=$SVC4 p=$P4; else svc=$SVC6 p=$P6; fi
+        reqid=$((port - 9100))
+        replay="replay-window $window"
+        [[ $esn == 1 ]] && replay="$replay flag esn"
+        # The node: out (service -> P) and in (P -> service).
+        SA_BATCH_NODE+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
+xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
+xfrm policy add src $svc dst $p proto udp dport $port dir out tmpl src $svc dst $p proto esp reqid $reqid mode transport
+xfrm policy add src $p dst $svc proto udp dport $port dir in tmpl src $p dst $svc proto esp reqid $reqid mode transport
+"
+        SA_BATCH_PEER+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
+xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
+xfrm policy add src $p dst $svc proto udp dport $port dir out tmpl src $p dst $svc proto esp reqid $reqid mode transport
+xfrm policy add src $svc dst $p proto udp dport $port dir in tmpl src $svc dst $p proto esp reqid $reqid mode transport
+"
+    done <<<"$PAIRS"
+}
+
 # The namespaces, links and SAs of the header, from nothing.
 build_ha_net() {
-    local n batch_p="" batch_as=""
+    local n
     for n in hp ha hs hsw; do ip netns del "$n" 2>/dev/null; done
     for n in hp ha hs hsw; do ip netns add "$n" || return 1; done
     ip -n hsw link add br0 type bridge && ip -n hsw link set br0 up || return 1
@@ -45,25 +72,7 @@ build_ha_net() {
     ip link add y-a netns ha type veth peer name y-s netns hs &&
         ip -n ha addr add 10.99.0.1/30 dev y-a && ip -n ha link set y-a up &&
         ip -n hs addr add 10.99.0.2/30 dev y-s && ip -n hs link set y-s up || return 1
-    local name out in family esn window port svc p replay reqid
-    while read -r name out in family esn window port; do
-        [[ -n $name ]] || continue
-        if [[ $family == 4 ]]; then svc=$SVC4 p=$P4; else svc=$SVC6 p=$P6; fi
-        reqid=$((port - 9100))
-        replay="replay-window $window"
-        [[ $esn == 1 ]] && replay="$replay flag esn"
-        # A and S: out (service -> P) and in (P -> service).
-        batch_as+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $svc dst $p proto udp dport $port dir out tmpl src $svc dst $p proto esp reqid $reqid mode transport
-xfrm policy add src $p dst $svc proto udp dport $port dir in tmpl src $p dst $svc proto esp reqid $reqid mode transport
-"
-        batch_p+="xfrm state add src $svc dst $p proto esp spi $out reqid $reqid mode transport $replay $AUTH $ENC
-xfrm state add src $p dst $svc proto esp spi $in reqid $reqid mode transport $replay $AUTH $ENC
-xfrm policy add src $p dst $svc proto udp dport $port dir out tmpl src $p dst $svc proto esp reqid $reqid mode transport
-xfrm policy add src $svc dst $p proto udp dport $port dir in tmpl src $svc dst $p proto esp reqid $reqid mode transport
-"
-    done <<<"$PAIRS"
-    ip -n ha -batch - <<<"$batch_as" && ip -n hs -batch - <<<"$batch_as" && ip -n hp -batch - <<<"$batch_p"
+    ha_sa_batches
+    ip -n ha -batch - <<<"$SA_BATCH_NODE" && ip -n hs -batch - <<<"$SA_BATCH_NODE" && ip -n hp -batch - <<<"$SA_BATCH_PEER"
 }
 

@@ -222,12 +222,6 @@ EOF
 NETNS_PREFIX=k
 source vmtest/guest/charon-lib.sh
 source vmtest/guest/ha-lib.sh
-# in_node NODE LOG CMD...: in the node's namespace, with its own /run
-in_node() {
-    local node=$1 log=$2; shift 2
-    ip netns exec k$node sh -c 'mount --bind "$0/run" /run && exec "$@"' "$RUN/$node" "$@" >"$log" 2>&1 &
-    pids+=($!)
-}
 notify_count() {
     local n
     n=$(grep -c " $2 done" "$OUT/notify-$1-$RUN_NAME.log" 2>/dev/null)
