@@ -301,7 +301,7 @@ static void standby_records(void)
 	uint8_t a[XFRMSYNC_MAX_SYNC_RECORD], b[XFRMSYNC_MAX_SYNC_RECORD], bad[XFRMSYNC_MAX_SYNC_RECORD];
 	xfrmsync_standby *s = (xfrmsync_standby *)0x1;
 	xfrmsync_sa_id sa = esp_sa("10.9.0.2", 0x2001);
-	uint64_t epoch = 7;
+	uint64_t epoch = 7, packets = 0, margin = 0;
 	int n, m, rc;
 
 	check(xfrmsync_standby_new(3, NULL) == -EINVAL, "standby_new(epoch, NULL) gives -EINVAL");
@@ -340,6 +340,23 @@ static void standby_records(void)
 	check(xfrmsync_standby_receive(s, bad, 0) == -EBADMSG, "no bytes: -EBADMSG");
 	check(xfrmsync_standby_count(s) == 2 && standby_epoch(s) == 5,
 	      "malformed records change nothing (not even the epoch 9 they carry)");
+
+	/* Lag: a sample of 0x2002 (held at 10) at 310 is 300 behind; with no
+	 * rate and no threshold the margin is the default floor, 1024. */
+	m = encoded_record(b, 0x2002, 5, 1, 310);
+	rc = xfrmsync_standby_lag(s, b, m, NULL, &packets, &margin);
+	check(rc == XFRMSYNC_LAG_BEHIND && packets == 300 && margin == 1024, "a sample 300 ahead: %d, %llu behind of %llu",
+	      rc, (unsigned long long)packets, (unsigned long long)margin);
+	check(xfrmsync_standby_lag(s, b, m, NULL, NULL, NULL) == XFRMSYNC_LAG_BEHIND, "lag without outputs");
+	check(xfrmsync_standby_count(s) == 2, "a sample is not held");
+	m = encoded_record(b, 0x2009, 5, 1, 310);
+	check(xfrmsync_standby_lag(s, b, m, NULL, &packets, &margin) == XFRMSYNC_LAG_NOT_HELD, "a sample of no SA held");
+	m = encoded_record(b, 0x2002, 4, 1, 310);
+	check(xfrmsync_standby_lag(s, b, m, NULL, &packets, &margin) == XFRMSYNC_LAG_LOWER_EPOCH,
+	      "a sample of a lower epoch");
+	check(xfrmsync_standby_lag(s, bad, 0, NULL, &packets, &margin) == -EBADMSG, "no bytes: -EBADMSG");
+	check(xfrmsync_standby_lag(s, NULL, m, NULL, &packets, &margin) == -EINVAL, "a NULL sample: -EINVAL");
+	check(xfrmsync_standby_lag(NULL, b, m, NULL, &packets, &margin) == -EINVAL, "a NULL standby: -EINVAL");
 
 	/* NULL arguments. */
 	epoch = 42;
@@ -434,7 +451,8 @@ static void ha_in_own_netns(void)
 	check(xfrmsync_active_fd(NULL) == -EINVAL && xfrmsync_active_next_due_ms(NULL) == -EINVAL &&
 		      xfrmsync_active_dispatch(NULL, ignore_record, ignore_gone, NULL) == -EINVAL &&
 		      xfrmsync_active_snapshot(NULL) == -EINVAL && xfrmsync_active_learn_epoch(NULL, 1) == -EINVAL &&
-		      xfrmsync_active_replaced_by(NULL, &epoch) == -EINVAL,
+		      xfrmsync_active_replaced_by(NULL, &epoch) == -EINVAL &&
+		      xfrmsync_active_sample(NULL, 8, ignore_record, NULL) == -EINVAL,
 	      "every active call on NULL gives -EINVAL");
 	xfrmsync_active_free(NULL);
 	if (!check(xfrmsync_active_new(NULL, 5, 64, 500, 5000, &a) == 0, "active side at epoch 5"))
@@ -454,6 +472,8 @@ static void ha_in_own_netns(void)
 	}
 	check(rc == 0 && due > 0 && due <= 5000, "no SA: nothing handed out, then due within the refresh (%d ms)",
 	      due);
+	check(xfrmsync_active_sample(a, 8, ignore_record, NULL) == 0, "no SA: no sample");
+	check(xfrmsync_active_sample(a, 8, NULL, NULL) == -EINVAL, "sample without a callback gives -EINVAL");
 	check(xfrmsync_active_snapshot(a) == 0 && xfrmsync_active_next_due_ms(a) == 0, "a snapshot is due at once");
 	epoch = 42;
 	check(xfrmsync_active_replaced_by(a, &epoch) == 0 && epoch == 42, "not replaced; epoch untouched");

@@ -11,7 +11,10 @@
  * it commits the records into the SAs of the same identity installed in
  * STANDBY_NETNS (the HA product installed them there, with their keys),
  * prints one line per SA and the new epoch, and tells the old active side
- * of that epoch, which stops it for good.
+ * of that epoch, which stops it for good. Before the commit the standby
+ * measures its replication lag: the active side samples every SA's state
+ * in its kernel, and the standby compares each sample with its record and
+ * with the margin a takeover would add.
  *
  * Exits 0 only if no SA failed: one the kernel refused (failed), or whose
  * record does not fit it (mismatch). An SA that needs a rekey, or that is
@@ -35,6 +38,13 @@
 struct link {
 	xfrmsync_standby *standby;
 	unsigned long records, held, ignored, refused, gone;
+};
+
+/* The standby's lag, sample by sample. */
+struct lag {
+	xfrmsync_standby *standby;
+	unsigned long sampled, compared, over_margin, failed;
+	uint64_t greatest, greatest_margin;
 };
 
 struct tally {
@@ -65,6 +75,28 @@ static void send_gone(void *user_data, const xfrmsync_sa_id *sa)
 
 	link->gone++;
 	xfrmsync_standby_forget(link->standby, sa);
+}
+
+/* A sample of the active side's kernel: a product sends it over its link
+ * apart from records, and the standby's end compares it, never holds it. */
+static void compare_sample(void *user_data, const uint8_t *sample, size_t len)
+{
+	struct lag *lag = user_data;
+	uint64_t packets = 0, margin = 0;
+	int rc = xfrmsync_standby_lag(lag->standby, sample, len, NULL, &packets, &margin);
+
+	lag->sampled++;
+	if (rc < 0) {
+		lag->failed++;
+		fprintf(stderr, "ha_sync: standby refused a sample: %s\n", xfrmsync_last_error());
+	} else if (rc == XFRMSYNC_LAG_BEHIND) {
+		lag->compared++;
+		lag->over_margin += packets > margin;
+		if (packets >= lag->greatest) {
+			lag->greatest = packets;
+			lag->greatest_margin = margin;
+		}
+	}
 }
 
 static void format_sa(const xfrmsync_sa_id *sa, char *out, size_t len)
@@ -200,6 +232,16 @@ int main(int argc, char **argv)
 	       argv[1], link.records, link.held, link.ignored, link.refused, link.gone,
 	       xfrmsync_standby_count(link.standby));
 
+	struct lag lag = { .standby = link.standby };
+	rc = xfrmsync_active_sample(active, 4096, compare_sample, &lag);
+	if (rc < 0) {
+		fprintf(stderr, "ha_sync: sampling: %s\n", xfrmsync_last_error());
+		goto out;
+	}
+	printf("lag: %lu SAs sampled, %lu compared, greatest %llu packets behind (margin %llu), %lu over the margin\n",
+	       lag.sampled, lag.compared, (unsigned long long)lag.greatest, (unsigned long long)lag.greatest_margin,
+	       lag.over_margin);
+
 	if (xfrmsync_handle_new_netns_path(argv[2], &handle) < 0) {
 		fprintf(stderr, "ha_sync: %s: %s\n", argv[2], xfrmsync_last_error());
 		goto out;
@@ -216,7 +258,7 @@ int main(int argc, char **argv)
 	if (xfrmsync_active_learn_epoch(active, new_epoch) == 1)
 		printf("active %s: replaced by epoch %llu, sends nothing more\n", argv[1],
 		       (unsigned long long)new_epoch);
-	status = tally.failed == 0 && link.refused == 0 ? 0 : 1;
+	status = tally.failed == 0 && link.refused == 0 && lag.failed == 0 ? 0 : 1;
 out:
 	xfrmsync_handle_free(handle);
 	xfrmsync_standby_free(link.standby);

@@ -234,6 +234,23 @@
 #define XFRMSYNC_RECORD_LOWER_EPOCH 2
 
 /*
+ `xfrmsync_standby_lag`: the record held is `*packets` behind the sample,
+ and a commit at the sample's time would add `*margin`.
+ */
+#define XFRMSYNC_LAG_BEHIND 0
+
+/*
+ `xfrmsync_standby_lag`: no record of the sample's SA is held.
+ */
+#define XFRMSYNC_LAG_NOT_HELD 1
+
+/*
+ `xfrmsync_standby_lag`: the sample's epoch is below the highest the
+ standby knows: its sender was replaced, and it measures nothing.
+ */
+#define XFRMSYNC_LAG_LOWER_EPOCH 2
+
+/*
  `xfrmsync_commit_options.inbound`: inbound SAs continue from the synced
  state, so packets the active node had not seen yet are accepted.
  */
@@ -999,6 +1016,20 @@ void xfrmsync_standby_free(struct xfrmsync_standby *standby);
 int xfrmsync_standby_receive(struct xfrmsync_standby *standby, const uint8_t *record, size_t len);
 
 /*
+ How far the record held for an SA is behind `sample`, one encoded
+ sample (exactly `len` bytes) from the active node's
+ `xfrmsync_active_sample`. The sample is not held. On
+ `XFRMSYNC_LAG_BEHIND` (0), writes the packets behind into `*packets`
+ and the margin a commit at the sample's time would add, under
+ `options`' margin settings (NULL: the defaults), into `*margin` (either
+ may be NULL). A lag above the margin means a takeover then would have
+ reused sequence numbers. Returns `XFRMSYNC_LAG_NOT_HELD` or
+ `XFRMSYNC_LAG_LOWER_EPOCH` (positive) when there is nothing to compare,
+ or -EBADMSG for bytes that are not one whole record.
+ */
+int xfrmsync_standby_lag(const struct xfrmsync_standby *standby, const uint8_t *sample, size_t len, const struct xfrmsync_commit_options *options, uint64_t *packets, uint64_t *margin);
+
+/*
  Forgets the record held for `sa` (the active node said it is gone).
  Returns 1 if one was held, 0 if not.
  */
@@ -1089,6 +1120,18 @@ int xfrmsync_active_next_due_ms(const struct xfrmsync_active *active);
  exception or a longjmp out of one is undefined behaviour.
  */
 int xfrmsync_active_dispatch(struct xfrmsync_active *active, xfrmsync_record_cb on_record, xfrmsync_gone_cb on_gone, void *user_data);
+
+/*
+ Reads the kernel's state now of up to `count` SAs this node has sent
+ records of, taken in turn so that successive calls go round every one,
+ and hands each to `on_sample` as an encoded record, for the standbys to
+ measure how far behind their records are (`xfrmsync_standby_lag`).
+ Send them apart from records: a standby must not hold one. Every
+ sample is read before the first callback, so the callback may make any
+ call, on this object too. Returns the number handed; a replaced node
+ hands none.
+ */
+int xfrmsync_active_sample(struct xfrmsync_active *active, size_t count, xfrmsync_record_cb on_sample, void *user_data);
 
 /*
  Asks for every SA to be sent again, in steps from the next dispatch on:

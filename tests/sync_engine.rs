@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::fake_kernel::{FakeKernel, Fault, SaState, REQUEST_SEQ};
 use xfrmsync::aevent::LegacyReplay;
-use xfrmsync::sync::{Active, ActiveConfig, Outgoing, Received, Standby, SyncRecord};
+use xfrmsync::sync::{Active, ActiveConfig, Lag, MarginPolicy, Outgoing, Received, Standby, SyncRecord};
 use xfrmsync::wire::{self, NewSa, Sender};
 use xfrmsync::{Error, Handle, Replay, SaId, Thresholds};
 
@@ -68,6 +68,31 @@ fn a_standby_started_at_an_epoch_ignores_records_below_it() {
     assert_eq!(standby.receive(record(1, 4, u64::MAX, 1)).unwrap(), Received::LowerEpoch);
     assert!(standby.is_empty());
     assert_eq!(standby.receive(record(1, 5, 1, 1)).unwrap(), Received::Held);
+}
+
+#[test]
+fn a_standby_measures_its_lag_against_a_sample_with_the_margin_of_a_commit_then() {
+    let mut standby = Standby::new(0);
+    let policy = MarginPolicy { detection_ms: 1000, safety_factor: 2.0, floor: 100, ceiling: 1 << 30 };
+    let mut held = record(1, 3, 10, 1000);
+    // 1,000 packets/s, a 64-packet threshold: at 500 ms, (1,500 + 64) * 2.
+    held.rate_per_ks = 1_000_000;
+    held.thresholds = Some(Thresholds { replay_packets: 64, timer_ms: 1000 });
+    held.sent_at_ms = 10_000;
+    standby.receive(held).unwrap();
+    let mut sample = record(1, 3, 10, 1300);
+    sample.sent_at_ms = 10_500;
+    assert_eq!(standby.lag(&sample, &policy), Lag::Behind { packets: 300, margin: 3128 });
+    sample.replay = Replay::Legacy(LegacyReplay { oseq: 900, seq: 0, bitmap: 0 });
+    assert_eq!(
+        standby.lag(&sample, &policy),
+        Lag::Behind { packets: 0, margin: 3128 },
+        "a record newer than the sample"
+    );
+    assert_eq!(standby.lag(&record(2, 3, 1, 5), &policy), Lag::NotHeld);
+    standby.learn_epoch(4);
+    assert_eq!(standby.lag(&sample, &policy), Lag::LowerEpoch, "a replaced sender's sample measures nothing");
+    assert_eq!(standby.len(), 1);
 }
 
 /// One datagram of a GETSA dump listing each `(spi, seq)` with its legacy
@@ -157,6 +182,20 @@ fn an_active_node_sends_listings_and_events_but_never_an_older_state() {
     assert_eq!(records[1].replay.seq64(), 2);
     assert!(records[0].counter > first.counter && records[1].counter > records[0].counter);
     assert_eq!(active.stats().from_events, 2);
+
+    // A sample reads the kernel now and is no record: the last counter,
+    // not a new one; each SA once a call. A standby measures its lag by it.
+    fake.set_state(SaState { seq: 5, ..fake.state() });
+    let samples = active.sample(8);
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    assert_eq!((samples[0].sa, samples[0].replay.seq64(), samples[0].epoch), (sa(0x1001), 5, 7));
+    assert_eq!(samples[0].counter, records[1].counter);
+    assert_eq!(active.stats().samples, 1);
+    let mut standby = Standby::new(0);
+    assert_eq!(standby.lag(&samples[0], &MarginPolicy::default()), Lag::NotHeld);
+    standby.receive(records[1]).unwrap();
+    assert!(matches!(standby.lag(&samples[0], &MarginPolicy::default()), Lag::Behind { packets: 3, .. }));
+    assert_eq!(standby.len(), 1, "the sample is not held");
 
     // A snapshot whose state is older than the events already sent: the
     // standby must never go back, so nothing is sent for it.

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::registry::{Direction, Thresholds};
 use crate::sync::{
-    Active, ActiveConfig, CommitOptions, InboundPolicy, MarginPolicy, Mismatch, Outcome, Outgoing, Received, SaCommit,
-    Standby, SyncRecord,
+    Active, ActiveConfig, CommitOptions, InboundPolicy, Lag, MarginPolicy, Mismatch, Outcome, Outgoing, Received,
+    SaCommit, Standby, SyncRecord,
 };
 
 /// `xfrmsync_standby_receive`: the record is now the one held for its SA.
@@ -28,6 +28,15 @@ pub const XFRMSYNC_RECORD_OLDER: c_int = 1;
 /// `xfrmsync_standby_receive`: the record's epoch is below the highest the
 /// standby knows: its sender was replaced; nothing changed.
 pub const XFRMSYNC_RECORD_LOWER_EPOCH: c_int = 2;
+
+/// `xfrmsync_standby_lag`: the record held is `*packets` behind the sample,
+/// and a commit at the sample's time would add `*margin`.
+pub const XFRMSYNC_LAG_BEHIND: c_int = 0;
+/// `xfrmsync_standby_lag`: no record of the sample's SA is held.
+pub const XFRMSYNC_LAG_NOT_HELD: c_int = 1;
+/// `xfrmsync_standby_lag`: the sample's epoch is below the highest the
+/// standby knows: its sender was replaced, and it measures nothing.
+pub const XFRMSYNC_LAG_LOWER_EPOCH: c_int = 2;
 
 /// `xfrmsync_commit_options.inbound`: inbound SAs continue from the synced
 /// state, so packets the active node had not seen yet are accepted.
@@ -335,6 +344,56 @@ pub extern "C" fn xfrmsync_standby_receive(standby: *mut xfrmsync_standby, recor
     })
 }
 
+/// How far the record held for an SA is behind `sample`, one encoded
+/// sample (exactly `len` bytes) from the active node's
+/// `xfrmsync_active_sample`. The sample is not held. On
+/// `XFRMSYNC_LAG_BEHIND` (0), writes the packets behind into `*packets`
+/// and the margin a commit at the sample's time would add, under
+/// `options`' margin settings (NULL: the defaults), into `*margin` (either
+/// may be NULL). A lag above the margin means a takeover then would have
+/// reused sequence numbers. Returns `XFRMSYNC_LAG_NOT_HELD` or
+/// `XFRMSYNC_LAG_LOWER_EPOCH` (positive) when there is nothing to compare,
+/// or -EBADMSG for bytes that are not one whole record.
+#[no_mangle]
+pub extern "C" fn xfrmsync_standby_lag(
+    standby: *const xfrmsync_standby,
+    sample: *const u8,
+    len: usize,
+    options: *const xfrmsync_commit_options,
+    packets: *mut u64,
+    margin: *mut u64,
+) -> c_int {
+    boundary(|| {
+        let standby = self::standby(standby)?;
+        if sample.is_null() {
+            return Err(Error::invalid("sample is NULL"));
+        }
+        // SAFETY: non-NULL, and by the header's contract `len` readable
+        // bytes for the call.
+        let bytes = unsafe { std::slice::from_raw_parts(sample, len) };
+        let sample = SyncRecord::decode(bytes)?;
+        let policy = match options.is_null() {
+            true => xfrmsync_commit_options_default(),
+            false => *required(options, "options")?,
+        }
+        .to_rust()?
+        .margin;
+        Ok(match standby.lag(&sample, &policy) {
+            Lag::Behind { packets: behind, margin: added } => {
+                if !packets.is_null() {
+                    write_out(packets, behind)?;
+                }
+                if !margin.is_null() {
+                    write_out(margin, added)?;
+                }
+                XFRMSYNC_LAG_BEHIND
+            }
+            Lag::NotHeld => XFRMSYNC_LAG_NOT_HELD,
+            Lag::LowerEpoch => XFRMSYNC_LAG_LOWER_EPOCH,
+        })
+    })
+}
+
 /// Forgets the record held for `sa` (the active node said it is gone).
 /// Returns 1 if one was held, 0 if not.
 #[no_mangle]
@@ -611,6 +670,36 @@ pub extern "C" fn xfrmsync_active_dispatch(
             return Err(e);
         }
         Ok(c_int::try_from(handed).unwrap_or(c_int::MAX))
+    })
+}
+
+/// Reads the kernel's state now of up to `count` SAs this node has sent
+/// records of, taken in turn so that successive calls go round every one,
+/// and hands each to `on_sample` as an encoded record, for the standbys to
+/// measure how far behind their records are (`xfrmsync_standby_lag`).
+/// Send them apart from records: a standby must not hold one. Every
+/// sample is read before the first callback, so the callback may make any
+/// call, on this object too. Returns the number handed; a replaced node
+/// hands none.
+#[no_mangle]
+pub extern "C" fn xfrmsync_active_sample(
+    active: *mut xfrmsync_active,
+    count: usize,
+    on_sample: xfrmsync_record_cb,
+    user_data: *mut c_void,
+) -> c_int {
+    boundary(|| {
+        let Some(on_sample) = on_sample else { return Err(Error::invalid("on_sample is NULL")) };
+        let samples = engine(active)?.sample(count);
+        let mut encoded = Vec::with_capacity(crate::sync::MAX_RECORD_LEN);
+        for sample in &samples {
+            encoded.clear();
+            sample.encode(&mut encoded)?;
+            // SAFETY: the caller passed a function taking these arguments;
+            // `encoded` outlives the call and is not touched during it.
+            unsafe { on_sample(user_data, encoded.as_ptr(), encoded.len()) }
+        }
+        Ok(c_int::try_from(samples.len()).unwrap_or(c_int::MAX))
     })
 }
 

@@ -90,6 +90,9 @@ pub struct ActiveStats {
     pub events_lost: u64,
     /// Records not sent because the node was replaced.
     pub withheld: u64,
+    /// SAs read by [`Active::sample`], and those it could not read.
+    pub samples: u64,
+    pub samples_failed: u64,
 }
 
 /// What the node last sent of an SA, and its traffic rate.
@@ -131,6 +134,8 @@ pub struct Active {
     next_refresh: Instant,
     replaced_by: Option<u64>,
     stats: ActiveStats,
+    /// SAs still to sample in this round of [`Active::sample`].
+    to_sample: Vec<SaId>,
 }
 
 impl Active {
@@ -174,6 +179,7 @@ impl Active {
             next_refresh: Instant::now() + config.refresh,
             replaced_by: None,
             stats: ActiveStats { listings: 1, ..ActiveStats::default() },
+            to_sample: Vec::new(),
         })
     }
 
@@ -286,6 +292,61 @@ impl Active {
             self.stats.events_lost += 1;
         }
         dispatched
+    }
+
+    /// The kernel's state now of up to `count` SAs this node has sent
+    /// records of, taken in turn so that successive calls go round every
+    /// one: for a standby to measure how far behind its records are
+    /// ([`crate::sync::Standby::lag`]). Between two records an SA moves by
+    /// up to its replay threshold, or a timer period of traffic; only a
+    /// fresh read of the kernel shows how much.
+    ///
+    /// Samples are records in form, stamped with the node's epoch and its
+    /// last counter (never a new one): they are for measuring, not holding.
+    /// An SA that cannot be read, or was installed again since its last
+    /// record, is skipped. A replaced node samples nothing.
+    pub fn sample(&mut self, count: usize) -> Vec<SyncRecord> {
+        let mut samples = Vec::new();
+        if self.replaced_by.is_some() {
+            return samples;
+        }
+        while samples.len() < count {
+            if self.to_sample.is_empty() {
+                self.to_sample = self.sent.keys().copied().collect();
+                // At most one round a call: an SA is not read twice.
+                if self.to_sample.is_empty() || !samples.is_empty() {
+                    break;
+                }
+            }
+            let Some(sa) = self.to_sample.pop() else { break };
+            let (Some(sent), Some(tracked)) = (self.sent.get(&sa), self.registry.tracked(&sa)) else { continue };
+            let event = match self.registry.handle().query(&sa) {
+                Ok(event) if event.lifetime.add_time == sent.add_time => event,
+                Ok(_) => continue,
+                Err(e) => {
+                    log::debug!("sampling {sa}: {e}");
+                    self.stats.samples_failed += 1;
+                    continue;
+                }
+            };
+            self.stats.samples += 1;
+            samples.push(SyncRecord {
+                sa,
+                saddr: event.saddr,
+                reqid: event.reqid,
+                direction: tracked.direction,
+                esn: tracked.esn,
+                replay: event.replay,
+                lifetime_bytes: event.lifetime.bytes,
+                lifetime_packets: event.lifetime.packets,
+                thresholds: tracked.applied,
+                epoch: self.epoch,
+                counter: self.counter,
+                sent_at_ms: now_ms(),
+                rate_per_ks: sent.rate_per_ks,
+            });
+        }
+        samples
     }
 
     /// Learns that some node holds `epoch`. A higher one than this node's

@@ -5,8 +5,9 @@
 //! - [`record`]: the sync record, one SA's state on the wire;
 //! - [`active`]: the active node's side, records from aevents, listings and
 //!   notifications;
-//! - [`standby`]: the standby's side, the latest record per SA, and the
-//!   commit that writes them into its kernel at takeover;
+//! - [`standby`]: the standby's side, the latest record per SA, how far
+//!   behind the active node's kernel it is by a sample ([`Standby::lag`]),
+//!   and the commit that writes the records into its kernel at takeover;
 //! - [`commit`]: the commit's arithmetic (margins, inbound policies,
 //!   lifetimes, SAs that need a rekey), apart from the kernel.
 //!
@@ -26,7 +27,7 @@ pub mod standby;
 pub use active::{Active, ActiveConfig, ActiveStats, Outgoing};
 pub use commit::{margin, moving_number, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
 pub use record::{Departure, SyncRecord, DEPARTURE_LEN, MAX_RECORD_LEN, RECORD_VERSION};
-pub use standby::{Commit, CommitOptions, Outcome, Received, SaCommit, Standby, StandbyStats};
+pub use standby::{Commit, CommitOptions, Lag, Outcome, Received, SaCommit, Standby, StandbyStats};
 
 /// The wall clock, ms since the Unix epoch: records carry it, so that a
 /// standby can tell their age. The two nodes' clocks must agree (NTP).

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::handle::Handle;
 use crate::registry::Direction;
 use crate::sa::SaId;
-use crate::sync::commit::{moving_number, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
+use crate::sync::commit::{margin, moving_number, plan, CommitPlan, InboundPolicy, MarginPolicy, Mismatch};
 use crate::sync::SyncRecord;
 use crate::wire::SaInfo;
 
@@ -44,6 +44,22 @@ pub struct StandbyStats {
     pub older: u64,
     pub lower_epoch: u64,
     pub forgotten: u64,
+}
+
+/// How far the record a standby holds of an SA is behind the active
+/// node's kernel, by a sample of it ([`crate::sync::Active::sample`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    /// The held record's moving number is `packets` below the sample's;
+    /// a commit at the sample's time would have added `margin`. A lag
+    /// above the margin means a takeover then would have reused sequence
+    /// numbers.
+    Behind { packets: u64, margin: u64 },
+    /// No record of the SA is held.
+    NotHeld,
+    /// The sample is of an epoch below the highest known: its sender was
+    /// replaced, and it measures nothing this node would commit.
+    LowerEpoch,
 }
 
 /// How a commit writes.
@@ -195,6 +211,19 @@ impl Standby {
                 Ok(Received::Held)
             }
         }
+    }
+
+    /// How far the record held for `sample`'s SA is behind it, with the
+    /// margin a commit at the sample's time would add under `policy`. The
+    /// sample is not held. A held record newer than the sample is 0 behind.
+    pub fn lag(&self, sample: &SyncRecord, policy: &MarginPolicy) -> Lag {
+        if sample.epoch < self.epoch {
+            return Lag::LowerEpoch;
+        }
+        let Some(held) = self.get(&sample.sa) else { return Lag::NotHeld };
+        let direction = sample.direction.or(held.direction);
+        let packets = moving_number(&sample.replay, direction).saturating_sub(moving_number(&held.replay, direction));
+        Lag::Behind { packets, margin: margin(&held, sample.sent_at_ms, policy) }
     }
 
     /// Learns that some node holds `epoch` (its heartbeat said so): records

@@ -250,6 +250,11 @@ impl FakeKernel {
         self.shared.lock().unwrap().state
     }
 
+    /// The SA's state from now on: what a GETAE answers.
+    pub fn set_state(&self, state: SaState) {
+        self.shared.lock().unwrap().state = state;
+    }
+
     /// Whether a request made the fake outgrow its answer's room, as
     /// `BUG_ON(err < 0)` in 5.10's `xfrm_get_ae` does.
     pub fn panicked(&self) -> bool {
