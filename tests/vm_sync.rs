@@ -285,9 +285,9 @@ impl Nodes {
         {
             let config = format!(
                 "control_socket = \"{dir}/{node}.sock\"\nstate_file = \"{dir}/{node}.state\"\nrole = \"{role}\"\n\
-                 metrics = \"127.0.0.1:9477\"\n\
+                 metrics = \"127.0.0.1:9477\"\nmetrics_per_sa = 100\n\
                  [link]\nlocal = \"{local}:7700\"\npeer = \"{peer}:7700\"\nkey_file = \"{key}\"\nheartbeat_ms = 200\n\
-                 [active]\nrefresh_s = 30\nreplay_packets = 32\ntimer_ms = 500\n\
+                 [active]\nrefresh_s = 30\nreplay_packets = 32\ntimer_ms = 500\nlag_sample_ms = 500\nlag_sample_sas = 64\n\
                  [standby]\ndetection_ms = {DETECTION_MS}\non_replaced = \"{on_replaced}\"\n",
                 dir = dir.display(),
                 key = key.display()
@@ -520,6 +520,61 @@ fn check_metrics_while_syncing(sas: usize, failures: &mut Vec<String>) {
     }
 }
 
+/// The replication lag S measures by A's samples (every 500 ms, every SA):
+/// under traffic some record is behind, none by more than its margin, and
+/// the SAs of the pair whose traffic stopped (rekey4 sends 100 packets)
+/// come to 0 behind once their last timer event is in: a sample that
+/// compared the wrong numbers, or came from the wrong SA, would not.
+fn check_lag_while_syncing(pairs: &[Pair], failures: &mut Vec<String>) {
+    let quiet: Vec<String> =
+        pairs.iter().filter(|p| p.needs_rekey()).flat_map(|p| [p.out, p.inb]).map(|sa| sa.to_string()).collect();
+    let series = |m: &HashMap<String, f64>, family: &str, sa: &str| {
+        m.iter().find(|(k, _)| k.starts_with(&format!("{family}{{sa=\"{sa}\","))).map(|(_, v)| *v)
+    };
+    let until = Instant::now() + Duration::from_secs(6);
+    let s = loop {
+        let s = scrape("hs");
+        let settled = quiet.iter().all(|sa| series(&s, "xfrmsync_sync_sa_replication_lag_packets", sa) == Some(0.0));
+        if settled || Instant::now() > until {
+            break s;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let lagged: Vec<(&String, f64)> = s
+        .iter()
+        .filter(|(k, _)| k.starts_with("xfrmsync_sync_sa_replication_lag_packets{"))
+        .map(|(k, v)| (k, *v))
+        .collect();
+    let compared = metric(&s, "xfrmsync_sync_replication_lag_packets_count");
+    let sum = metric(&s, "xfrmsync_sync_replication_lag_packets_sum");
+    println!(
+        "lag (S, by A's samples): {compared} compared, mean {:.1} packets, over the margin {}, not held {}, last \
+         message's greatest {} ({:.2} of its margin)",
+        sum / compared,
+        metric(&s, "xfrmsync_sync_replication_lag_over_margin_total"),
+        metric(&s, "xfrmsync_sync_replication_lag_not_held_total"),
+        metric(&s, "xfrmsync_sync_replication_lag_last_max_packets"),
+        metric(&s, "xfrmsync_sync_replication_lag_last_max_margin_ratio"),
+    );
+    for sa in &quiet {
+        let lag = series(&s, "xfrmsync_sync_sa_replication_lag_packets", sa);
+        if lag != Some(0.0) {
+            failures.push(format!("lag: {sa}, quiet for seconds, is {lag:?} behind, not 0"));
+        }
+    }
+    for (what, ok) in [
+        ("S compared samples", compared > 0.0),
+        ("some record was behind under traffic", sum > 0.0),
+        ("no sample above its margin", metric(&s, "xfrmsync_sync_replication_lag_over_margin_total") == 0.0),
+        ("a per-SA lag for every SA", lagged.len() == 2 * pairs.len()),
+        ("none omitted under metrics_per_sa = 100", !s.contains_key("xfrmsync_sync_sa_series_omitted")),
+    ] {
+        if !ok {
+            failures.push(format!("lag: {what}"));
+        }
+    }
+}
+
 /// What S's metrics say after its commit.
 fn check_metrics_after_commit(sas: usize, failures: &mut Vec<String>) {
     let s = scrape("hs");
@@ -656,6 +711,7 @@ fn a_standby_takes_over_live_sas_and_the_peer_accepts_every_packet() {
     }
     if mode == "daemon" {
         check_metrics_while_syncing(2 * pairs.len(), &mut failures);
+        check_lag_while_syncing(&pairs, &mut failures);
     }
     if mode != "overrun" {
         nodes.cut_link();

@@ -125,6 +125,9 @@ role = "standby"
 [link]
 transport = "cpg"
 group = "xfrmsync"
+[active]
+# Every SA sampled each second, for the standbys' replication lag.
+lag_sample_ms = 1000
 [standby]
 # corosync's detection (token 1000) and the promotion after it
 detection_ms = 5000
@@ -191,6 +194,11 @@ run() {
             held=$(current_records $n)
             if ((held == 4)); then ok "sync: $n holds current records (under 3 s) of all 4 SAs before the kill"
             else not_ok "sync: $n holds $held current records of 4"; fi
+            local compared over greatest
+            read -r compared over greatest < <(status_json $n | lag_summary)
+            if ((compared > 0 && over == 0)); then
+                ok "sync: $n compared $compared of A's samples with its records, none behind by more than the margin (greatest in the last: $greatest packets)"
+            else not_ok "sync: $n's replication lag: $compared samples compared, $over over the margin"; fi
         done
     fi
     traffic s1 "$OUT/traffic-s1-$mode.json" --count 500 --wait-bind-s 60

@@ -66,3 +66,11 @@ p_errors() {
     sa=$($FACTS sas "${NS}p" $VIP $P | awk '{r += $3; f += $4} END {print r + 0, f + 0}')
     echo "$sa $($FACTS stat "${NS}p" XfrmInStateSeqError) $($FACTS stat "${NS}p" XfrmInStateProtoError)"
 }
+# lag_summary: from `xfrmsync sync status --json` on stdin, the node's
+# replication lag by the active node's samples: how many it compared, how
+# many were behind by more than the margin, the greatest lag of the last
+lag_summary() {
+    $PY -c 'import json, sys
+lag = json.load(sys.stdin)["lag"]
+print(lag["compared"], lag["over_margin"], (lag["last"] or {}).get("max_packets", "none"))'
+}

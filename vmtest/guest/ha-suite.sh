@@ -15,7 +15,8 @@
 #   split    the daemons; S commits while A still runs, then the link heals
 #   c-api    examples/ha_sync.c: the C API's active side on A for 3 s under
 #            traffic, its records committed on S; S's numbers must be above
-#            A's last
+#            A's last, and S's lag by A's samples of every SA within the
+#            margin
 # Ends with "ha: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,11 +64,16 @@ if build_ha_net; then
     rc=$?
     kill "${pids[@]}" 2>/dev/null
     wait "${pids[@]}" 2>/dev/null
-    sed 's/^/    /' "$out/c-api.log" | grep -E "0x000010a1|0x000020a1|^    (active|standby)"
+    sed 's/^/    /' "$out/c-api.log" | grep -E "0x000010a1|0x000020a1|^    (active|standby|lag)"
     if ((rc == 0)) && grep -q "12 SAs, 12 written" "$out/c-api.log"; then
         ok "c-api: examples/ha_sync.c synced A and committed every SA on S"
     else
         not_ok "c-api: examples/ha_sync.c (status $rc; $out/c-api.log)"
+    fi
+    if grep -q "^lag: 12 SAs sampled, 12 compared, .* 0 over the margin" "$out/c-api.log"; then
+        ok "c-api: the standby compared A's sample of every SA with its record, none behind by more than the margin"
+    else
+        not_ok "c-api: the standby's lag: $(grep '^lag' "$out/c-api.log")"
     fi
     for spi in 0x10a1 0x20a1; do
         a_last=$(oseq_of ha $spi) s_next=$(oseq_of hs $spi)

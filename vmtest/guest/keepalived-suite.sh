@@ -192,6 +192,9 @@ role = "standby"
 local = "$me_y:7700"
 peer = "$peer_y:7700"
 key_file = "$RUN/sync.key"
+[active]
+# Every SA sampled each second, for the standby's replication lag.
+lag_sample_ms = 1000
 [standby]
 # VRRPv2 with 1 s adverts declares the master dead after 3.6 s.
 detection_ms = 4000
@@ -320,6 +323,12 @@ if ((held >= 4)); then
     ok "sync: S holds records under 3 s old for $held SAs"
 else
     not_ok "sync: S holds $held current records, 4 expected ($(status_of s | head -3 | tr '\n' ' '))"
+fi
+read -r compared over greatest < <(status_of s --json | lag_summary)
+if ((compared > 0 && over == 0)); then
+    ok "sync: S compared $compared of A's samples with its records, none behind by more than the margin (greatest in the last: $greatest packets)"
+else
+    not_ok "sync: S's replication lag: $compared samples compared, $over over the margin"
 fi
 errors_before=$(p_errors)
 failover a s first

@@ -139,9 +139,19 @@ impl Pair {
         assert!(headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"), "{headers}");
         assert!(headers.contains(&format!("Content-Length: {}", body.len())), "{headers}");
         let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
-        // The parser skips lines it cannot read: every sample line must be one.
-        let lines = body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).count();
-        assert_eq!(scrape.samples.len(), lines, "lines the parser skipped:\n{body}");
+        // The parser skips lines it cannot read: every sample line must be
+        // one, a histogram's buckets making one sample of it (its sum and
+        // count are samples of their own).
+        let histograms: Vec<String> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" histogram").map(str::to_string))
+            .collect();
+        let lines = body
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter(|l| !histograms.iter().any(|h| l.starts_with(&format!("{h}_bucket{{"))))
+            .count();
+        assert_eq!(scrape.samples.len(), lines + histograms.len(), "lines the parser skipped:\n{body}");
         Metrics { scrape, body }
     }
 
@@ -183,6 +193,18 @@ impl Metrics {
             }
             prometheus_parse::Value::Gauge(v) => Some(v),
             ref other => panic!("{name}: neither counter nor gauge: {other:?}"),
+        }
+    }
+
+    /// The histogram `name`'s buckets (bound, cumulative count).
+    fn histogram(&self, name: &str) -> Vec<(f64, f64)> {
+        let name = format!("xfrmsync_sync_{name}");
+        let sample = self.scrape.samples.iter().find(|s| s.metric == name);
+        match sample.map(|s| &s.value) {
+            Some(prometheus_parse::Value::Histogram(buckets)) => {
+                buckets.iter().map(|b| (b.less_than, b.count)).collect()
+            }
+            other => panic!("{name}: no histogram but {other:?} in:\n{}", self.body),
         }
     }
 
@@ -343,6 +365,20 @@ fn metrics_are_served_for_prometheus() {
         ("link_packets_retransmitted_total", "counter"),
         ("link_packets_given_up_total", "counter"),
         ("link_packets_dropped_total", "counter"),
+        ("replication_samples_sent_total", "counter"),
+        ("replication_lag_packets", "histogram"),
+        ("replication_lag_not_held_total", "counter"),
+        ("replication_lag_over_margin_total", "counter"),
+        ("replication_lag_last_max_packets", "gauge"),
+        ("replication_lag_last_max_margin_ratio", "gauge"),
+        ("replication_lag_last_sample_age_seconds", "gauge"),
+        ("metrics_per_sa_limit", "gauge"),
+        ("sa_series_omitted", "gauge"),
+        ("sa_record_age_seconds", "gauge"),
+        ("sa_replication_lag_packets", "gauge"),
+        ("sa_replication_margin_packets", "gauge"),
+        ("sa_last_commit_margin_packets", "gauge"),
+        ("sa_needs_rekey", "gauge"),
     ];
     for (name, kind) in families {
         assert_eq!(s.family(name), (Some(kind), true), "{name}:\n{}", s.body);
@@ -360,6 +396,15 @@ fn metrics_are_served_for_prometheus() {
     assert_eq!(s.value("last_commit_margin_min_packets", None), None, "no margin before a commit");
     assert!(s.get("peer_heartbeat_age_seconds", None) < 5.0);
     assert!(s.get("link_packets_dropped_total", Some(("reason", "auth_failed"))) == 0.0);
+    // No SA on the host: nothing sampled, nothing compared, the lag's
+    // gauges absent; per-SA series off by default.
+    let buckets = s.histogram("replication_lag_packets");
+    let bounds: Vec<f64> = buckets.iter().map(|b| b.0).collect();
+    assert_eq!(bounds, [0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, f64::INFINITY]);
+    assert!(buckets.iter().all(|b| b.1 == 0.0), "{buckets:?}");
+    assert_eq!(s.value("replication_lag_last_max_packets", None), None);
+    assert_eq!(s.get("metrics_per_sa_limit", None), 0.0);
+    assert!(!s.body.contains("\nxfrmsync_sync_sa_"), "per-SA series while off:\n{}", s.body);
     let a = pair.scrape("a");
     assert_eq!(a.get("role", Some(("role", "active"))), 1.0);
     assert_eq!(a.get("role", Some(("role", "standby"))), 0.0);
@@ -424,4 +469,11 @@ fn metrics_are_served_for_prometheus() {
     stream.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
     assert!(answer.contains("xfrmsync_sync_role{role=\"standby\"} 1\n"), "{answer}");
+
+    // `--metrics-per-sa` wins over the config's `metrics_per_sa` (0 here).
+    pair.stop("s");
+    pair.start_with("s", "standby", &pair.dir.join("key"), &["--metrics-per-sa", "7"]);
+    assert_eq!(pair.scrape("s").get("metrics_per_sa_limit", None), 7.0);
+    let refused = xfrmsync().args(["sync", "--metrics-per-sa", "100001", "check"]).output().unwrap();
+    assert!(!refused.status.success() && text(&refused).contains("100001"), "{}", text(&refused));
 }

@@ -67,6 +67,10 @@ pub struct SyncConfig {
     pub role: Role,
     /// Where Prometheus metrics are served (`--metrics` overrides); `None`, the default: nowhere.
     pub metrics: Option<SocketAddr>,
+    /// Per-SA series in the metrics for at most this many SAs; 0, the
+    /// default: none, so that the number of series does not grow with the
+    /// SAs.
+    pub metrics_per_sa: usize,
     pub link: LinkSettings,
     pub active: ActiveSettings,
     pub standby: StandbySettings,
@@ -126,6 +130,11 @@ pub struct ActiveSettings {
     pub thresholds: Thresholds,
     /// Rules in the format of `xfrmsync apply`; read by the daemon.
     pub rules_file: Option<PathBuf>,
+    /// Every `lag_sample` the kernel's state of the next `lag_sample_sas`
+    /// SAs is read and sent, for the standby to measure how far behind its
+    /// records are (0 SAs: never).
+    pub lag_sample: Duration,
+    pub lag_sample_sas: usize,
 }
 
 /// What the node does while it is standby, and at its takeover.
@@ -163,11 +172,15 @@ impl Default for ActiveSettings {
             refresh: Duration::from_secs(10),
             thresholds: Thresholds { replay_packets: 256, timer_ms: 1000 },
             rules_file: None,
+            lag_sample: Duration::from_secs(10),
+            lag_sample_sas: 64,
         }
     }
 }
 
 const DEFAULT_MAX_PACKET: usize = 1400;
+/// The most SAs `metrics_per_sa` takes: a scrape of more would be tens of MB.
+pub const METRICS_PER_SA_MOST: usize = 100_000;
 const DEFAULT_RETRANSMIT_MS: u64 = 200;
 const DEFAULT_MAX_RETRANSMITS: u32 = 8;
 const DEFAULT_MAX_AGE_S: u64 = 60;
@@ -209,6 +222,8 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
     let state_file = c.get(&mut top, "state_file", absolute_path);
     let role = c.get(&mut top, "role", |v| choice(v, &[("standby", Role::Standby), ("active", Role::Active)]));
     let metrics = c.get(&mut top, "metrics", metrics_addr);
+    let metrics_per_sa =
+        c.get(&mut top, "metrics_per_sa", |v| whole(v, 0..=METRICS_PER_SA_MOST as u64, "SAs").map(|n| n as usize));
 
     let mut link = c.section(&mut top, "link");
     // The transport says which keys the table takes, so it is read first;
@@ -270,6 +285,8 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
     let timer_ms =
         c.get(&mut active, "timer_ms", |v| whole(v, 1..=u64::from(MAX_TIMER_MS), "milliseconds").map(|n| n as u32));
     let rules_file = c.get(&mut active, "rules_file", absolute_path);
+    let lag_sample = c.get(&mut active, "lag_sample_ms", |v| milliseconds(v, 100..=3_600_000));
+    let lag_sample_sas = c.get(&mut active, "lag_sample_sas", |v| whole(v, 0..=100_000, "SAs").map(|n| n as usize));
 
     let mut standby = c.section(&mut top, "standby");
     let detection_ms = c.get(&mut standby, "detection_ms", |v| whole(v, 0..=3_600_000, "milliseconds"));
@@ -333,6 +350,7 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
         state_file: value(state_file, DEFAULT_STATE_FILE.into()),
         role: value(role, Role::default()),
         metrics: metrics.map(Spanned::into_inner),
+        metrics_per_sa: value(metrics_per_sa, 0),
         link: LinkSettings {
             transport: match kind.expect("a wrong transport is a problem") {
                 Kind::Udp => LinkTransport::Udp(UdpSettings {
@@ -358,6 +376,8 @@ pub fn parse(text: &str) -> Result<SyncConfig, FileErrors> {
                 timer_ms: value(timer_ms, active_defaults.thresholds.timer_ms),
             },
             rules_file: rules_file.map(Spanned::into_inner),
+            lag_sample: value(lag_sample, active_defaults.lag_sample),
+            lag_sample_sas: value(lag_sample_sas, active_defaults.lag_sample_sas),
         },
         standby: StandbySettings {
             margin,
@@ -669,6 +689,7 @@ control_socket = "/run/xs/ctl.sock"
 state_file = "/var/lib/xs/state"
 role = "active"
 metrics = "[::1]:9477"
+metrics_per_sa = 500
 
 [link]
 local = "[fd00:99::1]:7701"
@@ -685,6 +706,8 @@ refresh_s = 20
 replay_packets = 64
 timer_ms = 500
 rules_file = "/etc/xs/rules.toml"
+lag_sample_ms = 2500
+lag_sample_sas = 16
 
 [standby]
 detection_ms = 1500
@@ -727,6 +750,7 @@ on_replaced = "delete-outbound"
             state_file: "/var/lib/xs/state".into(),
             role: Role::Active,
             metrics: Some("[::1]:9477".parse().unwrap()),
+            metrics_per_sa: 500,
             link: LinkSettings {
                 transport: LinkTransport::Udp(UdpSettings {
                     local: "[fd00:99::1]:7701".parse().unwrap(),
@@ -743,6 +767,8 @@ on_replaced = "delete-outbound"
                 refresh: Duration::from_secs(20),
                 thresholds: Thresholds { replay_packets: 64, timer_ms: 500 },
                 rules_file: Some("/etc/xs/rules.toml".into()),
+                lag_sample: Duration::from_millis(2500),
+                lag_sample_sas: 16,
             },
             standby: StandbySettings {
                 margin: MarginPolicy { detection_ms: 1500, safety_factor: 3.5, floor: 4096, ceiling: 1 << 24 },
@@ -762,6 +788,7 @@ on_replaced = "delete-outbound"
             state_file: "/var/lib/xfrmsync/sync.state".into(),
             role: Role::Standby,
             metrics: None,
+            metrics_per_sa: 0,
             link: LinkSettings {
                 transport: LinkTransport::Udp(UdpSettings {
                     local: "10.99.0.1:7700".parse().unwrap(),
@@ -778,6 +805,8 @@ on_replaced = "delete-outbound"
                 refresh: Duration::from_secs(10),
                 thresholds: Thresholds { replay_packets: 256, timer_ms: 1000 },
                 rules_file: None,
+                lag_sample: Duration::from_secs(10),
+                lag_sample_sas: 64,
             },
             standby: StandbySettings {
                 margin: MarginPolicy { detection_ms: 3000, safety_factor: 2.0, floor: 1024, ceiling: 1 << 30 },

@@ -595,7 +595,8 @@ mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
-    const KINDS: [Kind; 5] = [Kind::Records, Kind::SnapshotRequest, Kind::SnapshotDone, Kind::Heartbeat, Kind::Gone];
+    const KINDS: [Kind; 6] =
+        [Kind::Records, Kind::SnapshotRequest, Kind::SnapshotDone, Kind::Heartbeat, Kind::Gone, Kind::Samples];
     const ME: Member = Member { nodeid: 1, pid: 100 };
     const B: Member = Member { nodeid: 2, pid: 200 };
     const C: Member = Member { nodeid: 3, pid: 300 };
@@ -613,7 +614,7 @@ mod tests {
         assert_eq!(unframe(&[]), None, "no kind");
         assert_eq!(unframe(&[1, 0, 0]), None, "the UDP link's ack is no CPG message");
         assert_eq!(unframe(&[0]), None);
-        assert_eq!(unframe(&[7, 1]), None);
+        assert_eq!(unframe(&[8, 1]), None);
         assert_eq!(unframe(&[255]), None);
     }
 

@@ -37,6 +37,7 @@ use xfrmsync::{Error, Handle, SaId};
 
 use super::config::{OnReplaced, Role, SyncConfig};
 use super::control::{self, Reply, Request};
+use super::lag::{LagTracker, SaLag};
 use super::link::{Link, PeerId};
 use super::metrics;
 use super::transport::Kind;
@@ -100,6 +101,7 @@ struct Counts {
     snapshots_served: u64,
     snapshots_done: u64,
     commits: u64,
+    samples_sent: u64,
 }
 
 /// One SA's records, for status.
@@ -154,6 +156,10 @@ pub struct Daemon {
     events_lost_before: u64,
     /// When the newest record from the peer arrived.
     last_record_at: Option<Instant>,
+    /// The standby's measure of how far behind its records are.
+    lag: LagTracker,
+    /// When the active side next samples its kernel for the standbys.
+    next_sample: Instant,
 }
 
 /// The heartbeat's payload: version, role, 6 bytes 0, the epoch.
@@ -197,6 +203,8 @@ impl Daemon {
             epoch_changes: 0,
             events_lost_before: 0,
             last_record_at: None,
+            lag: LagTracker::default(),
+            next_sample: Instant::now(),
         };
         match daemon.config.role {
             Role::Active => daemon.become_active()?,
@@ -230,6 +238,9 @@ impl Daemon {
             let active_fd = match &self.node {
                 Node::Active(active) if !self.link_busy() => {
                     until = until.min(active.next_due());
+                    if self.config.active.lag_sample_sas > 0 {
+                        until = until.min(self.next_sample);
+                    }
                     active.registry().handle().as_raw_fd()
                 }
                 Node::Active(_) => {
@@ -266,6 +277,9 @@ impl Daemon {
             let due = matches!(&self.node, Node::Active(a) if a.next_due() <= Instant::now());
             if (events || due) && !self.link_busy() {
                 self.dispatch();
+            }
+            if self.sampling() && Instant::now() >= self.next_sample && !self.link_busy() {
+                self.send_samples();
             }
             if Instant::now() >= self.next_heartbeat {
                 self.heartbeat();
@@ -316,10 +330,31 @@ impl Daemon {
             peer_heartbeat_age: self.newest_peer().map(|(_, p)| p.at.elapsed()),
             peers_heard: self.peers.len() as u64,
             events_lost: self.events_lost_before + events_lost,
+            samples_sent: c.samples_sent,
+            lag: self.lag_values(),
+            per_sa_limit: self.config.metrics_per_sa as u64,
             ..metrics::Values::default()
         };
+        if self.config.metrics_per_sa > 0 {
+            let rows = self.sa_rows();
+            values.per_sa_omitted = rows.len().saturating_sub(self.config.metrics_per_sa) as u64;
+            values.per_sa = rows.iter().take(self.config.metrics_per_sa).map(SaRow::series).collect();
+        }
         self.link.metrics(&mut values);
         values
+    }
+
+    fn lag_values(&self) -> metrics::LagValues {
+        let lag = &self.lag;
+        metrics::LagValues {
+            cumulative: lag.cumulative(),
+            sum: lag.sum,
+            not_held: lag.not_held,
+            over_margin: lag.over_margin,
+            last_max_packets: lag.last.map(|b| b.max_packets),
+            last_max_margin_ratio: lag.last.map(|b| b.max_margin_ratio),
+            last_sample_age: lag.last.map(|b| b.at.elapsed()),
+        }
     }
 
     /// The node is `node` from now on; an active side's counts are kept.
@@ -327,7 +362,59 @@ impl Daemon {
         if let Node::Active(active) = &self.node {
             self.events_lost_before += active.stats().events_lost;
         }
+        if let Node::Active(_) = &node {
+            self.lag.forget_every_sa();
+            self.next_sample = Instant::now() + self.config.active.lag_sample;
+        }
         self.node = node;
+    }
+
+    /// Whether this node samples its kernel for the standbys now.
+    fn sampling(&self) -> bool {
+        self.config.active.lag_sample_sas > 0 && matches!(self.node, Node::Active(_))
+    }
+
+    /// Reads the next SAs' kernel state and sends it to the standbys, in
+    /// messages of the link's size; unreliably, since the next samples say
+    /// more than a late one.
+    fn send_samples(&mut self) {
+        self.next_sample = Instant::now() + self.config.active.lag_sample;
+        let Node::Active(active) = &mut self.node else { return };
+        let samples = active.sample(self.config.active.lag_sample_sas);
+        let max = self.link.max_payload();
+        let mut messages = vec![Vec::new()];
+        for sample in &samples {
+            let last = messages.last_mut().expect("one at least");
+            if !last.is_empty() && last.len() + sample.encoded_len() > max {
+                messages.push(Vec::new());
+            }
+            if sample.encode(messages.last_mut().expect("one at least")).is_ok() {
+                self.counts.samples_sent += 1;
+            }
+        }
+        let now = Instant::now();
+        for payload in messages.iter().filter(|m| !m.is_empty()) {
+            if let Err(e) = self.link.send_unreliable(Kind::Samples, payload, now) {
+                log::debug!("sync link: sending samples: {e}");
+            }
+        }
+    }
+
+    /// A standby compares the active node's samples with its records; an
+    /// active node has none to compare.
+    fn take_samples(&mut self, mut payload: &[u8]) {
+        let mut samples = Vec::new();
+        while !payload.is_empty() {
+            let Ok((sample, used)) = SyncRecord::decode_prefix(payload) else {
+                self.counts.rejected_malformed += 1;
+                return;
+            };
+            payload = &payload[used..];
+            samples.push(sample);
+        }
+        if let Node::Standby(standby) | Node::Replaced { standby, .. } = &self.node {
+            self.lag.take(standby, &samples, &self.config.standby.margin, Instant::now());
+        }
     }
 
     /// The link holds many unacknowledged messages: sending more would
@@ -364,6 +451,7 @@ impl Daemon {
                 }
                 Kind::SnapshotDone => self.counts.snapshots_done += 1,
                 Kind::Heartbeat => self.take_heartbeat(from, &payload),
+                Kind::Samples => self.take_samples(&payload),
             }
         }
     }
@@ -545,6 +633,7 @@ impl Daemon {
                     Received::LowerEpoch => self.counts.rejected_lower_epoch += 1,
                     _ => {
                         self.per_sa.remove(&departure.sa);
+                        self.lag.forget(&departure.sa);
                     }
                 }
             }
@@ -826,15 +915,17 @@ impl Daemon {
             "resyncs: asked {}, served {}, completed {}; commits {}",
             c.snapshots_asked, c.snapshots_served, c.snapshots_done, c.commits
         );
+        let _ = writeln!(text, "{}", self.lag_status());
         let _ = writeln!(text, "{}", self.link.status_text());
         for sa in self.sa_rows() {
             let _ = writeln!(
                 text,
-                "{} {}: {}record {}; records sent {}, received {} (held {}, older {}, lower epoch {}); last commit: {}",
+                "{} {}: {}record {}{}; records sent {}, received {} (held {}, older {}, lower epoch {}); last commit: {}",
                 sa.sa,
                 direction_name(sa.direction),
                 if sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey") { "NEEDS REKEY, " } else { "" },
                 sa.age_ms.map_or("none".into(), |age| format!("{age} ms old, number {}", sa.number)),
+                sa.lag_text(),
                 sa.counts.sent,
                 sa.counts.received,
                 sa.counts.held,
@@ -862,6 +953,9 @@ impl Daemon {
                         "rejected": { "older": sa.counts.older, "lower_epoch": sa.counts.lower_epoch },
                     },
                     "needs_rekey": sa.committed.as_ref().is_some_and(|c| c.kind == "needs_rekey"),
+                    "lag": sa.lag.map(|l| serde_json::json!({
+                        "packets": l.packets, "margin": l.margin, "sampled_ms_ago": l.at.elapsed().as_millis() as u64,
+                    })),
                     "last_commit": sa.committed.as_ref().map(|c| serde_json::json!({
                         "outcome": c.kind, "synced": c.synced, "written": c.written, "margin": c.margin,
                         "record_age_ms": c.record_age_ms, "rate_per_ks": c.rate_per_ks, "text": c.outcome,
@@ -895,10 +989,48 @@ impl Daemon {
             },
             "resyncs": { "asked": c.snapshots_asked, "served": c.snapshots_served, "completed": c.snapshots_done },
             "commits": c.commits,
+            "lag": {
+                "samples_sent": c.samples_sent,
+                "compared": self.lag.compared, "not_held": self.lag.not_held,
+                "lower_epoch": self.lag.lower_epoch, "over_margin": self.lag.over_margin,
+                "last": self.lag.last.map(|b| serde_json::json!({
+                    "sampled_ms_ago": b.at.elapsed().as_millis() as u64, "sas": b.compared,
+                    "max_packets": b.max_packets, "max_margin_ratio": b.max_margin_ratio,
+                })),
+            },
             "link": self.link.status_json(),
             "sas": sas,
         })
         .to_string()
+    }
+
+    /// The `lag:` line of status.
+    fn lag_status(&self) -> String {
+        let lag = &self.lag;
+        if let Node::Active(_) = self.node {
+            return match self.config.active.lag_sample_sas {
+                0 => "lag: not sampled ([active] lag_sample_sas = 0)".into(),
+                n => format!(
+                    "lag: {} SA states sampled and sent, {n} every {} ms",
+                    self.counts.samples_sent,
+                    self.config.active.lag_sample.as_millis()
+                ),
+            };
+        }
+        let last = match lag.last {
+            Some(b) => format!(
+                "; last message {} ms ago: {} SAs, greatest {} packets, {:.0}% of its margin",
+                b.at.elapsed().as_millis(),
+                b.compared,
+                b.max_packets,
+                b.max_margin_ratio * 100.0
+            ),
+            None => "; no sample received yet".into(),
+        };
+        format!(
+            "lag: {} samples compared, {} over the margin, {} of SAs not held, {} of a lower epoch{last}",
+            lag.compared, lag.over_margin, lag.not_held, lag.lower_epoch
+        )
     }
 
     /// Every peer heard, in the order of their ids.
@@ -924,6 +1056,7 @@ impl Daemon {
                         number,
                         counts: PerSa::default(),
                         committed: None,
+                        lag: self.lag.of(&record.sa),
                     },
                 );
             }
@@ -936,6 +1069,7 @@ impl Daemon {
                 number: 0,
                 counts: PerSa::default(),
                 committed: None,
+                lag: None,
             });
             row.counts = *counts;
         }
@@ -947,6 +1081,7 @@ impl Daemon {
                 number: 0,
                 counts: PerSa::default(),
                 committed: None,
+                lag: None,
             });
             row.committed = Some(committed.clone());
         }
@@ -963,6 +1098,28 @@ struct SaRow {
     number: u64,
     counts: PerSa,
     committed: Option<Committed>,
+    lag: Option<SaLag>,
+}
+
+impl SaRow {
+    fn series(&self) -> metrics::SaSeries {
+        metrics::SaSeries {
+            sa: self.sa.to_string(),
+            direction: self.direction.map_or("unknown", |d| d.name()),
+            record_age: self.age_ms.map(Duration::from_millis),
+            lag: self.lag.map(|l| (l.packets, l.margin)),
+            commit_margin: self.committed.as_ref().and_then(|c| c.margin),
+            needs_rekey: self.committed.as_ref().map(|c| c.kind == "needs_rekey"),
+        }
+    }
+
+    /// The last sample's lag, for status.
+    fn lag_text(&self) -> String {
+        match self.lag {
+            Some(l) => format!("; lag {} of margin {} ({} ms ago)", l.packets, l.margin, l.at.elapsed().as_millis()),
+            None => String::new(),
+        }
+    }
 }
 
 fn direction_name(direction: Option<Direction>) -> &'static str {

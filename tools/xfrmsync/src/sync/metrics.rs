@@ -41,20 +41,34 @@
 //! | `link_queued_messages` | gauge | CPG: messages waiting for corosync now; absent on the UDP link |
 //! | `link_group_members` | gauge | CPG: the group's other members, as corosync says; absent on the UDP link |
 //! | `link_connected` | gauge | CPG: 1 while the daemon is joined, 0 while corosync is lost; absent on the UDP link |
+//! | `replication_samples_sent_total` | counter | SAs whose kernel state the active node sampled and sent (`[active] lag_sample_sas`) |
+//! | `replication_lag_packets` | histogram | standby: per sample, how many packets the record held was behind the active node's kernel (buckets 0, 1, 4 ... 65536) |
+//! | `replication_lag_not_held_total` | counter | standby: samples of SAs no record was held of |
+//! | `replication_lag_over_margin_total` | counter | standby: samples whose lag was above the margin a takeover then would add: a takeover then would have reused sequence numbers |
+//! | `replication_lag_last_max_packets` | gauge | standby: the greatest lag in the last message of samples; absent before any |
+//! | `replication_lag_last_max_margin_ratio` | gauge | standby: the greatest lag over its SA's margin in that message (alert well below 1); absent before any |
+//! | `replication_lag_last_sample_age_seconds` | gauge | standby: since that message; absent before any |
+//! | `metrics_per_sa_limit` | gauge | `metrics_per_sa`: the most SAs given series of their own (0: off) |
+//! | `sa_series_omitted` | gauge | SAs the node knows beyond that limit, left without series; absent while it is 0 |
+//! | `sa_record_age_seconds{sa,direction}` | gauge | per SA (opt-in): the age of the record held |
+//! | `sa_replication_lag_packets{sa,direction}`, `sa_replication_margin_packets{sa,direction}` | gauge | per SA (opt-in): the last sample's lag, and the margin a takeover then would add |
+//! | `sa_last_commit_margin_packets{sa,direction}` | gauge | per SA (opt-in): the margin the last commit added |
+//! | `sa_needs_rekey{sa,direction}` | gauge | per SA (opt-in): 1 if the last commit left it to be rekeyed, else 0 |
 //!
 //! "Absent" means the family's `# HELP` and `# TYPE` lines with no sample,
 //! rather than NaN: an alert on `absent(...)` or on a threshold then does
 //! not fire on a made-up value.
 //!
-//! No label names an SA, so the number of series is fixed whatever the
-//! number of SAs: per-SA metrics (a record's age, its last margin) would
-//! be an opt-in of their own, not written yet; `xfrmsync sync status
-//! --json` has them. Nor is there a replication lag in sequence numbers:
-//! the standby does not see the active node's kernel, and the active node
-//! does not know what the standby holds (acknowledgements are per packet,
-//! not per record), so it could not be sampled soundly without a new
-//! message; `last_record_age_seconds` and the link's `given_up` counter
-//! are the signs of a standby falling behind.
+//! Only the opt-in `sa_` families name an SA (`sa="esp dst 10.0.0.2 spi
+//! 0x0000c001"`, `direction="out"`, `"in"` or `"unknown"`), for at most
+//! `metrics_per_sa` SAs, the first by address and SPI: every other family
+//! has a fixed number of series whatever the number of SAs, and a
+//! Prometheus server keeps every series it ever saw, for each SA a
+//! concentrator rekeys. `xfrmsync sync status --json` has every SA.
+//!
+//! The replication lag is the standby's measure: it does not see the
+//! active node's kernel, so the active node reads a few SAs' state at a
+//! time and sends it (lag.rs); the standby compares each with its record.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -107,6 +121,39 @@ pub struct Values {
     pub link_dropped: Vec<(&'static str, u64)>,
     /// The CPG link's own; `None` on the UDP link.
     pub cpg: Option<CpgValues>,
+    pub samples_sent: u64,
+    pub lag: LagValues,
+    /// `metrics_per_sa`'s limit, and the series under it.
+    pub per_sa_limit: u64,
+    pub per_sa: Vec<SaSeries>,
+    /// SAs beyond the limit.
+    pub per_sa_omitted: u64,
+}
+
+/// The replication lag a standby measured (lag.rs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LagValues {
+    /// Cumulative, one per bound of `lag::BUCKETS`, then `+Inf` (the count).
+    pub cumulative: [u64; super::lag::BUCKETS.len() + 1],
+    pub sum: u64,
+    pub not_held: u64,
+    pub over_margin: u64,
+    pub last_max_packets: Option<u64>,
+    pub last_max_margin_ratio: Option<f64>,
+    pub last_sample_age: Option<Duration>,
+}
+
+/// One SA's series, when `metrics_per_sa` asks for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaSeries {
+    /// As `xfrmsync` names SAs everywhere.
+    pub sa: String,
+    /// `out`, `in` or `unknown`.
+    pub direction: &'static str,
+    pub record_age: Option<Duration>,
+    pub lag: Option<(u64, u64)>,
+    pub commit_margin: Option<u64>,
+    pub needs_rekey: Option<bool>,
 }
 
 /// What only the CPG link has.
@@ -123,17 +170,19 @@ pub struct CpgValues {
 pub const ROLES: [&str; 3] = ["active", "standby", "replaced"];
 pub const OUTCOMES: [&str; 4] = ["written", "needs_rekey", "mismatch", "failed"];
 
-/// A sample's value: counts exactly, seconds as floats.
+/// A sample's value: counts exactly, seconds and ratios as floats.
 #[derive(Debug, Clone, Copy)]
 enum Number {
     Count(u64),
     Seconds(Duration),
+    Ratio(f64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Type {
     Counter,
     Gauge,
+    Histogram,
 }
 
 /// The exposition text being written: one family at a time.
@@ -144,29 +193,64 @@ impl Text {
     /// labels. A counter's name ends in `_total`.
     fn family(&mut self, name: &str, kind: Type, help: &str, samples: &[(&[(&str, &str)], Number)]) {
         debug_assert!(kind != Type::Counter || name.ends_with("_total"), "{name}");
+        self.head(name, kind, help);
+        for (labels, value) in samples {
+            self.sample(name, labels, *value);
+        }
+    }
+
+    fn head(&mut self, name: &str, kind: Type, help: &str) {
         let kind_name = match kind {
             Type::Counter => "counter",
             Type::Gauge => "gauge",
+            Type::Histogram => "histogram",
         };
         let _ = writeln!(self.0, "# HELP xfrmsync_sync_{name} {}", escape_help(help));
         let _ = writeln!(self.0, "# TYPE xfrmsync_sync_{name} {kind_name}");
-        for (labels, value) in samples {
-            self.0.push_str("xfrmsync_sync_");
-            self.0.push_str(name);
-            if !labels.is_empty() {
-                self.0.push('{');
-                for (i, (label, value)) in labels.iter().enumerate() {
-                    if i > 0 {
-                        self.0.push(',');
-                    }
-                    let _ = write!(self.0, "{label}=\"{}\"", escape_label_value(value));
+    }
+
+    /// One sample line; `name` may carry a histogram's suffix.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: Number) {
+        self.0.push_str("xfrmsync_sync_");
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (label, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
                 }
-                self.0.push('}');
+                let _ = write!(self.0, "{label}=\"{}\"", escape_label_value(value));
             }
-            let _ = match value {
-                Number::Count(n) => writeln!(self.0, " {n}"),
-                Number::Seconds(d) => writeln!(self.0, " {}", d.as_secs_f64()),
-            };
+            self.0.push('}');
+        }
+        let _ = match value {
+            Number::Count(n) => writeln!(self.0, " {n}"),
+            Number::Seconds(d) => writeln!(self.0, " {}", d.as_secs_f64()),
+            Number::Ratio(r) => writeln!(self.0, " {r}"),
+        };
+    }
+
+    /// A histogram: its buckets' cumulative counts (the last is `+Inf`,
+    /// the count), then the sum and the count.
+    fn histogram(&mut self, name: &str, help: &str, bounds: &[u64], cumulative: &[u64], sum: u64) {
+        debug_assert_eq!(bounds.len() + 1, cumulative.len());
+        self.head(name, Type::Histogram, help);
+        let bucket = format!("{name}_bucket");
+        for (bound, count) in bounds.iter().map(u64::to_string).chain(["+Inf".to_string()]).zip(cumulative) {
+            self.sample(&bucket, &[("le", &bound)], Number::Count(*count));
+        }
+        let count = cumulative.last().copied().unwrap_or(0);
+        self.sample(&format!("{name}_sum"), &[], Number::Count(sum));
+        self.sample(&format!("{name}_count"), &[], Number::Count(count));
+    }
+
+    /// A per-SA family: a sample for each series `value` gives one of.
+    fn per_sa(&mut self, name: &str, help: &str, rows: &[SaSeries], value: impl Fn(&SaSeries) -> Option<Number>) {
+        self.head(name, Type::Gauge, help);
+        for row in rows {
+            if let Some(v) = value(row) {
+                self.sample(name, &[("sa", &row.sa), ("direction", row.direction)], v);
+            }
         }
     }
 
@@ -302,6 +386,74 @@ pub fn render(v: &Values) -> String {
         "CPG: 1 while joined to the group, 0 while corosync is lost.",
         cpg.map(|c| Number::Count(u64::from(c.connected))),
     );
+    t.one(
+        "replication_samples_sent_total",
+        Counter,
+        "SAs whose kernel state this node sampled and sent, for the standbys to measure their lag.",
+        v.samples_sent,
+    );
+    let lag = &v.lag;
+    t.histogram(
+        "replication_lag_packets",
+        "Per sample of the active node's kernel: packets the record held was behind it.",
+        &super::lag::BUCKETS,
+        &lag.cumulative,
+        lag.sum,
+    );
+    t.one("replication_lag_not_held_total", Counter, "Samples of SAs this node held no record of.", lag.not_held);
+    t.one(
+        "replication_lag_over_margin_total",
+        Counter,
+        "Samples whose lag was above the margin a takeover then would add (it would have reused sequence numbers).",
+        lag.over_margin,
+    );
+    t.maybe(
+        "replication_lag_last_max_packets",
+        Gauge,
+        "The greatest lag in the last message of samples, packets; absent before any.",
+        lag.last_max_packets.map(Number::Count),
+    );
+    t.maybe(
+        "replication_lag_last_max_margin_ratio",
+        Gauge,
+        "The greatest lag over its SA's takeover margin in the last message of samples; absent before any.",
+        lag.last_max_margin_ratio.map(Number::Ratio),
+    );
+    t.maybe(
+        "replication_lag_last_sample_age_seconds",
+        Gauge,
+        "Seconds since the last message of samples arrived; absent before any.",
+        lag.last_sample_age.map(Number::Seconds),
+    );
+    t.one("metrics_per_sa_limit", Gauge, "The most SAs given series of their own (0: none).", v.per_sa_limit);
+    t.maybe(
+        "sa_series_omitted",
+        Gauge,
+        "SAs beyond metrics_per_sa, left without series of their own; absent while none is.",
+        (v.per_sa_omitted > 0).then_some(Number::Count(v.per_sa_omitted)),
+    );
+    let rows = &v.per_sa;
+    t.per_sa("sa_record_age_seconds", "The age of the record held of the SA.", rows, |r| {
+        r.record_age.map(Number::Seconds)
+    });
+    t.per_sa(
+        "sa_replication_lag_packets",
+        "The SA's last sample: packets the record held was behind the active node's kernel.",
+        rows,
+        |r| r.lag.map(|(packets, _)| Number::Count(packets)),
+    );
+    t.per_sa(
+        "sa_replication_margin_packets",
+        "The SA's last sample: the margin a takeover then would add.",
+        rows,
+        |r| r.lag.map(|(_, margin)| Number::Count(margin)),
+    );
+    t.per_sa("sa_last_commit_margin_packets", "The margin the last commit added to the SA.", rows, |r| {
+        r.commit_margin.map(Number::Count)
+    });
+    t.per_sa("sa_needs_rekey", "1 if the last commit left the SA to be rekeyed, else 0.", rows, |r| {
+        r.needs_rekey.map(|n| Number::Count(u64::from(n)))
+    });
     t.0
 }
 
@@ -528,7 +680,12 @@ mod tests {
                 families.push((name, kind));
             } else {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert_eq!(families.last().map(|f| f.0), Some(name), "a sample out of its family: {line}");
+                let (family, kind) = families.last().copied().unwrap();
+                let own = match kind {
+                    "histogram" => ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}")),
+                    _ => name == family,
+                };
+                assert!(own, "a sample out of its family {family}: {line}");
                 let value = line.rsplit(' ').next().unwrap();
                 assert!(value.parse::<f64>().is_ok(), "{line}");
             }
@@ -578,6 +735,55 @@ mod tests {
         ] {
             assert!(cpg.contains(line), "{line}in:\n{cpg}");
         }
+    }
+
+    #[test]
+    fn the_lag_is_a_histogram_and_per_sa_series_carry_the_sa_and_its_direction() {
+        let row = |sa: &str, lag| SaSeries {
+            sa: sa.into(),
+            direction: "out",
+            record_age: Some(Duration::from_millis(250)),
+            lag,
+            commit_margin: None,
+            needs_rekey: None,
+        };
+        let text = render(&Values {
+            role: "standby",
+            lag: LagValues {
+                cumulative: [1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 4],
+                sum: 100_044,
+                over_margin: 1,
+                last_max_packets: Some(40),
+                last_max_margin_ratio: Some(1.25),
+                last_sample_age: Some(Duration::from_secs(2)),
+                ..LagValues::default()
+            },
+            per_sa_limit: 2,
+            per_sa: vec![row("esp dst 10.0.0.2 spi 0x0000c001", Some((40, 32))), row("esp dst \"x\"", None)],
+            per_sa_omitted: 5,
+            ..Values::default()
+        });
+        for line in [
+            "# TYPE xfrmsync_sync_replication_lag_packets histogram\n\
+             xfrmsync_sync_replication_lag_packets_bucket{le=\"0\"} 1\n",
+            "xfrmsync_sync_replication_lag_packets_bucket{le=\"65536\"} 3\n\
+             xfrmsync_sync_replication_lag_packets_bucket{le=\"+Inf\"} 4\n\
+             xfrmsync_sync_replication_lag_packets_sum 100044\nxfrmsync_sync_replication_lag_packets_count 4\n",
+            "xfrmsync_sync_replication_lag_over_margin_total 1\n",
+            "xfrmsync_sync_replication_lag_last_max_margin_ratio 1.25\n",
+            "xfrmsync_sync_metrics_per_sa_limit 2\n",
+            "xfrmsync_sync_sa_series_omitted 5\n",
+            "xfrmsync_sync_sa_replication_lag_packets{sa=\"esp dst 10.0.0.2 spi 0x0000c001\",direction=\"out\"} 40\n",
+            "xfrmsync_sync_sa_replication_margin_packets{sa=\"esp dst 10.0.0.2 spi 0x0000c001\",direction=\"out\"} 32\n",
+            "xfrmsync_sync_sa_record_age_seconds{sa=\"esp dst \\\"x\\\"\",direction=\"out\"} 0.25\n",
+        ] {
+            assert!(text.contains(line), "{line}in:\n{text}");
+        }
+        assert!(
+            !text.contains("xfrmsync_sync_sa_replication_lag_packets{sa=\"esp dst \\\"x"),
+            "a series without a sample"
+        );
+        assert!(!text.contains("\nxfrmsync_sync_sa_needs_rekey{"), "no commit, no series");
     }
 
     #[test]

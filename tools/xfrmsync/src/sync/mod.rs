@@ -9,6 +9,7 @@ pub mod cpg;
 pub mod cpg_link;
 pub mod daemon;
 pub mod key;
+pub mod lag;
 pub mod link;
 pub mod metrics;
 pub mod transport;
@@ -37,6 +38,10 @@ pub struct Args {
     /// overrides the config's `metrics`)
     #[arg(long, value_name = "ADDR:PORT", value_parser = config::parse_metrics_addr)]
     metrics: Option<std::net::SocketAddr>,
+    /// Give at most this many SAs series of their own in the metrics (the
+    /// daemon; overrides the config's `metrics_per_sa`; 0: none)
+    #[arg(long, value_name = "SAS", value_parser = clap::value_parser!(u32).range(0..=config::METRICS_PER_SA_MOST as i64))]
+    metrics_per_sa: Option<u32>,
     #[command(subcommand)]
     action: Option<Action>,
 }
@@ -121,6 +126,9 @@ fn run_daemon(global: &Global, args: &Args) -> Outcome {
     let mut config = config::load(&args.config).map_err(Failure::new)?;
     if let Some(addr) = args.metrics {
         config.metrics = Some(addr);
+    }
+    if let Some(sas) = args.metrics_per_sa {
+        config.metrics_per_sa = sas as usize;
     }
     if let Err(e) = xfrmsync::hz::kernel_hz_without_sa() {
         log::info!("kernel HZ not learnt before starting: {e}");

@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `XFSY` |
 //! | 4 | 1 | version (1) |
-//! | 5 | 1 | kind: 1 ack, 2 records, 3 snapshot request, 4 snapshot done, 5 heartbeat, 6 departures |
+//! | 5 | 1 | kind: 1 ack, 2 records, 3 snapshot request, 4 snapshot done, 5 heartbeat, 6 departures, 7 lag samples |
 //! | 6 | 1 | flags: 0x01 the receiver must acknowledge it (never on an ack) |
 //! | 7 | 1 | 0 |
 //! | 8 | 16 | the sender's session id |
@@ -202,6 +202,9 @@ pub enum Kind {
     Heartbeat,
     /// SAs gone on the active node, batched.
     Gone,
+    /// The active node's kernel state of some SAs, batched, in the form of
+    /// records, for the standby to measure its lag by; never held.
+    Samples,
 }
 
 impl Kind {
@@ -212,6 +215,7 @@ impl Kind {
             Kind::SnapshotDone => 4,
             Kind::Heartbeat => 5,
             Kind::Gone => 6,
+            Kind::Samples => 7,
         }
     }
 
@@ -222,6 +226,7 @@ impl Kind {
             4 => Some(Kind::SnapshotDone),
             5 => Some(Kind::Heartbeat),
             6 => Some(Kind::Gone),
+            7 => Some(Kind::Samples),
             _ => None,
         }
     }
@@ -1180,7 +1185,7 @@ mod tests {
         a.send_unreliable(Kind::Heartbeat, b"h").unwrap();
         let (packet, _) = wire.take();
         let mut cases = vec![packet[..HEADER_LEN + TAG_LEN - 1].to_vec()];
-        for (at, value) in [(0, b'x'), (4, 2), (5, 0), (5, 7), (6, 0x02), (7, 1)] {
+        for (at, value) in [(0, b'x'), (4, 2), (5, 0), (5, 8), (6, 0x02), (7, 1)] {
             let mut changed = packet.clone();
             changed[at] = value;
             cases.push(changed);
