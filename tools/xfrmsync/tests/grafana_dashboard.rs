@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{private_netns, text, xfrmsync};
+use common::{private_netns, start_sync_daemon};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -32,37 +32,15 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut daemon = Daemon { dir, child: None };
-        let key = daemon.dir.join("key");
-        let out = xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let d = daemon.dir.display();
-        let config = daemon.dir.join("sync.toml");
         // metrics_per_sa on, so that the per-SA families are served too.
-        std::fs::write(
-            &config,
-            format!(
-                "role = \"standby\"\nmetrics = \"127.0.0.1:{METRICS_PORT}\"\nmetrics_per_sa = 10\n\
-                 control_socket = \"{d}/sync.sock\"\nstate_file = \"{d}/sync.state\"\n\
-                 [link]\nlocal = \"127.0.0.1:7900\"\npeer = \"127.0.0.1:7901\"\nkey_file = \"{}\"\n\
-                 heartbeat_ms = 100\n",
-                key.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(daemon.dir.join("sync.log")).unwrap();
-        let child = xfrmsync()
-            .args(["sync", "--config"])
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let top = format!("role = \"standby\"\nmetrics = \"127.0.0.1:{METRICS_PORT}\"\nmetrics_per_sa = 10\n");
+        let child = start_sync_daemon(&daemon.dir, &top, 7900, 7901);
         daemon.child = Some(child);
         daemon
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("sync.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
     /// The body of `GET /metrics`, once the endpoint answers.

@@ -51,28 +51,7 @@ impl Node {
     }
 
     fn start_daemon(&mut self) {
-        let key = self.dir.join("key");
-        let out = common::xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let d = self.dir.display();
-        let config = self.dir.join("sync.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "control_socket = \"{d}/sync.sock\"\nstate_file = \"{d}/sync.state\"\n[link]\nlocal = \
-                 \"127.0.0.1:7820\"\npeer = \"127.0.0.1:7821\"\nkey_file = \"{}\"\n",
-                key.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(self.dir.join("daemon.log")).unwrap();
-        let child = common::xfrmsync()
-            .args(["sync", "--config"])
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = common::start_sync_daemon(&self.dir, "", 7820, 7821);
         self.daemon = Some(child);
         let until = Instant::now() + Duration::from_secs(10);
         while !self.role_is("standby") {

@@ -1,7 +1,8 @@
 //! What the tool's daemon tests share: the binary, a command's output as
 //! text, and a network namespace of the test's own.
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Child, Command, Output};
 
 pub fn xfrmsync() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xfrmsync"))
@@ -21,4 +22,29 @@ pub fn private_netns() {
     assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN: {}", std::io::Error::last_os_error());
     let up = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip");
     assert!(up.success());
+}
+
+/// Starts `xfrmsync sync` on a new key in `dir`: its config `dir/sync.toml`
+/// is `top` (top-level keys, each line ending in a newline), the control
+/// socket and state file in `dir`, and a UDP link on loopback from port
+/// `local` to `peer`; its output goes to `dir/daemon.log`.
+// Each test file is a crate of its own, and not every one starts a lone daemon.
+#[allow(dead_code)]
+pub fn start_sync_daemon(dir: &Path, top: &str, local: u16, peer: u16) -> Child {
+    let key = dir.join("key");
+    let out = xfrmsync().args(["sync", "keygen"]).arg(&key).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let d = dir.display();
+    let config = dir.join("sync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{top}control_socket = \"{d}/sync.sock\"\nstate_file = \"{d}/sync.state\"\n[link]\nlocal = \
+             \"127.0.0.1:{local}\"\npeer = \"127.0.0.1:{peer}\"\nkey_file = \"{}\"\nheartbeat_ms = 100\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+    xfrmsync().args(["sync", "--config"]).arg(&config).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()
 }
