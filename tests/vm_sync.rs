@@ -513,6 +513,10 @@ fn check_metrics_while_syncing(sas: usize, failures: &mut Vec<String>) {
         ("S's role is standby", metric(&s, "xfrmsync_sync_role{role=\"standby\"}") == 1.0),
         ("S holds a record of every SA", metric(&s, "xfrmsync_sync_records_held") == sas as f64),
         ("S's last record is under 2 s old", metric(&s, "xfrmsync_sync_last_record_age_seconds") < 2.0),
+        (
+            "S's last record from A's address is under 2 s old",
+            metric(&s, "xfrmsync_sync_peer_record_age_seconds{peer=\"10.99.0.1:7700\"}") < 2.0,
+        ),
     ] {
         if !ok {
             failures.push(format!("metrics: {what}"));

@@ -359,6 +359,7 @@ fn metrics_are_served_for_prometheus() {
         ("records_held", "gauge"),
         ("last_record_age_seconds", "gauge"),
         ("peer_heartbeat_age_seconds", "gauge"),
+        ("peer_record_age_seconds", "gauge"),
         ("events_lost_total", "counter"),
         ("link_packets_sent_total", "counter"),
         ("link_packets_received_total", "counter"),

@@ -156,6 +156,9 @@ pub struct Daemon {
     events_lost_before: u64,
     /// When the newest record from the peer arrived.
     last_record_at: Option<Instant>,
+    /// When the newest record from each peer arrived; a peer that left the
+    /// group goes, and at most [`PEERS_KEPT`] are kept, like heartbeats.
+    record_from: HashMap<PeerId, Instant>,
     /// The standby's measure of how far behind its records are.
     lag: LagTracker,
     /// When the active side next samples its kernel for the standbys.
@@ -203,6 +206,7 @@ impl Daemon {
             epoch_changes: 0,
             events_lost_before: 0,
             last_record_at: None,
+            record_from: HashMap::new(),
             lag: LagTracker::default(),
             next_sample: Instant::now(),
         };
@@ -327,6 +331,11 @@ impl Daemon {
             last_commit_margin_max: margins.max(),
             records_held,
             last_record_age: self.last_record_at.map(|t| t.elapsed()),
+            peer_record_ages: self
+                .peer_record_rows()
+                .into_iter()
+                .map(|(id, at)| (id.to_string(), at.elapsed()))
+                .collect(),
             peer_heartbeat_age: self.newest_peer().map(|(_, p)| p.at.elapsed()),
             peers_heard: self.peers.len() as u64,
             events_lost: self.events_lost_before + events_lost,
@@ -442,7 +451,7 @@ impl Daemon {
         self.take_membership();
         for (from, kind, payload) in messages {
             match kind {
-                Kind::Records => self.take_records(&payload),
+                Kind::Records => self.take_records(from, &payload),
                 Kind::Gone => self.take_departures(&payload),
                 Kind::SnapshotRequest => {
                     if let Err(e) = self.serve_snapshot() {
@@ -462,6 +471,7 @@ impl Daemon {
         let changes = self.link.take_changes();
         for peer in &changes.left {
             self.peers.remove(peer);
+            self.record_from.remove(peer);
             self.say(&format!("{peer} left the group"));
         }
         if changes.joined.is_empty() {
@@ -575,7 +585,14 @@ impl Daemon {
         }
     }
 
-    fn take_records(&mut self, mut payload: &[u8]) {
+    fn take_records(&mut self, from: PeerId, mut payload: &[u8]) {
+        if !self.record_from.contains_key(&from) && self.record_from.len() >= PEERS_KEPT {
+            let stalest = self.record_from.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id);
+            if let Some(id) = stalest {
+                self.record_from.remove(&id);
+            }
+        }
+        self.record_from.insert(from, Instant::now());
         while !payload.is_empty() {
             let (record, used) = match SyncRecord::decode_prefix(payload) {
                 Ok(decoded) => decoded,
@@ -974,6 +991,7 @@ impl Daemon {
                 let mut peer = serde_json::json!({
                     "id": id.to_string(), "role": role_name(p.role), "epoch": p.epoch,
                     "heard_ms_ago": p.at.elapsed().as_millis() as u64,
+                    "last_record_ms_ago": self.record_from.get(id).map(|at| at.elapsed().as_millis() as u64),
                 });
                 if let PeerId::Cpg(member) = id {
                     peer["nodeid"] = member.nodeid.into();
@@ -1031,6 +1049,14 @@ impl Daemon {
             "lag: {} samples compared, {} over the margin, {} of SAs not held, {} of a lower epoch{last}",
             lag.compared, lag.over_margin, lag.not_held, lag.lower_epoch
         )
+    }
+
+    /// Every peer a record came from, with the newest one's arrival, in the
+    /// order of their ids.
+    fn peer_record_rows(&self) -> Vec<(PeerId, Instant)> {
+        let mut rows: Vec<(PeerId, Instant)> = self.record_from.iter().map(|(id, at)| (*id, *at)).collect();
+        rows.sort_by_key(|(id, _)| *id);
+        rows
     }
 
     /// Every peer heard, in the order of their ids.

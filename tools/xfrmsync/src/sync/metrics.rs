@@ -31,6 +31,7 @@
 //! | `records_held` | gauge | records held now (0 while active) |
 //! | `last_record_age_seconds` | gauge | since the newest record from the peer arrived, by this node's clock; absent before any |
 //! | `peer_heartbeat_age_seconds` | gauge | since the newest heartbeat of any peer; absent before any |
+//! | `peer_record_age_seconds{peer}` | gauge | per peer that sent records (the UDP peer's address, a CPG member as `node N pid P`; members that left are forgotten): since its newest record arrived |
 //! | `peers_heard` | gauge | peers whose last heartbeat the node holds (one at most on the UDP link; CPG members that left are forgotten) |
 //! | `events_lost_total` | counter | times the active side's event socket overran (each followed by a listing); summed over every time the node was active |
 //! | `link_packets_sent_total`, `..._received_total`, `..._retransmitted_total`, `..._given_up_total` | counter | the sync link's messages (CPG: taken by corosync, delivered from other members, 0, never handed to corosync) |
@@ -110,6 +111,8 @@ pub struct Values {
     pub last_commit_margin_max: Option<u64>,
     pub records_held: u64,
     pub last_record_age: Option<Duration>,
+    /// Per peer that sent records, by its name.
+    pub peer_record_ages: Vec<(String, Duration)>,
     pub peer_heartbeat_age: Option<Duration>,
     pub peers_heard: u64,
     pub events_lost: u64,
@@ -335,6 +338,15 @@ pub fn render(v: &Values) -> String {
         Gauge,
         "Seconds since the newest heartbeat of any peer; absent before any.",
         v.peer_heartbeat_age.map(Number::Seconds),
+    );
+    let ages: Vec<[(&str, &str); 1]> = v.peer_record_ages.iter().map(|(peer, _)| [("peer", peer.as_str())]).collect();
+    let samples: Vec<(&[(&str, &str)], Number)> =
+        ages.iter().zip(&v.peer_record_ages).map(|(l, (_, age))| (&l[..], Number::Seconds(*age))).collect();
+    t.family(
+        "peer_record_age_seconds",
+        Gauge,
+        "Seconds since the newest record from each peer arrived (peers that sent none are absent).",
+        &samples,
     );
     t.one("peers_heard", Gauge, "Peers whose last heartbeat this node holds.", v.peers_heard);
     t.one("events_lost_total", Counter, "Times the active side's event socket overran.", v.events_lost);
@@ -664,6 +676,7 @@ mod tests {
             role: "standby",
             link_dropped: vec![("auth_failed", 2), ("old_session", 0)],
             last_record_age: Some(Duration::from_millis(1500)),
+            peer_record_ages: vec![("node 2 pid 7".into(), Duration::from_millis(250))],
             ..Values::default()
         };
         let text = render(&v);
@@ -694,6 +707,7 @@ mod tests {
         assert!(text.contains("xfrmsync_sync_role{role=\"active\"} 0\n"));
         assert!(text.contains("xfrmsync_sync_link_packets_dropped_total{reason=\"auth_failed\"} 2\n"));
         assert!(text.contains("xfrmsync_sync_last_record_age_seconds 1.5\n"));
+        assert!(text.contains("xfrmsync_sync_peer_record_age_seconds{peer=\"node 2 pid 7\"} 0.25\n"));
         // Absent before any: the family's lines, no sample.
         assert!(text.contains("# TYPE xfrmsync_sync_peer_heartbeat_age_seconds gauge\n# HELP"));
         assert!(text.contains("xfrmsync_sync_last_commit_sas{outcome=\"needs_rekey\"} 0\n"));
