@@ -299,7 +299,10 @@ static void reentering_callback(xfrmsync_handle *setter, const xfrmsync_sa_id *s
 	check(xfrmsync_on_sa_event(r.h, sa, reenter, &r) == 0, "callback that re-enters the library");
 	updates(setter, sa, 3);
 	n = dispatch_all(r.h);
-	check(n == 3 && r.calls == 3, "3 update events dispatched (%d), callback ran 3 times (%d)", n, r.calls);
+	/* The namespace's other SAs may add an event of their own (seen once on
+	 * 5.10): what matters is this SA's three, each to the callback. */
+	check(n >= 3 && r.calls == 3, "3 update events of the SA dispatched (%d in all), callback ran 3 times (%d)", n,
+	      r.calls);
 	check(r.dispatch_rc == -EBUSY, "dispatch from inside: -EBUSY (%d)", r.dispatch_rc);
 	check(r.on_event_rc == -EBUSY && r.on_sa_rc == -EBUSY, "on_event / on_sa_event from inside: -EBUSY");
 	check(r.rule_rc == -EBUSY && r.register_rc == -EBUSY, "rule_add / register_sa from inside: -EBUSY (%d, %d)",
