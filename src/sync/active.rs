@@ -330,21 +330,17 @@ impl Active {
                 }
             };
             self.stats.samples += 1;
-            samples.push(SyncRecord {
+            let state = State {
                 sa,
                 saddr: event.saddr,
                 reqid: event.reqid,
                 direction: tracked.direction,
                 esn: tracked.esn,
                 replay: event.replay,
-                lifetime_bytes: event.lifetime.bytes,
-                lifetime_packets: event.lifetime.packets,
+                lifetime: event.lifetime,
                 thresholds: tracked.applied,
-                epoch: self.epoch,
-                counter: self.counter,
-                sent_at_ms: now_ms(),
-                rate_per_ks: sent.rate_per_ks,
-            });
+            };
+            samples.push(state.as_record(self.epoch, self.counter, now_ms(), sent.rate_per_ks));
         }
         samples
     }
@@ -450,7 +446,13 @@ impl State {
             }
         };
         stats.records += 1;
-        Some(SyncRecord {
+        Some(self.as_record(epoch, next_counter(counter), now, rate_per_ks))
+    }
+
+    /// The state as a record of `epoch` and `counter`, read at `now` (ms
+    /// since the Unix epoch).
+    fn as_record(&self, epoch: u64, counter: u64, now: u64, rate_per_ks: u64) -> SyncRecord {
+        SyncRecord {
             sa: self.sa,
             saddr: self.saddr,
             reqid: self.reqid,
@@ -461,10 +463,10 @@ impl State {
             lifetime_packets: self.lifetime.packets,
             thresholds: self.thresholds,
             epoch,
-            counter: next_counter(counter),
+            counter,
             sent_at_ms: now,
             rate_per_ks,
-        })
+        }
     }
 }
 

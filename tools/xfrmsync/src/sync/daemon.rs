@@ -331,8 +331,7 @@ impl Daemon {
             last_commit_margin_max: margins.max(),
             records_held,
             last_record_age: self.last_record_at.map(|t| t.elapsed()),
-            peer_record_ages: self
-                .peer_record_rows()
+            peer_record_ages: by_id(&self.record_from)
                 .into_iter()
                 .map(|(id, at)| (id.to_string(), at.elapsed()))
                 .collect(),
@@ -510,12 +509,7 @@ impl Daemon {
             return;
         }
         let epoch = u64::from_be_bytes(payload[8..].try_into().expect("8 bytes"));
-        if !self.peers.contains_key(&from) && self.peers.len() >= PEERS_KEPT {
-            let stalest = self.peers.iter().min_by_key(|(_, p)| p.at).map(|(id, _)| *id);
-            if let Some(id) = stalest {
-                self.peers.remove(&id);
-            }
-        }
+        make_room(&mut self.peers, &from, |p| p.at);
         let role = payload[1];
         self.peers.insert(from, PeerHeard { role, epoch, at: Instant::now() });
         // Only an active node's higher epoch means it took over; a standby
@@ -586,12 +580,7 @@ impl Daemon {
     }
 
     fn take_records(&mut self, from: PeerId, mut payload: &[u8]) {
-        if !self.record_from.contains_key(&from) && self.record_from.len() >= PEERS_KEPT {
-            let stalest = self.record_from.iter().min_by_key(|(_, at)| **at).map(|(id, _)| *id);
-            if let Some(id) = stalest {
-                self.record_from.remove(&id);
-            }
-        }
+        make_room(&mut self.record_from, &from, |at| *at);
         self.record_from.insert(from, Instant::now());
         while !payload.is_empty() {
             let (record, used) = match SyncRecord::decode_prefix(payload) {
@@ -1051,19 +1040,9 @@ impl Daemon {
         )
     }
 
-    /// Every peer a record came from, with the newest one's arrival, in the
-    /// order of their ids.
-    fn peer_record_rows(&self) -> Vec<(PeerId, Instant)> {
-        let mut rows: Vec<(PeerId, Instant)> = self.record_from.iter().map(|(id, at)| (*id, *at)).collect();
-        rows.sort_by_key(|(id, _)| *id);
-        rows
-    }
-
     /// Every peer heard, in the order of their ids.
     fn peer_rows(&self) -> Vec<(PeerId, PeerHeard)> {
-        let mut rows: Vec<(PeerId, PeerHeard)> = self.peers.iter().map(|(id, p)| (*id, *p)).collect();
-        rows.sort_by_key(|(id, _)| *id);
-        rows
+        by_id(&self.peers)
     }
 
     /// One row per SA the node holds a record of or committed.
@@ -1145,6 +1124,24 @@ impl SaRow {
             Some(l) => format!("; lag {} of margin {} ({} ms ago)", l.packets, l.margin, l.at.elapsed().as_millis()),
             None => String::new(),
         }
+    }
+}
+
+/// A per-peer table's entries, in the order of the peers' ids.
+fn by_id<V: Copy>(table: &HashMap<PeerId, V>) -> Vec<(PeerId, V)> {
+    let mut rows: Vec<(PeerId, V)> = table.iter().map(|(id, v)| (*id, *v)).collect();
+    rows.sort_by_key(|(id, _)| *id);
+    rows
+}
+
+/// Before `peer` enters a per-peer table that holds [`PEERS_KEPT`] already,
+/// the entry of the peer heard least recently (by `at`) makes room.
+fn make_room<V>(table: &mut HashMap<PeerId, V>, peer: &PeerId, at: impl Fn(&V) -> Instant) {
+    if table.contains_key(peer) || table.len() < PEERS_KEPT {
+        return;
+    }
+    if let Some(stalest) = table.iter().min_by_key(|(_, v)| at(v)).map(|(id, _)| *id) {
+        table.remove(&stalest);
     }
 }
 
