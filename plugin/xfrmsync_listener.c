@@ -33,17 +33,20 @@
  *    CHILD_SA never inherits them.
  *
  * Threads: hooks run on charon's threads with the bus lock held, so no hook
- * does netlink I/O or waits for the library: a hook updates the tables
- * below and queues what the library must do (register, unregister, set)
- * under table_lock, which nothing holds for longer than a table update,
- * and wakes the watcher through a pipe. The kernel work happens on
- * lib->watcher's pool threads: the registry handle (SA notifications only,
- * on a socket of its own with a large buffer) runs the queue and
- * dispatches under handle_lock, which no hook takes; the aevents handle,
- * opened only when the log shows aevents (knl level 2), is dispatched by
- * its own watcher callback. Lock order: handle_lock, then table_lock.
- * Nothing that waits for an IKE_SA (e.g. the child_sa_manager) is called
- * under either.
+ * does netlink I/O, allocates in the common case, or waits for the library:
+ * a hook only notes what it saw of a CHILD_SA (its SAs' identities, its
+ * config's name) into a buffer allocated at load, under hook_lock, which
+ * nothing holds for longer than a copy or a buffer swap, and wakes the
+ * watcher through a pipe unless the watcher is looking anyway. Everything
+ * else happens on lib->watcher's pool threads: under handle_lock, which no
+ * hook takes, the watcher's side turns notes into the tables below and
+ * into what the library must do (register, unregister, set), reads each
+ * child config's thresholds, and dispatches the registry handle (SA
+ * notifications only, on a socket of its own with a large buffer); the
+ * aevents handle, opened only when the log shows aevents (knl level 2), is
+ * dispatched by its own watcher callback. Lock order: handle_lock, then
+ * table_lock; hook_lock is taken alone. Nothing that waits for an IKE_SA
+ * (e.g. the child_sa_manager) is called under any of them.
  *
  * A watched fd whose dispatch fails 64 times in a row rests, and is watched
  * again after a backoff (1 s, doubling up to 60 s), logged at level 1 each
@@ -81,7 +84,10 @@
 #define REST_MAX_MS 60000
 /** Receive buffer of the SA notification socket, unless configured */
 #define DEFAULT_RECEIVE_BUFFER (8 << 20)
-/** While hooks keep queueing, the watcher looks at the queue this often
+/** Notes of hooks one buffer holds; beyond that, the hooks of a burst the
+ * watcher's side has not caught up with allocate theirs */
+#define NOTE_BUFFER 1024
+/** While hooks keep noting, the watcher looks at the notes this often
  * instead of being woken by each hook (a wake-up is a system call and a
  * cross-CPU wake inside the hook) */
 #define POLL_MS 5
@@ -105,6 +111,33 @@ typedef struct {
 	const char *hook;
 	uint32_t spis[2];
 } op_t;
+
+/** Index of the inbound and the outbound SA */
+enum {
+	DIR_IN = 0,
+	DIR_OUT = 1,
+};
+
+static const char *dir_names[] = { "in", "out" };
+
+/**
+ * What a hook saw of a CHILD_SA, for the watcher's side; copied, so that a
+ * hook neither allocates nor touches the tables
+ */
+typedef struct {
+	enum { NOTE_TRACK, NOTE_UNTRACK } kind;
+	uint32_t unique_id;
+	/** NOTE_TRACK: the SAs' identities, by DIR_*, where known */
+	bool have[2];
+	xfrmsync_sa_id sa[2];
+	/** NOTE_TRACK: re-added under the same identity by an update */
+	bool readd;
+	/** the hook, for the log (a string constant) */
+	const char *hook;
+	/** child config name; in long_name (allocated) if it does not fit */
+	char name[64];
+	char *long_name;
+} note_t;
 
 /**
  * A child config's thresholds, as strongswan.conf gives them
@@ -161,7 +194,8 @@ struct private_xfrmsync_listener_t {
 	watched_t aevents_fd;
 
 	/**
-	 * Hooks write a byte to wake[1] when they queue something
+	 * Hooks write a byte to wake[1] when they note something while the
+	 * watcher is not looking
 	 */
 	int wake[2];
 
@@ -181,12 +215,33 @@ struct private_xfrmsync_listener_t {
 	mutex_t *handle_lock;
 
 	/**
-	 * Serialises the tables, the queue and unmatched; held briefly
+	 * Serialises the tables and the thresholds cache between the watcher's
+	 * side, the aevents callback and reload; no hook takes it
 	 */
 	mutex_t *table_lock;
 
 	/**
-	 * op_t queued by hooks for the watcher's side
+	 * Serialises what hooks share: the notes being filled and peer_spis;
+	 * held for a copy or a swap, never with another lock
+	 */
+	mutex_t *hook_lock;
+
+	/**
+	 * Two buffers of NOTE_BUFFER notes: hooks fill notes[filling] (noted
+	 * so far), the watcher's side takes it and swaps (hook_lock)
+	 */
+	note_t *notes[2];
+	u_int filling;
+	u_int noted;
+
+	/**
+	 * note_t beyond a full buffer, in order (hook_lock)
+	 */
+	linked_list_t *overflow;
+
+	/**
+	 * op_t for the library, made from notes (the watcher's side,
+	 * handle_lock)
 	 */
 	linked_list_t *queue;
 
@@ -208,7 +263,7 @@ struct private_xfrmsync_listener_t {
 
 	/**
 	 * IKE_SA unique ID => the ESP/AH SPI (network order) of the SA payload
-	 * in the peer's last request
+	 * in the peer's last request (hooks only, hook_lock)
 	 */
 	hashtable_t *peer_spis;
 
@@ -250,14 +305,6 @@ struct private_xfrmsync_listener_t {
 	hashtable_t *thresholds;
 };
 
-/** Index of the inbound and the outbound SA in entry_t */
-enum {
-	DIR_IN = 0,
-	DIR_OUT = 1,
-};
-
-static const char *dir_names[] = { "in", "out" };
-
 /**
  * A CHILD_SA's registered SAs
  */
@@ -273,8 +320,6 @@ typedef struct {
 	/** thresholds registered */
 	uint32_t replay_packets;
 	uint32_t timer_ms;
-	/** registered ahead of the install, not installed yet */
-	bool installing;
 } entry_t;
 
 static u_int sa_hash(const void *key)
@@ -354,10 +399,10 @@ static bool sa_id_of(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 
 		if (spi && spi == child_sa->get_spi(child_sa, TRUE))
 		{
-			this->table_lock->lock(this->table_lock);
+			this->hook_lock->lock(this->hook_lock);
 			spi = (uintptr_t)this->peer_spis->get(this->peer_spis,
 						(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
-			this->table_lock->unlock(this->table_lock);
+			this->hook_lock->unlock(this->hook_lock);
 		}
 		sa->spi = ntohl(spi);
 	}
@@ -416,7 +461,7 @@ static bool thresholds_configured(private_xfrmsync_listener_t *this,
 
 /**
  * The thresholds of a child config, FALSE if none is configured: from the
- * cache that a settings reload empties, so a hook reads strongswan.conf
+ * cache that a settings reload empties, so that strongswan.conf is read
  * once per child config
  */
 static bool thresholds_for(private_xfrmsync_listener_t *this, char *name,
@@ -481,7 +526,7 @@ static void entry_destroy(entry_t *entry)
 }
 
 /**
- * Queues what the library must do for an SA (table_lock held)
+ * Queues what the library must do for an SA (the watcher's side)
  */
 static void enqueue(private_xfrmsync_listener_t *this, int kind,
 					const xfrmsync_sa_id *sa, uint32_t replay_packets,
@@ -489,8 +534,6 @@ static void enqueue(private_xfrmsync_listener_t *this, int kind,
 {
 	op_t *op;
 
-	/* one allocation each: a queue that grows while the watcher lists
-	 * 100,000 SAs is never copied inside a hook */
 	INIT(op,
 		.kind = kind,
 		.sa = *sa,
@@ -501,7 +544,7 @@ static void enqueue(private_xfrmsync_listener_t *this, int kind,
 }
 
 /**
- * Wakes the watcher's side to run the queue; a full pipe has a wake-up
+ * Wakes the watcher's side to take the notes; a full pipe has a wake-up
  * pending already
  */
 static void wake(private_xfrmsync_listener_t *this)
@@ -535,61 +578,48 @@ static void forget(private_xfrmsync_listener_t *this, entry_t *entry, int dir)
 
 /**
  * Registers a CHILD_SA's SAs with their thresholds, or gives them the
- * thresholds again after an update (readd). Only tables and the queue:
- * the library does the work on the watcher's side.
+ * thresholds again after an update (readd): the watcher's side of a hook's
+ * note, which queues the library's work
  */
-static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
-				  child_sa_t *child_sa, bool installing, bool readd,
-				  const char *hook)
+static void apply_track(private_xfrmsync_listener_t *this, note_t *note)
 {
-	xfrmsync_sa_id ids[2];
-	bool have[2], queued = FALSE;
-	uint32_t replay, timer, unique_id;
+	uint32_t replay, timer;
 	entry_t *entry;
 	uint32_t done[2] = { 0, 0 };
-	char *name;
+	char *name = note->long_name ?: note->name;
 	int dir;
 
-	name = child_sa->get_name(child_sa);
-	if (!ike_sa || !thresholds_for(this, name, &replay, &timer))
+	if (!thresholds_for(this, name, &replay, &timer))
 	{
 		return;
 	}
-	have[DIR_IN] = sa_id_of(this, ike_sa, child_sa, TRUE, &ids[DIR_IN]);
-	have[DIR_OUT] = sa_id_of(this, ike_sa, child_sa, FALSE, &ids[DIR_OUT]);
-	if (!have[DIR_IN] && !have[DIR_OUT])
-	{
-		return;
-	}
-	unique_id = child_sa->get_unique_id(child_sa);
-
 	this->table_lock->lock(this->table_lock);
-	entry = this->children->get(this->children, (void*)(uintptr_t)unique_id);
+	entry = this->children->get(this->children,
+								(void*)(uintptr_t)note->unique_id);
 	if (!entry)
 	{
 		INIT(entry,
-			.unique_id = unique_id,
+			.unique_id = note->unique_id,
 			.name = strdup(name),
 		);
-		this->children->put(this->children, (void*)(uintptr_t)unique_id,
-							entry);
+		this->children->put(this->children,
+							(void*)(uintptr_t)note->unique_id, entry);
 	}
-	entry->installing = installing;
 	for (dir = DIR_IN; dir <= DIR_OUT; dir++)
 	{
-		if (!have[dir])
+		if (!note->have[dir])
 		{
 			continue;
 		}
-		if (entry->registered[dir] && sa_identical(&entry->sa[dir], &ids[dir])
-			&& entry->replay_packets == replay && entry->timer_ms == timer)
+		if (entry->registered[dir] &&
+			sa_identical(&entry->sa[dir], &note->sa[dir]) &&
+			entry->replay_packets == replay && entry->timer_ms == timer)
 		{
-			if (readd)
+			if (note->readd)
 			{	/* re-added under the same identity: apply now rather than
 				 * when the watcher sees the kernel's NEWSA */
-				enqueue(this, OP_SET, &ids[dir], replay, timer);
-				queued = TRUE;
-				done[dir] = ids[dir].spi;
+				enqueue(this, OP_SET, &note->sa[dir], replay, timer);
+				done[dir] = note->sa[dir].spi;
 			}
 			continue;
 		}
@@ -597,7 +627,7 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 		 * registration, then register the new identity (in the table
 		 * first, so that on_applied knows the SA) */
 		if (entry->registered[dir] &&
-			!sa_identical(&entry->sa[dir], &ids[dir]))
+			!sa_identical(&entry->sa[dir], &note->sa[dir]))
 		{
 			forget(this, entry, dir);
 		}
@@ -607,12 +637,11 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 			enqueue(this, OP_UNREGISTER, &entry->sa[dir], 0, 0);
 			this->sas->remove(this->sas, &entry->sa[dir]);
 		}
-		entry->sa[dir] = ids[dir];
+		entry->sa[dir] = note->sa[dir];
 		this->sas->put(this->sas, &entry->sa[dir], entry);
-		enqueue(this, OP_REGISTER, &ids[dir], replay, timer);
-		queued = TRUE;
+		enqueue(this, OP_REGISTER, &note->sa[dir], replay, timer);
 		entry->registered[dir] = TRUE;
-		done[dir] = ids[dir].spi;
+		done[dir] = note->sa[dir].spi;
 	}
 	entry->replay_packets = replay;
 	entry->timer_ms = timer;
@@ -622,8 +651,8 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 
 		INIT(line,
 			.kind = OP_LOG,
-			.unique_id = unique_id,
-			.hook = hook,
+			.unique_id = note->unique_id,
+			.hook = note->hook,
 			.replay_packets = replay,
 			.timer_ms = timer,
 			.spis = { done[DIR_IN], done[DIR_OUT] },
@@ -632,23 +661,19 @@ static void track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
 		this->queue->insert_last(this->queue, line);
 	}
 	this->table_lock->unlock(this->table_lock);
-	if (queued)
-	{
-		wake(this);
-	}
 }
 
 /**
- * Ends the registrations of a CHILD_SA
+ * Ends the registrations of a CHILD_SA (the watcher's side of a hook's
+ * note)
  */
-static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
+static void apply_untrack(private_xfrmsync_listener_t *this, note_t *note)
 {
-	uint32_t unique_id = child_sa->get_unique_id(child_sa);
 	entry_t *entry;
 
 	this->table_lock->lock(this->table_lock);
 	entry = this->children->remove(this->children,
-								   (void*)(uintptr_t)unique_id);
+								   (void*)(uintptr_t)note->unique_id);
 	if (entry)
 	{
 		forget(this, entry, DIR_IN);
@@ -657,11 +682,87 @@ static void untrack(private_xfrmsync_listener_t *this, child_sa_t *child_sa)
 	this->table_lock->unlock(this->table_lock);
 	if (entry)
 	{
-		wake(this);
 		DBG2(DBG_KNL, "xfrmsync: CHILD_SA %s{%u} forgotten", entry->name,
 			 entry->unique_id);
 		entry_destroy(entry);
 	}
+}
+
+/**
+ * Hands a note to the watcher's side: a copy into the buffer, a wake-up
+ * unless the watcher looks anyway
+ */
+static void post(private_xfrmsync_listener_t *this, note_t *note)
+{
+	note_t *late;
+
+	this->hook_lock->lock(this->hook_lock);
+	if (this->noted < NOTE_BUFFER)
+	{
+		this->notes[this->filling][this->noted++] = *note;
+	}
+	else
+	{	/* a burst the watcher's side has not caught up with */
+		late = malloc(sizeof(*late));
+		*late = *note;
+		this->overflow->insert_last(this->overflow, late);
+	}
+	this->hook_lock->unlock(this->hook_lock);
+	wake(this);
+}
+
+/**
+ * A hook's note of a CHILD_SA whose SAs get (or get again) thresholds
+ */
+static void note_track(private_xfrmsync_listener_t *this, ike_sa_t *ike_sa,
+					   child_sa_t *child_sa, bool readd, const char *hook)
+{
+	note_t note = {
+		.kind = NOTE_TRACK,
+		.readd = readd,
+		.hook = hook,
+	};
+	char *name;
+	size_t len;
+
+	if (!ike_sa)
+	{
+		return;
+	}
+	note.have[DIR_IN] = sa_id_of(this, ike_sa, child_sa, TRUE,
+								 &note.sa[DIR_IN]);
+	note.have[DIR_OUT] = sa_id_of(this, ike_sa, child_sa, FALSE,
+								  &note.sa[DIR_OUT]);
+	if (!note.have[DIR_IN] && !note.have[DIR_OUT])
+	{
+		return;
+	}
+	note.unique_id = child_sa->get_unique_id(child_sa);
+	name = child_sa->get_name(child_sa);
+	len = strlen(name);
+	if (len < sizeof(note.name))
+	{
+		memcpy(note.name, name, len + 1);
+	}
+	else
+	{
+		note.long_name = strdup(name);
+	}
+	post(this, &note);
+}
+
+/**
+ * A hook's note of a CHILD_SA going away
+ */
+static void note_untrack(private_xfrmsync_listener_t *this,
+						 child_sa_t *child_sa)
+{
+	note_t note = {
+		.kind = NOTE_UNTRACK,
+		.unique_id = child_sa->get_unique_id(child_sa),
+	};
+
+	post(this, &note);
 }
 
 METHOD(listener_t, message_hook, bool,
@@ -709,11 +810,11 @@ METHOD(listener_t, message_hook, bool,
 	enumerator->destroy(enumerator);
 	if (spi)
 	{
-		this->table_lock->lock(this->table_lock);
+		this->hook_lock->lock(this->hook_lock);
 		this->peer_spis->put(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa),
 					(void*)(uintptr_t)spi);
-		this->table_lock->unlock(this->table_lock);
+		this->hook_lock->unlock(this->hook_lock);
 	}
 	hook_times_done(this->hooks, HOOK_MESSAGE, &start);
 	return TRUE;
@@ -727,10 +828,10 @@ METHOD(listener_t, ike_state_change, bool,
 	if (state == IKE_DESTROYING)
 	{
 		hook_start(&start);
-		this->table_lock->lock(this->table_lock);
+		this->hook_lock->lock(this->hook_lock);
 		this->peer_spis->remove(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
-		this->table_lock->unlock(this->table_lock);
+		this->hook_lock->unlock(this->hook_lock);
 		hook_times_done(this->hooks, HOOK_IKE_STATE, &start);
 	}
 	return TRUE;
@@ -748,22 +849,22 @@ METHOD(listener_t, child_state_change, bool,
 	switch (state)
 	{
 		case CHILD_INSTALLING:
-			track(this, ike_sa, child_sa, TRUE, FALSE, "installing");
+			note_track(this, ike_sa, child_sa, FALSE, "installing");
 			kind = HOOK_CHILD_INSTALLING;
 			break;
 		case CHILD_UPDATING:
-			track(this, ike_sa, child_sa, FALSE, FALSE, "updating");
+			note_track(this, ike_sa, child_sa, FALSE, "updating");
 			kind = HOOK_CHILD_UPDATING;
 			break;
 		case CHILD_INSTALLED:
 			/* raised before the state is stored */
 			updated = child_sa->get_state(child_sa) == CHILD_UPDATING;
-			track(this, ike_sa, child_sa, FALSE, updated,
-				  updated ? "updated" : "installed");
+			note_track(this, ike_sa, child_sa, updated,
+					   updated ? "updated" : "installed");
 			kind = HOOK_CHILD_INSTALLED;
 			break;
 		case CHILD_DESTROYING:
-			untrack(this, child_sa);
+			note_untrack(this, child_sa);
 			kind = HOOK_CHILD_DESTROYING;
 			break;
 		default:
@@ -782,11 +883,11 @@ METHOD(listener_t, child_updown, bool,
 	hook_start(&start);
 	if (up)
 	{
-		track(this, ike_sa, child_sa, FALSE, FALSE, "up");
+		note_track(this, ike_sa, child_sa, FALSE, "up");
 	}
 	else
 	{
-		untrack(this, child_sa);
+		note_untrack(this, child_sa);
 	}
 	hook_times_done(this->hooks, HOOK_CHILD_UPDOWN, &start);
 	return TRUE;
@@ -799,7 +900,7 @@ METHOD(listener_t, child_rekey, bool,
 	hook_clock_t start;
 
 	hook_start(&start);
-	track(this, ike_sa, new, FALSE, FALSE, "rekeyed");
+	note_track(this, ike_sa, new, FALSE, "rekeyed");
 	hook_times_done(this->hooks, HOOK_CHILD_REKEY, &start);
 	return TRUE;
 }
@@ -1030,35 +1131,96 @@ static bool dispatch_fared(private_xfrmsync_listener_t *this, watched_t *w,
 	return FALSE;
 }
 
+static void apply_note(private_xfrmsync_listener_t *this, note_t *note)
+{
+	if (note->kind == NOTE_TRACK)
+	{
+		apply_track(this, note);
+	}
+	else
+	{
+		apply_untrack(this, note);
+	}
+	free(note->long_name);
+}
+
 /**
- * The registry's side of the work: the queue, then dispatch. Returns
- * FALSE when the registry fd must rest.
+ * Takes the hooks' notes and turns them into tables and queued work, in
+ * the order the hooks wrote them (handle_lock held); returns how many
+ */
+static u_int apply_notes(private_xfrmsync_listener_t *this)
+{
+	linked_list_t *overflow = NULL;
+	note_t *notes, *late;
+	u_int count, i;
+
+	this->hook_lock->lock(this->hook_lock);
+	notes = this->notes[this->filling];
+	count = this->noted;
+	/* the other buffer was emptied by the last call: hooks fill it now */
+	this->filling ^= 1;
+	this->noted = 0;
+	if (this->overflow->get_count(this->overflow))
+	{
+		overflow = this->overflow;
+		this->overflow = linked_list_create();
+	}
+	this->hook_lock->unlock(this->hook_lock);
+
+	for (i = 0; i < count; i++)
+	{
+		apply_note(this, &notes[i]);
+	}
+	if (overflow)
+	{
+		count += overflow->get_count(overflow);
+		while (overflow->remove_first(overflow, (void**)&late) == SUCCESS)
+		{
+			apply_note(this, late);
+			free(late);
+		}
+		overflow->destroy(overflow);
+	}
+	return count;
+}
+
+/**
+ * Whether hooks wrote notes not taken yet
+ */
+static bool notes_pending(private_xfrmsync_listener_t *this)
+{
+	bool pending;
+
+	this->hook_lock->lock(this->hook_lock);
+	pending = this->noted || this->overflow->get_count(this->overflow);
+	this->hook_lock->unlock(this->hook_lock);
+	return pending;
+}
+
+/**
+ * The registry's side of the work: the hooks' notes, the library's work
+ * they make, then dispatch. Returns FALSE when the registry fd must rest.
  */
 static bool run_registry(private_xfrmsync_listener_t *this)
 {
-	linked_list_t *queue;
 	op_t *op;
 	char error[256] = "";
 	bool keep;
-	int rc, ops;
+	int rc;
+	u_int noted;
 
 	this->handle_lock->lock(this->handle_lock);
 	while (TRUE)
 	{
-		this->table_lock->lock(this->table_lock);
-		queue = this->queue;
-		this->queue = linked_list_create();
-		this->table_lock->unlock(this->table_lock);
-		ops = queue->get_count(queue);
-		while (queue->remove_first(queue, (void**)&op) == SUCCESS)
+		noted = apply_notes(this);
+		while (this->queue->remove_first(this->queue, (void**)&op) == SUCCESS)
 		{
 			run_op(this, op);
 			free(op);
 		}
-		queue->destroy(queue);
 		/* a burst of CHILD_SAs: look every POLL_MS while it lasts, so that
 		 * its hooks need not wake the watcher each */
-		if (ops)
+		if (noted)
 		{
 			this->idle_looks = 0;
 			__atomic_store_n(&this->polling, TRUE, __ATOMIC_SEQ_CST);
@@ -1069,13 +1231,10 @@ static bool run_registry(private_xfrmsync_listener_t *this)
 		{
 			break;
 		}
-		/* done looking; a hook that queued before this saw polling and
+		/* done looking; a hook that noted before this saw polling and
 		 * did not wake us: look once more */
 		__atomic_store_n(&this->polling, FALSE, __ATOMIC_SEQ_CST);
-		this->table_lock->lock(this->table_lock);
-		ops = this->queue->get_count(this->queue);
-		this->table_lock->unlock(this->table_lock);
-		if (!ops)
+		if (!notes_pending(this))
 		{
 			break;
 		}
@@ -1143,7 +1302,7 @@ CALLBACK(on_wake, bool,
 {
 	char drain[64];
 
-	/* cleared first: a hook queueing from now on writes again */
+	/* cleared first: a hook noting from now on writes again */
 	__atomic_store_n(&this->wake_pending, FALSE, __ATOMIC_RELEASE);
 	while (read(fd, drain, sizeof(drain)) > 0)
 	{
@@ -1247,6 +1406,7 @@ METHOD(xfrmsync_listener_t, destroy, void,
 {
 	enumerator_t *enumerator;
 	entry_t *entry;
+	note_t *note;
 
 	watch(this, FALSE);
 	enumerator = this->children->create_enumerator(this->children);
@@ -1258,6 +1418,19 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	this->children->destroy(this->children);
 	this->sas->destroy(this->sas);
 	this->peer_spis->destroy(this->peer_spis);
+	while (this->noted)
+	{
+		free(this->notes[this->filling][--this->noted].long_name);
+	}
+	free(this->notes[0]);
+	free(this->notes[1]);
+	while (this->overflow->remove_first(this->overflow,
+										(void**)&note) == SUCCESS)
+	{
+		free(note->long_name);
+		free(note);
+	}
+	this->overflow->destroy(this->overflow);
 	this->queue->destroy_function(this->queue, free);
 	array_destroy(this->unmatched);
 	forget_thresholds(this);
@@ -1273,6 +1446,7 @@ METHOD(xfrmsync_listener_t, destroy, void,
 	hook_times_destroy(this->hooks);
 	this->handle_lock->destroy(this->handle_lock);
 	this->table_lock->destroy(this->table_lock);
+	this->hook_lock->destroy(this->hook_lock);
 	free(this);
 }
 
@@ -1333,6 +1507,18 @@ static void learn_hz()
 	DBG2(DBG_KNL, "xfrmsync: kernel HZ %u (%s)", hz,
 		 source == XFRMSYNC_HZ_SOURCE_KERNEL_CONFIG ? "kernel config" :
 		 source == XFRMSYNC_HZ_SOURCE_PRIVATE_PROBE ? "probe" : "known");
+}
+
+/**
+ * A buffer for hooks' notes, written through now: calloc would leave fresh
+ * pages untouched, and a hook would take their page faults
+ */
+static note_t *notes_buffer()
+{
+	note_t *notes = malloc(NOTE_BUFFER * sizeof(note_t));
+
+	memset(notes, 0, NOTE_BUFFER * sizeof(note_t));
+	return notes;
 }
 
 /**
@@ -1449,10 +1635,13 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		.hooks = hook_times_create(),
 		.handle_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.table_lock = mutex_create(MUTEX_TYPE_DEFAULT),
+		.hook_lock = mutex_create(MUTEX_TYPE_DEFAULT),
+		.notes = { notes_buffer(), notes_buffer() },
+		.overflow = linked_list_create(),
 		.queue = linked_list_create(),
 		.unmatched = array_create(sizeof(xfrmsync_sa_id), 0),
-		/* sized for a concentrator: growing rehashes every entry, and
-		 * that would happen inside a hook */
+		/* sized for a concentrator: growing rehashes every entry (peer_spis
+		 * inside a hook) */
 		.children = hashtable_create(hashtable_hash_ptr, hashtable_equals_ptr,
 									 4096),
 		.sas = hashtable_create(sa_hash, sa_equals, 8192),

@@ -5,7 +5,7 @@
 # VM_KERNELS: the kernel series the rig boots (scripts/setup-vm installs them).
 #
 # build_guest_tools: compiles each vmtest/guest/<tool>.c (udp-send,
-# xfrm-probe) into target/vmtest/<tool> with `cc -O2 -Wall -Werror` when the
+# xfrm-probe, time-floor) into target/vmtest/<tool> with `cc -O2 -Wall -Werror` when the
 # binary is missing or older than the source. Runs on the host; the guest sees
 # the binaries through 9p. build_udp_send and build_xfrm_probe build one.
 
@@ -33,5 +33,5 @@ build_udp_send() { build_guest_tool udp-send; }
 build_xfrm_probe() { build_guest_tool xfrm-probe; }
 
 build_guest_tools() {
-    build_udp_send && build_xfrm_probe
+    build_udp_send && build_xfrm_probe && build_guest_tool time-floor
 }

@@ -16,7 +16,10 @@
 # Prints, per run, the time until every CHILD_SA is established, the ratio
 # between the runs, every CHILD_SA SA's thresholds in the raw GETAE
 # answers (with the plugin), and the plugin's hook times (p50, p99, max) as
-# it logs them when charon stops. Figures only: no time is asserted. Ends
+# it logs them when charon stops, beside the control: sections of pure
+# computation of 0, 10, 30 and 100 us timed the same way during each run
+# (target/vmtest/time-floor), which is what the VM alone does to a section
+# that takes no lock and does no I/O. Figures only: no time is asserted. Ends
 # with "concentrator: N passed, N failed" for what is checked (every child
 # established, every SA on its thresholds).
 set -uo pipefail
@@ -51,7 +54,7 @@ fatal() { not_ok "$*"; finish; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-for f in "$PLUGIN_SO" "$BENCH" target/release/xfrmsync /usr/lib/ipsec/charon /usr/sbin/swanctl; do
+for f in "$PLUGIN_SO" "$BENCH" target/release/xfrmsync target/vmtest/time-floor /usr/lib/ipsec/charon /usr/sbin/swanctl; do
     [[ -x $f || -f $f ]] || fatal "$f missing: scripts/bench-vm builds what the concentrator needs"
 done
 echo "concentrator: kernel $kernel, $OTHER_SAS other SAs, $CHILDREN CHILD_SAs over $IKE_SAS IKE_SAs, $(nproc) CPUs, $(free -m | awk '/Mem:/ { print $2 }') MiB"
@@ -181,7 +184,12 @@ tunnel_sas() { ip -n ccb xfrm state list | grep -c '^src 10.11.0.'; }
 
 declare -A SECONDS_TO_ALL
 run() { # mode of charon b
-    local mode=$1 t0 n=0 deadline
+    local mode=$1 t0 n=0 deadline floor
+    # The control for the hook times: sections of pure computation timed
+    # as the plugin times its hooks, beside charon b the whole run.
+    "$REPO/target/vmtest/time-floor" 0 10 30 100 >"$OUT/time-floor-$mode.txt" 2>&1 &
+    floor=$!
+    pids+=("$floor")
     start_charon b "$mode"
     start_charon a noplugin
     sw b --load-all --noprompt --file "$RUN/b/swanctl.conf" >"$OUT/load-b-$mode.log" 2>&1 || fatal "swanctl --load-all for b: $(tail -3 "$OUT/load-b-$mode.log")"
@@ -215,6 +223,9 @@ run() { # mode of charon b
     fi
     stop_charon a
     stop_charon b
+    kill -TERM "$floor" 2>/dev/null
+    wait "$floor"
+    sed "s/^/# b $mode: /" "$OUT/time-floor-$mode.txt"
     ip -n ccb xfrm policy flush
     ip -n ccb xfrm state deleteall src 10.11.0.1 2>/dev/null
     ip -n ccb xfrm state deleteall src 10.11.0.2 2>/dev/null
