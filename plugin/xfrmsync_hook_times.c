@@ -4,6 +4,8 @@
 
 #include "xfrmsync_hook_times.h"
 
+#include <sys/resource.h>
+
 #include <library.h>
 #include <utils/debug.h>
 
@@ -28,15 +30,37 @@ typedef struct {
 	u_int cpu_times[HOOK_BUCKETS + 1];
 	uint64_t cpu_max_ns;
 	uint64_t calls;
+	/** with switches: hooks that waited, hooks preempted, and the clock of
+	 * those with neither */
+	uint64_t blocked;
+	uint64_t preempted;
+	u_int quiet_times[HOOK_BUCKETS + 1];
+	uint64_t quiet_max_ns;
+	uint64_t quiet_calls;
 } hook_stats_t;
 
 struct xfrmsync_hook_times_t {
 	/** by kind, then all hooks together */
 	hook_stats_t hooks[HOOK_KINDS + 1];
+	/** context switches are counted */
+	bool switches;
 };
 
-void hook_start(hook_clock_t *start)
+static void switches_now(long switches[2])
 {
+	struct rusage usage;
+
+	getrusage(RUSAGE_THREAD, &usage);
+	switches[0] = usage.ru_nvcsw;
+	switches[1] = usage.ru_nivcsw;
+}
+
+void hook_start(xfrmsync_hook_times_t *times, hook_clock_t *start)
+{
+	if (times->switches)
+	{
+		switches_now(start->switches);
+	}
 	clock_gettime(CLOCK_MONOTONIC, &start->wall);
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
 }
@@ -72,10 +96,31 @@ void hook_times_done(xfrmsync_hook_times_t *times, int kind,
 	uint64_t cpu = ns_since(CLOCK_THREAD_CPUTIME_ID, &start->cpu);
 	uint64_t wall = ns_since(CLOCK_MONOTONIC, &start->wall);
 	hook_stats_t *stats[] = { &times->hooks[kind], &times->hooks[HOOK_KINDS] };
+	long switches[2];
+	bool blocked = FALSE, preempted = FALSE;
 	int i;
 
+	if (times->switches)
+	{
+		switches_now(switches);
+		blocked = switches[0] != start->switches[0];
+		preempted = switches[1] != start->switches[1];
+	}
 	for (i = 0; i < countof(stats); i++)
 	{
+		if (blocked)
+		{
+			__atomic_add_fetch(&stats[i]->blocked, 1, __ATOMIC_RELAXED);
+		}
+		if (preempted)
+		{
+			__atomic_add_fetch(&stats[i]->preempted, 1, __ATOMIC_RELAXED);
+		}
+		if (times->switches && !blocked && !preempted)
+		{
+			count_time(stats[i]->quiet_times, &stats[i]->quiet_max_ns, wall);
+			__atomic_add_fetch(&stats[i]->quiet_calls, 1, __ATOMIC_RELAXED);
+		}
 		count_time(stats[i]->times, &stats[i]->max_ns, wall);
 		count_time(stats[i]->cpu_times, &stats[i]->cpu_max_ns, cpu);
 		__atomic_add_fetch(&stats[i]->calls, 1, __ATOMIC_RELAXED);
@@ -99,6 +144,28 @@ static u_int hook_percentile(u_int *times, uint64_t calls, u_int permille)
 		}
 	}
 	return bucket + 1;
+}
+
+/**
+ * Logs how many hooks of a kind waited or were preempted, and the clock of
+ * the others
+ */
+static void log_switches(hook_stats_t *stats, const char *when, int kind)
+{
+	uint64_t quiet = __atomic_load_n(&stats->quiet_calls, __ATOMIC_RELAXED);
+
+	DBG1(DBG_KNL, "xfrmsync: hook switches (%s), %s: %llu waited (a voluntary "
+		 "context switch), %llu preempted; the %llu with neither: clock p50 "
+		 "< %u us, p99 < %u us, max %llu us", when, hook_names[kind],
+		 (unsigned long long)__atomic_load_n(&stats->blocked,
+											 __ATOMIC_RELAXED),
+		 (unsigned long long)__atomic_load_n(&stats->preempted,
+											 __ATOMIC_RELAXED),
+		 (unsigned long long)quiet,
+		 quiet ? hook_percentile(stats->quiet_times, quiet, 500) : 0,
+		 quiet ? hook_percentile(stats->quiet_times, quiet, 990) : 0,
+		 (unsigned long long)(__atomic_load_n(&stats->quiet_max_ns,
+											  __ATOMIC_RELAXED) + 999) / 1000);
 }
 
 /**
@@ -129,14 +196,20 @@ void hook_times_log(xfrmsync_hook_times_t *times, const char *when)
 			 hook_percentile(stats->cpu_times, calls, 990),
 			 (unsigned long long)(__atomic_load_n(&stats->cpu_max_ns,
 											__ATOMIC_RELAXED) + 999) / 1000);
+		if (times->switches)
+		{
+			log_switches(stats, when, kind);
+		}
 	}
 }
 
-xfrmsync_hook_times_t *hook_times_create()
+xfrmsync_hook_times_t *hook_times_create(bool switches)
 {
 	xfrmsync_hook_times_t *times;
 
-	INIT(times);
+	INIT(times,
+		.switches = switches,
+	);
 	return times;
 }
 

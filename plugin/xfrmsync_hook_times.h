@@ -18,6 +18,8 @@
 
 #include <time.h>
 
+#include <library.h>
+
 /** The hooks timed, each on its own */
 enum {
 	HOOK_MESSAGE,
@@ -35,6 +37,9 @@ enum {
 typedef struct {
 	struct timespec wall;
 	struct timespec cpu;
+	/** the thread's voluntary and involuntary context switches so far,
+	 * when they are counted */
+	long switches[2];
 } hook_clock_t;
 
 typedef struct xfrmsync_hook_times_t xfrmsync_hook_times_t;
@@ -42,7 +47,7 @@ typedef struct xfrmsync_hook_times_t xfrmsync_hook_times_t;
 /**
  * Notes when a hook begins.
  */
-void hook_start(hook_clock_t *start);
+void hook_start(xfrmsync_hook_times_t *times, hook_clock_t *start);
 
 /**
  * Counts the time a hook of this kind took since start. Lock-free: any
@@ -56,7 +61,13 @@ void hook_times_done(xfrmsync_hook_times_t *times, int kind,
  */
 void hook_times_log(xfrmsync_hook_times_t *times, const char *when);
 
-xfrmsync_hook_times_t *hook_times_create();
+/**
+ * With switches, each hook also counts its thread's context switches
+ * (getrusage, two system calls a hook): a voluntary one means the hook
+ * waited (a lock, I/O), an involuntary one that the scheduler preempted it;
+ * the times of the hooks with neither are logged apart.
+ */
+xfrmsync_hook_times_t *hook_times_create(bool switches);
 
 void hook_times_destroy(xfrmsync_hook_times_t *times);
 

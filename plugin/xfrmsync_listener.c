@@ -781,7 +781,7 @@ METHOD(listener_t, message_hook, bool,
 	{
 		return TRUE;
 	}
-	hook_start(&start);
+	hook_start(this->hooks, &start);
 	sa_payload = (sa_payload_t*)message->get_payload(message,
 											PLV2_SECURITY_ASSOCIATION);
 	if (!sa_payload)
@@ -827,7 +827,7 @@ METHOD(listener_t, ike_state_change, bool,
 
 	if (state == IKE_DESTROYING)
 	{
-		hook_start(&start);
+		hook_start(this->hooks, &start);
 		this->hook_lock->lock(this->hook_lock);
 		this->peer_spis->remove(this->peer_spis,
 					(void*)(uintptr_t)ike_sa->get_unique_id(ike_sa));
@@ -845,7 +845,7 @@ METHOD(listener_t, child_state_change, bool,
 	bool updated;
 	int kind;
 
-	hook_start(&start);
+	hook_start(this->hooks, &start);
 	switch (state)
 	{
 		case CHILD_INSTALLING:
@@ -880,7 +880,7 @@ METHOD(listener_t, child_updown, bool,
 {
 	hook_clock_t start;
 
-	hook_start(&start);
+	hook_start(this->hooks, &start);
 	if (up)
 	{
 		note_track(this, ike_sa, child_sa, FALSE, "up");
@@ -899,7 +899,7 @@ METHOD(listener_t, child_rekey, bool,
 {
 	hook_clock_t start;
 
-	hook_start(&start);
+	hook_start(this->hooks, &start);
 	note_track(this, ike_sa, new, FALSE, "rekeyed");
 	hook_times_done(this->hooks, HOOK_CHILD_REKEY, &start);
 	return TRUE;
@@ -1632,7 +1632,8 @@ xfrmsync_listener_t *xfrmsync_listener_create()
 		.aevents_fd = { .fd = aevents_fd, .name = "aevents" },
 		.wake = { wake[0], wake[1] },
 		.timer = timer,
-		.hooks = hook_times_create(),
+		.hooks = hook_times_create(lib->settings->get_bool(lib->settings,
+						"%s.plugins.xfrmsync.hook_switches", FALSE, lib->ns)),
 		.handle_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.table_lock = mutex_create(MUTEX_TYPE_DEFAULT),
 		.hook_lock = mutex_create(MUTEX_TYPE_DEFAULT),

@@ -19,7 +19,8 @@
 # it logs them when charon stops, beside the control: sections of pure
 # computation of 0, 10, 30 and 100 us timed the same way during each run
 # (target/vmtest/time-floor), which is what the VM alone does to a section
-# that takes no lock and does no I/O. Figures only: no time is asserted. Ends
+# that takes no lock and does no I/O; and, per hook, how many waited (a
+# voluntary context switch) or were preempted (hook_switches). Figures only: no time is asserted. Ends
 # with "concentrator: N passed, N failed" for what is checked (every child
 # established, every SA on its thresholds).
 set -uo pipefail
@@ -136,6 +137,8 @@ charon {
             replay_packets = $REPLAY
             timer_ms = $TIMER
             receive_buffer = $PLUGIN_BUFFER
+            # which hooks waited, which were preempted
+            hook_switches = yes
         }
     }
     filelog {
@@ -237,8 +240,8 @@ run() { # mode of charon b
 for mode in ${XFRMSYNC_CC_MODES:-noplugin plugin}; do
     run "$mode"
 done
-grep -h "xfrmsync: hook times\|xfrmsync: dispatch failures\|lost\|dropped\|rest\|watched again" "$OUT/charon-b-plugin.log" |
-    sed 's/^[0-9:.]* [0-9]*\[[A-Z]*\] /# /' | sort | uniq -c | sed 's/^ *\([0-9]*\) /# (x\1) /' | head -20
+grep -h "xfrmsync: hook times\|xfrmsync: hook switches\|xfrmsync: dispatch failures\|lost\|dropped\|rest\|watched again" "$OUT/charon-b-plugin.log" |
+    sed 's/^[0-9:.]* [0-9]*\[[A-Z]*\] /# /' | sort | uniq -c | sed 's/^ *\([0-9]*\) /# (x\1) /' | head -30
 [[ -n ${SECONDS_TO_ALL[noplugin]:-} && -n ${SECONDS_TO_ALL[plugin]:-} ]] &&
 awk -v a="${SECONDS_TO_ALL[noplugin]}" -v b="${SECONDS_TO_ALL[plugin]}" \
     'BEGIN { printf "RATIO concentrator: establishing %s CHILD_SAs took %.1f s without the plugin, %.1f s with it: ratio %.2f (goal >= 0.95)\n", '"$CHILDREN"', a, b, a / b }'
