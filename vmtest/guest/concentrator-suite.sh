@@ -20,9 +20,10 @@
 # computation of 0, 10, 30 and 100 us timed the same way during each run
 # (target/vmtest/time-floor), which is what the VM alone does to a section
 # that takes no lock and does no I/O; and, per hook, how many waited (a
-# voluntary context switch) or were preempted (hook_switches). Figures only: no time is asserted. Ends
-# with "concentrator: N passed, N failed" for what is checked (every child
-# established, every SA on its thresholds).
+# voluntary context switch) or were preempted (hook_switches). Figures
+# only: no time is asserted. Ends with "concentrator: N passed, N failed"
+# for what is checked (every child established, every SA on its
+# thresholds).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
